@@ -1,0 +1,75 @@
+"""The library's exception types; each carries the CLI exit code it maps to.
+
+Every user-facing failure is one of these, with a message that names the problem and the fix,
+so the CLI can print one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AnalysisError",
+    "CheckpointError",
+    "ExitCode",
+    "ModelSpecError",
+    "OutputError",
+    "PatchError",
+    "PolicyError",
+    "SurgeonError",
+    "UsageError",
+    "WeightsError",
+]
+
+
+class ExitCode:
+    """Documented exit codes of the `surgeon` command."""
+
+    OK = 0
+    USER_ERROR = 1
+    USAGE_ERROR = 2
+    ANALYSIS_ERROR = 3
+    VERIFY_ERROR = 4
+    INTERRUPTED = 130
+
+
+class SurgeonError(Exception):
+    """Base class: a failure the user can act on; `str(err)` is the one-line message."""
+
+    exit_code: int = ExitCode.USER_ERROR
+
+
+class UsageError(SurgeonError):
+    """A malformed option value (an input size such as `3x0x224`, a `key=value` without `=`)."""
+
+    exit_code = ExitCode.USAGE_ERROR
+
+
+class ModelSpecError(SurgeonError):
+    """The model spec does not resolve to a model (unknown name, bad factory, bad kwargs)."""
+
+
+class WeightsError(SurgeonError):
+    """A weights file is missing, unreadable, unsafe or does not fit the model."""
+
+
+class PolicyError(SurgeonError):
+    """A policy file is malformed or invalid; the message names file, line and field."""
+
+
+class CheckpointError(SurgeonError):
+    """A patched checkpoint directory is missing, tampered with or inconsistent."""
+
+
+class OutputError(SurgeonError):
+    """An output path cannot be written (exists, not writable, disk full)."""
+
+
+class AnalysisError(SurgeonError):
+    """The model could not be run or analysed on the example input."""
+
+    exit_code = ExitCode.ANALYSIS_ERROR
+
+
+class PatchError(SurgeonError):
+    """The patched model failed verification (a shape changed, an exact transfer was not)."""
+
+    exit_code = ExitCode.VERIFY_ERROR
