@@ -113,12 +113,11 @@ def write_checkpoint(
 
     The manifest is normalised through JSON (tuples become lists), gets `format`,
     `format_version`, `weights` (file, sha256, bytes) and, if absent, `created`, and is
-    validated against `MANIFEST_SCHEMA` before anything touches the disk. Same inputs (with a
+    validated against `MANIFEST_SCHEMA` before anything is written. Same inputs (with a
     fixed `created`) give byte-identical files. An existing non-empty directory is refused
     unless `force`; with `force` it is swapped out atomically, and only if it holds a
     surgery.json (surgeon never deletes a directory that is not one of its checkpoints).
     """
-    directory = Path(directory)
     files = dict(extra_files or {})
     for name in files:
         if not _EXTRA_FILE_NAME.match(name) or name in (WEIGHTS_FILE, MANIFEST_FILE):
@@ -126,6 +125,15 @@ def write_checkpoint(
                 f"extra file name {name!r} must be a plain file name other than "
                 f"{WEIGHTS_FILE} and {MANIFEST_FILE}"
             )
+    # Absolute and normalised, so `.` or `out/..` name a real directory with a parent.
+    target = Path(os.path.abspath(directory))
+    if not target.name:
+        raise OutputError(f"cannot write a checkpoint to {target}; choose a directory below it")
+    try:
+        _recover_interrupted_write(target)
+        replace = _check_target(target, force=force)
+    except OSError as err:
+        raise _output_error(err, target, needed=0) from err
 
     weights = _serialise_tensors(state_dict)
     full = _complete_manifest(manifest, weights)
@@ -134,25 +142,23 @@ def write_checkpoint(
     contents.update({name: text.encode("utf-8") for name, text in sorted(files.items())})
     contents[MANIFEST_FILE] = _manifest_bytes(full)
 
-    _recover_interrupted_write(directory)
-    replace = _check_target(directory, force=force)
-    created_parents = _make_parents(directory)
+    created_parents = _make_parents(target)
     tmp: Path | None = None
     try:
-        tmp = _make_tmp_sibling(directory)
+        tmp = _make_tmp_sibling(target)
         for name, data in contents.items():  # surgery.json last: it vouches for the rest
             _write_file(tmp / name, data)
         _fsync_dir(tmp)
-        _move_into_place(tmp, directory, replace=replace)
+        _move_into_place(tmp, target, replace=replace)
     except BaseException as err:
         _discard(tmp)
         for parent in reversed(created_parents):
             _rmdir_quietly(parent)
         if isinstance(err, OSError):
-            raise _output_error(err, directory, needed=sum(map(len, contents.values()))) from err
+            raise _output_error(err, target, needed=sum(map(len, contents.values()))) from err
         raise
     _discard(tmp)  # after an exchange it holds the previous checkpoint
-    return directory
+    return Path(directory)
 
 
 def _serialise_tensors(state_dict: Mapping[str, Tensor]) -> bytes:
@@ -219,7 +225,7 @@ def _check_target(directory: Path, *, force: bool) -> bool:
 def _make_parents(directory: Path) -> list[Path]:
     """Create missing parent directories; return those created (outermost first)."""
     missing: list[Path] = []
-    parent = directory.absolute().parent
+    parent = directory.parent
     while not parent.exists() and parent != parent.parent:
         missing.append(parent)
         parent = parent.parent
@@ -341,9 +347,7 @@ def _recover_interrupted_write(directory: Path) -> None:
     if not parent.is_dir():
         return
     stale = list(_stale_siblings(directory))
-    asides = sorted(
-        (p for kind, p in stale if kind == "old"), key=lambda p: p.stat().st_mtime, reverse=True
-    )
+    asides = sorted((p for kind, p in stale if kind == "old"), key=_mtime, reverse=True)
     if asides and not directory.exists():
         try:
             os.rename(asides[0], directory)
@@ -352,6 +356,13 @@ def _recover_interrupted_write(directory: Path) -> None:
             pass
     for path in [p for kind, p in stale if kind == "tmp"] + asides:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _stale_siblings(directory: Path) -> Iterator[tuple[str, Path]]:
@@ -394,9 +405,10 @@ def _rmdir_quietly(path: Path) -> None:
 def _output_error(err: OSError, directory: Path, *, needed: int) -> OutputError:
     where = err.filename or directory.parent
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        size = f" (needs about {needed / 1e6:.0f} MB)" if needed >= 1e6 else ""
         return OutputError(
-            f"not enough disk space to write {directory} (needs about "
-            f"{max(needed, 1) / 1e6:.0f} MB); free some space or choose another output directory"
+            f"not enough disk space to write {directory}{size}; "
+            "free some space or choose another output directory"
         )
     if err.errno in (errno.EACCES, errno.EPERM):
         return OutputError(
@@ -724,9 +736,8 @@ def check_state_dict_fits(
         )
         if keys
     ]
-    parts = [
-        f"{source} does not fit the model ({', '.join(counts)}; the model has {len(expected)} keys)."
-    ]
+    summary = f"{', '.join(counts)}; the model has {len(expected)} keys"
+    parts = [f"{source} does not fit the model ({summary})."]
     if missing:
         parts.append(f"Missing key(s) in state_dict: {_key_list(missing)}.")
     if unexpected:

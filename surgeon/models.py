@@ -252,7 +252,8 @@ def build_model(
         from surgeon.checkpoint import check_state_dict_fits, load_weights_file
 
         state = load_weights_file(weights)
-        check_state_dict_fits(model, state)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        check_state_dict_fits(expected, state, source=weights)
         model.load_state_dict(state, strict=True)
         source = str(weights)
     model.eval()

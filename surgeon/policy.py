@@ -121,6 +121,11 @@ class ActionSchema:
             if key != spec.name:
                 raise ValueError(f"ActionSchema {self.name!r}: key {key!r} holds {spec.name!r}")
 
+    @classmethod
+    def of(cls, name: str, *params: ParamSpec, help: str = "") -> ActionSchema:
+        """A schema from its parameters, keyed by their names."""
+        return cls(name, {spec.name: spec for spec in params}, help)
+
     def defaults(self) -> dict[str, Any]:
         """Every parameter's default value, by name."""
         return {name: spec.default for name, spec in self.params.items()}
@@ -233,8 +238,8 @@ def _group_kind(site: Site) -> GroupKind:
 class Match:
     """The conditions of a `match` or `exclude` block; unset (None) fields accept anything.
 
-    All set fields must hold. `stride` tests the site's largest stride and `kernel` its largest
-    kernel size (sites without a fixed kernel, such as adaptive pools, fail a kernel test).
+    All set fields must hold. `stride` and `kernel` test the site's largest stride and kernel
+    size (`Site.max_stride`, `Site.max_kernel`).
     `name` holds fnmatch globs and `re:`-prefixed regular expressions (full match); any may
     match. `role` None means `downsample` in a `match` block and any role in an `exclude` block.
     """
@@ -269,10 +274,9 @@ class Match:
             return False
         if self.functional is not None and site.functional != self.functional:
             return False
-        if self.kernel is not None and not (site.kernel and self.kernel.matches(max(site.kernel))):
-            return False
         numbers = (
             (self.stride, site.max_stride),
+            (self.kernel, site.max_kernel),
             (self.in_channels, site.in_channels),
             (self.out_channels, site.out_channels),
             (self.stage_in, site.stage_in),
@@ -452,11 +456,12 @@ def check_strict(policy: Policy, decisions: Iterable[Decision]) -> None:
     if not unused:
         return
     first, rest = unused[0], unused[1:]
-    message = f"{policy.location(first)}: {first.label} applied to no site"
+    message = f"{policy.location(first)}: {first.label} decided no site"
     if rest:
-        others = ", ".join(f"{r.label} (line {r.line})" if r.line else r.label for r in rest)
-        message += f"; also {others}"
-    raise PolicyError(message + " (strict mode); fix the match or remove the rule")
+        others = ", ".join(f"{r.label} at line {r.line}" if r.line else r.label for r in rest)
+        message += f", nor did {others}"
+    fix = "fix its match or remove it" if not rest else "fix their matches or remove them"
+    raise PolicyError(f"{message}; strict mode treats unused rules as errors ({fix})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,19 +522,15 @@ def load_policy(source: str | Path, actions: Mapping[str, ActionSchema]) -> Poli
 
 def parse_policy(text: str, source_name: str, actions: Mapping[str, ActionSchema]) -> Policy:
     """Validate a policy given as YAML text; `source_name` prefixes every error message."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as err:
+        raise _invalid_yaml(source_name, text, err) from err
     try:
         try:
             root = loader.get_single_node()
-        except yaml.MarkedYAMLError as err:
-            mark = err.problem_mark or err.context_mark
-            problem = _one_line(err.problem or err.context or "malformed document")
-            where = f"{source_name}:{mark.line + 1}:{mark.column + 1}" if mark else source_name
-            raise PolicyError(f"{where}: invalid YAML: {problem}") from err
-        except yaml.YAMLError as err:
-            raise PolicyError(f"{source_name}: invalid YAML: {_one_line(str(err))}") from err
-        except RecursionError as err:
-            raise PolicyError(f"{source_name}: invalid YAML: nested too deeply") from err
+        except (yaml.YAMLError, RecursionError) as err:
+            raise _invalid_yaml(source_name, text, err) from err
         if root is None:
             raise PolicyError(
                 f"{source_name}: policy is empty; expected a mapping with name, description "
@@ -539,6 +540,23 @@ def parse_policy(text: str, source_name: str, actions: Mapping[str, ActionSchema
     finally:
         loader.dispose()
     return _PolicyBuilder(source_name, actions).build(tree)
+
+
+def _invalid_yaml(source: str, text: str, err: Exception) -> PolicyError:
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark or err.context_mark
+        problem = err.problem or err.context or "malformed document"
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+    elif isinstance(err, yaml.reader.ReaderError):
+        line = text.count("\n", 0, err.position) + 1
+        column = err.position - (text.rfind("\n", 0, err.position) + 1) + 1
+        where = f"{source}:{line}:{column}"
+        problem = f"unacceptable character #x{err.character:04x} ({err.reason})"
+    elif isinstance(err, RecursionError):
+        where, problem = source, "nested too deeply"
+    else:
+        where, problem = source, str(err)
+    return PolicyError(f"{where}: invalid YAML: {_one_line(problem)}")
 
 
 def policy_from_dict(

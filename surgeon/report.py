@@ -12,10 +12,20 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from surgeon.patch import PatchReport, SiteRow
 from surgeon.scan import ScanResult
 from surgeon.sites import Site
 
-__all__ = ["format_count", "render_scan", "scan_json", "shape_text", "site_params_text"]
+__all__ = [
+    "format_count",
+    "patch_json",
+    "patch_markdown",
+    "render_patch",
+    "render_scan",
+    "scan_json",
+    "shape_text",
+    "site_params_text",
+]
 
 
 def format_count(n: int) -> str:
@@ -85,3 +95,141 @@ def render_scan(result: ScanResult, console: Console, title: str = "") -> None:
 def scan_json(result: ScanResult, **extra: Any) -> str:
     """The scan as stable JSON (same rows as the table)."""
     return json.dumps({**extra, **result.to_dict()}, indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Patch reports
+# ---------------------------------------------------------------------------------------------
+
+
+def _diff_text(row: SiteRow) -> str:
+    if row.transfer is None:
+        return ""
+    if row.rel_diff is None:
+        return row.transfer
+    return f"{row.transfer} ({row.rel_diff:.1e})"
+
+
+def _status_text(row: SiteRow) -> str:
+    if row.status == "patched":
+        return row.replacement
+    if row.status == "skipped":
+        return f"skipped: {row.note}"
+    if row.status == "kept":
+        return "kept"
+    if row.status == "not-a-site":
+        return f"left alone ({row.role.replace('_', ' ')})"
+    return "no rule matched"
+
+
+def _shape_pair(row: SiteRow) -> str:
+    after = row.out_shape_after
+    same = after is None or after == row.out_shape_before
+    out = shape_text(row.out_shape_before) if same else f"{shape_text(row.out_shape_before)}⇒{shape_text(after or ())}"
+    return f"{shape_text(row.in_shape)} → {out}"
+
+
+def _pair(before: int, after: int) -> str:
+    return format_count(before) if before == after else f"{format_count(before)} → {format_count(after)}"
+
+
+def _patch_rows(report: PatchReport) -> list[list[str]]:
+    return [
+        [
+            row.site,
+            row.op,
+            _status_text(row),
+            _shape_pair(row),
+            _pair(row.params_before, row.params_after),
+            _pair(row.macs_before, row.macs_after),
+            row.rule or "—",
+            _diff_text(row),
+        ]
+        for row in report.rows
+    ]
+
+
+_PATCH_COLUMNS = ("site", "op", "replacement", "in → out", "params", "MACs", "rule", "transfer")
+
+
+def _totals_lines(report: PatchReport) -> list[str]:
+    lines = [
+        f"{report.patched} patched, {report.skipped} skipped, "
+        f"{sum(r.status == 'kept' for r in report.rows)} kept, "
+        f"{sum(r.status == 'unmatched' for r in report.rows)} unmatched of {len(report.rows)} sites",
+        f"params {_pair(report.params_before, report.params_after)}"
+        f" ({_ratio(report.params_after, report.params_before)}), "
+        f"MACs {_pair(report.macs_before, report.macs_after)}"
+        f" ({_ratio(report.macs_after, report.macs_before)})",
+        f"output vs original: max abs diff {report.output_max_abs_diff:.3g}, "
+        f"relative {report.output_rel_diff:.3g}",
+        f"state-dict keys: {len(report.keys_added)} added, {len(report.keys_removed)} removed, "
+        f"{len(report.keys_renamed)} renamed",
+    ]
+    return lines
+
+
+def _ratio(after: int, before: int) -> str:
+    return f"×{after / before:.2f}" if before else "—"
+
+
+def _key_lines(report: PatchReport, limit: int) -> list[str]:
+    lines = []
+    for label, keys in (("added", report.keys_added), ("removed", report.keys_removed)):
+        if keys:
+            shown = ", ".join(keys[:limit]) + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
+            lines.append(f"{label}: {shown}")
+    if report.keys_renamed:
+        pairs = [f"{a} → {b}" for a, b in report.keys_renamed]
+        shown = ", ".join(pairs[:limit]) + (f", … ({len(pairs) - limit} more)" if len(pairs) > limit else "")
+        lines.append(f"renamed: {shown}")
+    return lines
+
+
+def render_patch(report: PatchReport, console: Console, *, key_limit: int = 6) -> None:
+    """The layer-by-layer diff as a rich table, then totals, key changes, notes and warnings."""
+    table = Table(title=f"{report.model} · policy {report.policy}", header_style="bold")
+    for column in _PATCH_COLUMNS:
+        table.add_column(column, justify="right" if column in ("params", "MACs") else "left")
+    for row, cells in zip(report.rows, _patch_rows(report), strict=True):
+        table.add_row(*cells, style=None if row.status == "patched" else "dim")
+    console.print(table)
+    for line in _totals_lines(report):
+        console.print(line, highlight=False)
+    for line in _key_lines(report, key_limit):
+        console.print(f"  {line}", style="dim", highlight=False)
+    for note in report.notes:
+        console.print(f"note: {note}", style="yellow", highlight=False)
+    for warning in report.warnings:
+        console.print(f"warning: {warning}", style="yellow", highlight=False)
+
+
+def patch_markdown(report: PatchReport) -> str:
+    """The same report as Markdown (written beside checkpoints and by `--report FILE.md`)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = [
+        f"# surgeon patch: {report.model} with policy `{report.policy}`",
+        "",
+        f"Example input: {', '.join('×'.join(map(str, s)) for s in report.input_shapes)}",
+        "",
+        "| " + " | ".join(_PATCH_COLUMNS) + " |",
+        "|" + "---|" * len(_PATCH_COLUMNS),
+    ]
+    lines += ["| " + " | ".join(cell(c) for c in cells) + " |" for cells in _patch_rows(report)]
+    lines += ["", *[f"- {line}" for line in _totals_lines(report)]]
+    key_lines = _key_lines(report, limit=10_000)
+    if key_lines:
+        lines += ["", "## State-dict keys", "", *[f"- {line}" for line in key_lines]]
+    if report.notes or report.warnings:
+        lines += ["", "## Notes", ""]
+        lines += [f"- {n}" for n in report.notes] + [f"- warning: {w}" for w in report.warnings]
+    lines += ["", "## Decisions", ""]
+    lines += [f"- `{row.site}`: {row.reason}" for row in report.rows]
+    return "\n".join(lines) + "\n"
+
+
+def patch_json(report: PatchReport) -> str:
+    """The report as stable JSON (fields documented in docs/report.md)."""
+    return json.dumps(report.to_dict(), indent=2, sort_keys=True, default=str)

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,8 +84,8 @@ def siblings(path: Path) -> list[str]:
 
 
 def dead_pid() -> int:
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
-                          capture_output=True, text=True)  # fmt: skip
+    command = [sys.executable, "-c", "import os; print(os.getpid())"]
+    proc = subprocess.run(command, check=True, capture_output=True, text=True)
     return int(proc.stdout)
 
 
@@ -95,7 +96,11 @@ def test_round_trip_is_bit_identical_and_keeps_the_manifest(tmp_path: Path) -> N
     state_dict, manifest = make_state_dict(), make_manifest()
     out = write_checkpoint(tmp_path / "ckpt", state_dict, manifest, {"report.md": "# Report\n"})
 
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.md", "surgery.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.safetensors",
+        "report.md",
+        "surgery.json",
+    ]
     assert (out / "report.md").read_text() == "# Report\n"
     read_manifest, tensors = read_checkpoint(out)
     assert sorted(tensors) == sorted(state_dict)
@@ -134,15 +139,19 @@ def test_created_is_added_when_absent_and_tuples_become_lists(tmp_path: Path) ->
 
 
 def test_rewriting_a_read_manifest_refreshes_the_weights_record(tmp_path: Path) -> None:
-    manifest, _ = read_checkpoint(write_checkpoint(tmp_path / "a", {"w": torch.ones(2)}, make_manifest()))
+    manifest, _ = read_checkpoint(
+        write_checkpoint(tmp_path / "a", {"w": torch.ones(2)}, make_manifest())
+    )
     write_checkpoint(tmp_path / "b", {"w": torch.zeros(3)}, manifest)
     _, tensors = read_checkpoint(tmp_path / "b")
     assert torch.equal(tensors["w"], torch.zeros(3))
 
 
 def test_manifest_is_validated_before_anything_is_written(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="model.source"):
-        write_checkpoint(tmp_path / "c", {}, make_manifest(model={**make_manifest()["model"], "source": "hub"}))
+    with pytest.raises(CheckpointError, match=re.escape("model.source")):
+        write_checkpoint(
+            tmp_path / "c", {}, make_manifest(model={**make_manifest()["model"], "source": "hub"})
+        )
     with pytest.raises(CheckpointError, match="JSON"):
         write_checkpoint(tmp_path / "c", {}, make_manifest(policy={"path": Path("x")}))
     assert list(tmp_path.iterdir()) == []
@@ -154,7 +163,9 @@ def test_non_tensor_state_dict_entry_is_an_output_error(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("name", ["../escape.md", "sub/report.md", "surgery.json", "model.safetensors", ".hidden"])
+@pytest.mark.parametrize(
+    "name", ["../escape.md", "sub/report.md", "surgery.json", "model.safetensors", ".hidden"]
+)
 def test_extra_file_names_must_be_plain_and_unreserved(tmp_path: Path, name: str) -> None:
     with pytest.raises(ValueError, match="plain file name"):
         write_checkpoint(tmp_path / "c", {}, make_manifest(), {name: "x"})
@@ -192,7 +203,7 @@ def test_force_refuses_to_replace_a_directory_that_is_not_a_checkpoint(tmp_path:
     target = tmp_path / "home"
     target.mkdir()
     (target / "thesis.tex").write_text("precious")
-    with pytest.raises(OutputError, match="not a surgeon checkpoint .*even with --force"):
+    with pytest.raises(OutputError, match=r"not a surgeon checkpoint .*even with --force"):
         write_checkpoint(target, {}, make_manifest(), force=True)
     assert (target / "thesis.tex").read_text() == "precious"
 
@@ -202,6 +213,17 @@ def test_existing_empty_directory_is_used(tmp_path: Path) -> None:
     target.mkdir()
     write_checkpoint(target, {"w": torch.ones(1)}, make_manifest())
     assert read_checkpoint(target)[1]["w"].item() == 1.0
+
+
+def test_relative_paths_are_written_next_to_their_siblings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert write_checkpoint(Path("ckpt"), {}, make_manifest()) == Path("ckpt")
+    monkeypatch.chdir(tmp_path / "ckpt")
+    write_checkpoint(Path("."), {"w": torch.ones(1)}, make_manifest(), force=True)
+    assert read_checkpoint(tmp_path / "ckpt")[1]["w"].item() == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 def test_missing_parent_directories_are_created(tmp_path: Path) -> None:
@@ -243,7 +265,7 @@ def test_disk_full_is_an_output_error_and_leaves_nothing_behind(
 
     monkeypatch.setattr(checkpoint, "_write_file", write_half_then_fail)
     target = tmp_path / "new" / "ckpt"
-    with pytest.raises(OutputError, match="not enough disk space to write .*ckpt") as info:
+    with pytest.raises(OutputError, match=r"not enough disk space to write .*ckpt") as info:
         write_checkpoint(target, make_state_dict(), make_manifest())
     assert "\n" not in str(info.value)
     assert list(tmp_path.iterdir()) == [], "a failed write left files or directories behind"
@@ -288,8 +310,8 @@ def test_sigkill_mid_write_leaves_no_partial_checkpoint(tmp_path: Path, previous
     if previous:
         write_checkpoint(target, {"w": torch.arange(4.0)}, make_manifest())
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(target), json.dumps(make_manifest())], cwd=REPO, env=env,
-                            stderr=subprocess.PIPE)  # fmt: skip
+    command = [sys.executable, "-c", _WRITER, str(target), json.dumps(make_manifest())]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
         while not any((tmp_path / s / "model.safetensors").exists() for s in siblings(target)):
@@ -302,12 +324,17 @@ def test_sigkill_mid_write_leaves_no_partial_checkpoint(tmp_path: Path, previous
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the writer finished before it could be killed"
 
-    if previous:
-        manifest, tensors = read_checkpoint(target)
+    # Killed while writing its weights (the usual case) the old state must be untouched; a
+    # writer descheduled past its rename may already have put a complete new checkpoint there.
+    if target.exists() and "layer0.weight" in read_checkpoint(target)[1]:
+        assert len(read_checkpoint(target)[1]) == 50, "a partial new checkpoint is in place"
+    elif previous:
+        _, tensors = read_checkpoint(target)
         assert torch.equal(tensors["w"], torch.arange(4.0)), "the previous checkpoint changed"
+        assert siblings(target), "expected the killed writer's temporary directory"
     else:
         assert not target.exists(), "a killed write left a target directory"
-    assert siblings(target), "expected the killed writer's temporary directory"
+        assert siblings(target), "expected the killed writer's temporary directory"
 
     write_checkpoint(target, {"w": torch.ones(1)}, make_manifest(), force=True)
     assert siblings(target) == [], "the next write did not clean up the killed writer's leftovers"
@@ -345,7 +372,10 @@ def written(tmp_path: Path) -> Path:
     return write_checkpoint(tmp_path / "ckpt", make_state_dict(), make_manifest())
 
 
-TAMPERED = "model.safetensors does not match the checksum in surgery.json \\(modified or corrupt\\); re-create the checkpoint"
+TAMPERED = re.escape(
+    "model.safetensors does not match the checksum in surgery.json (modified or corrupt); "
+    "re-create the checkpoint"
+)
 
 
 def test_flipped_weight_byte_is_detected(written: Path) -> None:
@@ -385,10 +415,12 @@ def test_missing_pieces_are_named(tmp_path: Path, written: Path) -> None:
     with pytest.raises(CheckpointError, match="nowhere does not exist"):
         read_checkpoint(tmp_path / "nowhere")
     (written / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="model.safetensors is missing"):
+    with pytest.raises(CheckpointError, match=re.escape("model.safetensors is missing")):
         read_checkpoint(written)
     (written / "surgery.json").unlink()
-    with pytest.raises(CheckpointError, match="not a surgeon checkpoint: surgery.json is missing"):
+    with pytest.raises(
+        CheckpointError, match=re.escape("not a surgeon checkpoint: surgery.json is missing")
+    ):
         read_checkpoint(written)
 
 
@@ -407,7 +439,7 @@ def test_newer_format_version_asks_for_an_upgrade(written: Path) -> None:
     manifest["format_version"] = 2
     del manifest["model"]  # a future format may differ: the version is reported first
     write_on_disk_manifest(written, manifest)
-    with pytest.raises(CheckpointError, match="format_version 2, newer .*upgrade surgeon"):
+    with pytest.raises(CheckpointError, match=r"format_version 2, newer .*upgrade surgeon"):
         read_checkpoint(written)
 
 
@@ -506,7 +538,8 @@ def test_import_source_is_refused_unless_trusted(tmp_path: Path) -> None:
     manifest, _ = read_checkpoint(out)
     assert "never_imported_pkg" not in sys.modules, "reading a checkpoint imported its factory"
     with pytest.raises(
-        CheckpointError, match="pass --trust-import never_imported_pkg.models:build if you trust it"
+        CheckpointError,
+        match=re.escape("pass --trust-import never_imported_pkg.models:build if you trust it"),
     ):
         require_trusted_import(manifest, allowed=[])
     with pytest.raises(CheckpointError, match="importing and calling"):
@@ -518,7 +551,7 @@ def test_import_source_is_refused_unless_trusted(tmp_path: Path) -> None:
 def test_import_source_name_must_be_a_factory_spec() -> None:
     manifest = valid_on_disk_manifest()
     manifest["model"] = {**IMPORT_MODEL, "name": "os.system('rm -rf /')"}
-    with pytest.raises(CheckpointError, match="'model.name' must be an import spec"):
+    with pytest.raises(CheckpointError, match=re.escape("'model.name' must be an import spec")):
         validate_manifest(manifest)
 
 
@@ -559,7 +592,7 @@ def test_truncated_pt_is_a_weights_error(tmp_path: Path) -> None:
     path = tmp_path / "w.pt"
     torch.save(small_state_dict(), path)
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(WeightsError, match="w.pt is truncated or corrupt") as info:
+    with pytest.raises(WeightsError, match=re.escape("w.pt is truncated or corrupt")) as info:
         load_weights_file(path)
     assert "\n" not in str(info.value)
 
@@ -577,21 +610,25 @@ def test_pickled_custom_class_is_refused(tmp_path: Path) -> None:
     torch.save({**small_state_dict(), "extra": NotATensor()}, path)
     with pytest.raises(
         WeightsError,
-        match="contains pickled objects that are not plain tensors; surgeon only loads "
-        "weights_only=True files — re-save with torch.save\\(model.state_dict\\(\\), path\\) "
-        "or convert to .safetensors",
+        match=re.escape(
+            "contains pickled objects that are not plain tensors; surgeon only loads "
+            "weights_only=True files — re-save with torch.save(model.state_dict(), path) "
+            "or convert to .safetensors"
+        ),
     ):
         load_weights_file(path)
 
 
 def test_missing_directory_and_unknown_extension_are_weights_errors(tmp_path: Path) -> None:
-    with pytest.raises(WeightsError, match="nope.pt does not exist"):
+    with pytest.raises(WeightsError, match=re.escape("nope.pt does not exist")):
         load_weights_file(tmp_path / "nope.pt")
     with pytest.raises(WeightsError, match="is a directory"):
         load_weights_file(tmp_path)
     npz = tmp_path / "w.npz"
     npz.write_bytes(b"x")
-    with pytest.raises(WeightsError, match="unknown extension '.npz'; surgeon reads .safetensors"):
+    with pytest.raises(
+        WeightsError, match=re.escape("unknown extension '.npz'; surgeon reads .safetensors")
+    ):
         load_weights_file(npz)
 
 
@@ -599,11 +636,13 @@ def test_missing_directory_and_unknown_extension_are_weights_errors(tmp_path: Pa
     ("obj", "message"),
     [
         ([torch.ones(1)], "holds no state dict.*found a list"),
-        ({"epoch": 3, "w": torch.ones(1)}, "1 entry is not tensors \\(\"epoch\"\\)"),
+        ({"epoch": 3, "w": torch.ones(1)}, '1 entry is not tensors \\("epoch"\\)'),
         ({}, "found an empty dict"),
     ],
 )
-def test_file_without_a_state_dict_is_a_weights_error(tmp_path: Path, obj: Any, message: str) -> None:
+def test_file_without_a_state_dict_is_a_weights_error(
+    tmp_path: Path, obj: Any, message: str
+) -> None:
     path = tmp_path / "w.pt"
     torch.save(obj, path)
     with pytest.raises(WeightsError, match=message):
@@ -641,7 +680,7 @@ def test_long_key_lists_are_cut_at_five() -> None:
 def test_data_parallel_prefix_gets_a_hint() -> None:
     state_dict = small_state_dict()
     prefixed = {f"module.{k}": v for k, v in state_dict.items()}
-    with pytest.raises(WeightsError, match="start with 'module.'"):
+    with pytest.raises(WeightsError, match=re.escape("start with 'module.'")):
         check_state_dict_fits({k: v.shape for k, v in state_dict.items()}, prefixed)
 
 

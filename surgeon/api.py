@@ -1,0 +1,153 @@
+"""The Python API in a few calls: scan, patch, save and load a patched checkpoint.
+
+    model, report = surgeon.patch(model, "spd", example_input=torch.randn(1, 3, 224, 224))
+    surgeon.save("out/", model, report, spec=...)   # or use `surgeon patch ... --out out/`
+    model = surgeon.load("out/")
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Collection, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgeon import __version__
+from surgeon.checkpoint import (
+    check_state_dict_fits,
+    read_checkpoint,
+    require_trusted_import,
+    write_checkpoint,
+)
+from surgeon.errors import CheckpointError
+from surgeon.models import LoadedModel, ModelSpec, build_model, example_inputs
+from surgeon.patch import PatchReport, patch
+from surgeon.policy import policy_from_dict
+from surgeon.report import patch_markdown
+from surgeon.rewrites import action_schemas, load_plugin
+
+__all__ = ["build_manifest", "load", "save", "versions"]
+
+
+def versions() -> dict[str, str]:
+    """Versions that decide whether a checkpoint replays identically."""
+    import timm
+    import torchvision
+
+    return {
+        "surgeon": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def build_manifest(
+    loaded: LoadedModel,
+    report: PatchReport,
+    policy: dict[str, Any],
+    *,
+    seed: int = 0,
+    plugins: Sequence[str] = (),
+    created: str | None = None,
+) -> dict[str, Any]:
+    """The surgery.json content: enough to rebuild the patched model without unpickling."""
+    return {
+        "model": {**loaded.spec.to_dict(), "input_size": list(loaded.input_size), "task": loaded.task},
+        "policy": policy,
+        "plugins": list(plugins),
+        "seed": seed,
+        "sites": [s.to_dict() for s in report.sites],
+        "decisions": [d.to_dict() for d in report.decisions],
+        "edits": [
+            {"site": r.site, "status": r.status, "replacement": r.replacement, "transfer": r.transfer}
+            for r in report.rows
+        ],
+        "summary": {
+            "params_before": report.params_before,
+            "params_after": report.params_after,
+            "macs_before": report.macs_before,
+            "macs_after": report.macs_after,
+            "output_max_abs_diff": report.output_max_abs_diff,
+            "output_rel_diff": report.output_rel_diff,
+            "keys_added": list(report.keys_added),
+            "keys_removed": list(report.keys_removed),
+            "keys_renamed": [list(p) for p in report.keys_renamed],
+        },
+        "versions": versions(),
+        "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def save(
+    directory: str | Path,
+    model: nn.Module,
+    loaded: LoadedModel,
+    report: PatchReport,
+    policy: dict[str, Any],
+    *,
+    seed: int = 0,
+    plugins: Sequence[str] = (),
+    force: bool = False,
+    created: str | None = None,
+) -> Path:
+    """Write model.safetensors, surgery.json and report.md atomically into `directory`."""
+    manifest = build_manifest(loaded, report, policy, seed=seed, plugins=plugins, created=created)
+    return write_checkpoint(
+        Path(directory),
+        model.state_dict(),
+        manifest,
+        {"report.md": patch_markdown(report)},
+        force=force,
+    )
+
+
+def load(
+    directory: str | Path,
+    *,
+    trust_import: Collection[str] = (),
+    plugins: Collection[str] = (),
+) -> nn.Module:
+    """Rebuild the patched model of a checkpoint: build the source model, replay the surgery,
+    then load the weights with strict=True. Nothing is unpickled; a model from a user factory
+    (`pkg.mod:fn`) is only imported when that spec is passed in `trust_import`, and plugins
+    only when named in `plugins`."""
+    manifest, state = read_checkpoint(Path(directory))
+    require_trusted_import(manifest, trust_import)
+    for plugin in manifest.get("plugins", []):
+        if plugin not in plugins:
+            raise CheckpointError(
+                f"{directory} was patched with plugin {plugin!r}; pass --plugin {plugin} "
+                "to allow importing it"
+            )
+        load_plugin(plugin)
+    info = manifest["model"]
+    spec = ModelSpec(info["source"], info["name"], dict(info["kwargs"]))
+    loaded = build_model(spec)
+    input_size = tuple(int(s) for s in info["input_size"])
+    policy = policy_from_dict(manifest["policy"], action_schemas(), source_name=f"{directory}/surgery.json")
+    model, report = patch(
+        loaded.model,
+        policy,
+        example_inputs(loaded.task, input_size),
+        seed=int(manifest.get("seed", 0)),
+        model_name=spec.text,
+    )
+    recorded = [(e["site"], e["status"]) for e in manifest.get("edits", [])]
+    replayed = [(r.site, r.status) for r in report.rows]
+    if recorded and recorded != replayed:
+        raise CheckpointError(
+            f"replaying the surgery recorded in {directory} gave different sites or decisions "
+            f"(recorded with {manifest['versions']}, running {versions()}); "
+            "use the recorded versions or re-create the checkpoint"
+        )
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_state_dict_fits(expected, state, source=Path(directory) / "model.safetensors")
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model

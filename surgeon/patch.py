@@ -1,0 +1,343 @@
+"""`patch`: apply a policy to a model in place, verify it, and describe every change."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+from surgeon.errors import PatchError
+from surgeon.policy import Decision, Policy, check_strict, decide, load_policy, unused_rules
+from surgeon.rewrites import ModelEditor, SkipSite, action_schemas, get_rewrite
+from surgeon.rewrites.base import Edit
+from surgeon.scan import ScanResult, scan_analysis
+from surgeon.sites import Site
+from surgeon.trace import analyse
+
+__all__ = ["PatchReport", "SiteRow", "patch", "resolve_policy"]
+
+
+@dataclass(frozen=True)
+class SiteRow:
+    """One line of the diff: a site, what the policy decided, and what changed."""
+
+    site: str
+    op: str
+    role: str
+    status: str  # patched | kept | skipped | unmatched | not-a-site
+    action: str | None
+    rule: str | None
+    reason: str
+    replacement: str
+    in_shape: tuple[int, ...]
+    out_shape_before: tuple[int, ...]
+    out_shape_after: tuple[int, ...] | None
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    transfer: str | None
+    max_abs_diff: float | None
+    rel_diff: float | None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class PatchReport:
+    """Everything `patch` did, in a form the report renderers and checkpoint manifest share."""
+
+    model: str
+    policy: str
+    input_shapes: tuple[tuple[int, ...], ...]
+    rows: tuple[SiteRow, ...]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    keys_added: tuple[str, ...]
+    keys_removed: tuple[str, ...]
+    keys_renamed: tuple[tuple[str, str], ...]
+    output_max_abs_diff: float
+    output_rel_diff: float
+    notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    decisions: tuple[Decision, ...] = field(default=(), repr=False)
+    sites: tuple[Site, ...] = field(default=(), repr=False)
+
+    @property
+    def patched(self) -> int:
+        return sum(r.status == "patched" for r in self.rows)
+
+    @property
+    def skipped(self) -> int:
+        return sum(r.status == "skipped" for r in self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, stable field names (documented in docs/report.md)."""
+        data = asdict(self)
+        data["decisions"] = [d.to_dict() for d in self.decisions]
+        data["sites"] = [s.to_dict() for s in self.sites]
+        data["summary"] = {"patched": self.patched, "skipped": self.skipped}
+        return data
+
+
+def resolve_policy(policy: Policy | str | Path) -> Policy:
+    """A Policy from a Policy, a built-in name (`spd`) or a YAML path."""
+    if isinstance(policy, Policy):
+        return policy
+    return load_policy(policy, action_schemas())
+
+
+def _as_args(example_input: Any) -> tuple[Any, ...]:
+    if example_input is None:
+        return (torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)),)
+    return example_input if isinstance(example_input, tuple) else (example_input,)
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    leaves, _ = tree_flatten(value)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def _structure(value: Any) -> list[Any]:
+    leaves, spec = tree_flatten(value)
+    return [str(spec), [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t) for t in leaves]]
+
+
+def _diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> tuple[float, float]:
+    """(max absolute difference, that divided by the reference's max magnitude)."""
+    worst, scale = 0.0, 0.0
+    for x, y in zip(a, b, strict=True):
+        if x.is_floating_point() and x.numel():
+            worst = max(worst, (x.double() - y.double()).abs().max().item())
+            scale = max(scale, x.double().abs().max().item())
+    return worst, (worst / scale if scale else worst)
+
+
+def _run(model: nn.Module, args: tuple[Any, ...], hooks: Mapping[str, Callable[..., None]]) -> tuple[Any, dict[str, int]]:
+    handles = [model.get_submodule(p).register_forward_hook(h) for p, h in hooks.items()]
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            output = model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+    prefix = type(model).__name__ + "."
+    flops = {
+        key[len(prefix) :]: sum(ops.values())
+        for key, ops in counter.get_flop_counts().items()
+        if key.startswith(prefix)
+    }
+    flops[""] = counter.get_total_flops()
+    return output, flops
+
+
+def _capture(store: dict[str, tuple[Any, Any]], path: str) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        store.setdefault(path, (args, output))
+
+    return hook
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def patch(
+    model: nn.Module,
+    policy: Policy | str | Path,
+    example_input: Any = None,
+    *,
+    strict: bool = False,
+    seed: int = 0,
+    model_name: str = "",
+) -> tuple[nn.Module, PatchReport]:
+    """Apply `policy` to `model` in place and verify the result on `example_input`.
+
+    Returns the patched model (the same object unless a functional call in the model's own
+    forward had to be rewritten, which makes it a GraphModule) and the report. Raises
+    PatchError if an output shape changed.
+    """
+    resolved = resolve_policy(policy)
+    args = _as_args(example_input)
+    was_training = model.training
+    model.eval()
+    analysis = analyse(model, args)
+    result: ScanResult = scan_analysis(analysis, args)
+    decisions = decide(resolved, result.sites)
+    if strict:
+        check_strict(resolved, decisions)
+    by_site = {d.site: d for d in decisions}
+    targets = [s for s in result.sites if by_site[s.name].changes_site and s.module]
+
+    captured: dict[str, tuple[Any, Any]] = {}
+    reference, flops_before = _run(
+        model, args, {s.module: _capture(captured, s.module) for s in targets}
+    )
+    before_params = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
+    params_before = _params(model)
+
+    torch.manual_seed(seed)
+    editor = ModelEditor(model, analysis)
+    edits: dict[str, Edit] = {}
+    skipped: dict[str, str] = {}
+    for site in result.sites:
+        decision = by_site[site.name]
+        if not decision.changes_site:
+            continue
+        assert decision.action is not None
+        if site.calls > 1:
+            skipped[site.name] = (
+                f"the module is called at {site.calls} places; replacing it would change all"
+            )
+            continue
+        try:
+            edits[site.name] = get_rewrite(decision.action).apply(editor, site, decision.params)
+        except SkipSite as exc:
+            skipped[site.name] = str(exc)
+    try:
+        patched = editor.finish()
+    except SkipSite as exc:
+        raise PatchError(f"could not rewrite functional sites: {exc}") from exc
+
+    site_outputs: dict[str, tuple[Any, Any]] = {}
+    output, flops_after = _run(
+        patched,
+        args,
+        {e.output_module: _capture(site_outputs, e.output_module) for e in edits.values() if e.output_module},
+    )
+    if _structure(output) != _structure(reference):
+        culprit = next(
+            (
+                name
+                for name, e in edits.items()
+                if e.output_module in site_outputs
+                and tuple(_tensors(site_outputs[e.output_module][1])[0].shape)
+                != _site(result, name).out_shape
+            ),
+            None,
+        )
+        where = f" at site {culprit}" if culprit else ""
+        raise PatchError(
+            f"the patched model's output shapes differ from the original's{where}; "
+            "this is a bug in surgeon, please report it with the model and policy"
+        )
+    max_abs, rel = _diff(_tensors(reference), _tensors(output))
+
+    after = patched.state_dict(keep_vars=True)
+    after_ids = {id(t): k for k, t in after.items()}
+    renamed = tuple(
+        (old, after_ids[i]) for i, old in before_params.items() if i in after_ids and after_ids[i] != old
+    )
+    removed = tuple(old for i, old in before_params.items() if i not in after_ids)
+    added = tuple(k for i, k in after_ids.items() if i not in before_params)
+
+    rows = []
+    for site in result.sites:
+        decision = by_site[site.name]
+        edit = edits.get(site.name)
+        rows.append(
+            _row(site, decision, edit, skipped.get(site.name), patched, captured, site_outputs,
+                 flops_after)
+        )
+    warnings = [
+        f"{r.label} ({resolved.location(r)}) matched no site" for r in unused_rules(resolved, decisions)
+    ]
+    model.train(was_training)
+    if patched is not model:
+        patched.train(was_training)
+    report = PatchReport(
+        model=model_name or type(model).__name__,
+        policy=resolved.name,
+        input_shapes=result.input_shapes,
+        rows=tuple(rows),
+        params_before=params_before,
+        params_after=_params(patched),
+        macs_before=flops_before[""] // 2,
+        macs_after=flops_after[""] // 2,
+        keys_added=added,
+        keys_removed=removed,
+        keys_renamed=renamed,
+        output_max_abs_diff=max_abs,
+        output_rel_diff=rel,
+        notes=tuple(editor.notes),
+        warnings=tuple(warnings),
+        decisions=tuple(decisions),
+        sites=result.sites,
+    )
+    return patched, report
+
+
+def _site(result: ScanResult, name: str) -> Site:
+    return next(s for s in result.sites if s.name == name)
+
+
+def _row(
+    site: Site,
+    decision: Decision,
+    edit: Edit | None,
+    skip_reason: str | None,
+    patched: nn.Module,
+    captured: Mapping[str, tuple[Any, Any]],
+    site_outputs: Mapping[str, tuple[Any, Any]],
+    flops_after: Mapping[str, int],
+) -> SiteRow:
+    rule = f"{decision.rule_index}" + (f" ({decision.rule_name})" if decision.rule_name else "") if decision.rule_index else None
+    base = dict(
+        site=site.name,
+        op=site.type_name,
+        role=site.role,
+        action=decision.action,
+        rule=rule,
+        reason=decision.reason,
+        in_shape=site.in_shape,
+        out_shape_before=site.out_shape,
+        params_before=site.params,
+        macs_before=site.macs,
+    )
+    if edit is None:
+        status = (
+            "skipped" if skip_reason else "kept" if decision.action else "not-a-site" if site.role != "downsample" else "unmatched"
+        )
+        return SiteRow(
+            **base,  # type: ignore[arg-type]
+            status=status,
+            replacement="" if not skip_reason else "—",
+            out_shape_after=site.out_shape,
+            params_after=site.params,
+            macs_after=site.macs,
+            transfer=None,
+            max_abs_diff=None,
+            rel_diff=None,
+            note=skip_reason or "",
+        )
+    new_params = sum(_params(patched.get_submodule(p)) for p in edit.modules)
+    macs_after = sum(flops_after.get(p, 0) for p in edit.modules) // 2
+    out_after: tuple[int, ...] | None = None
+    max_abs: float | None = None
+    rel: float | None = None
+    if edit.output_module and edit.output_module in site_outputs:
+        out_after = tuple(_tensors(site_outputs[edit.output_module][1])[0].shape)
+        if site.module in captured:
+            inputs, expected = captured[site.module]
+            with torch.no_grad():
+                got = patched.get_submodule(edit.output_module)(*inputs)
+            max_abs, rel = _diff(_tensors(expected), _tensors(got))
+    return SiteRow(
+        **base,  # type: ignore[arg-type]
+        status="patched",
+        replacement=edit.replacement,
+        out_shape_after=out_after,
+        params_after=new_params,
+        macs_after=macs_after,
+        transfer=edit.transfer,
+        max_abs_diff=max_abs,
+        rel_diff=rel,
+        note=edit.note,
+    )

@@ -1,0 +1,56 @@
+"""The registry of actions a policy can name: one module per rewrite, one entry each."""
+
+from __future__ import annotations
+
+import importlib
+
+from surgeon.errors import PolicyError
+from surgeon.policy import ActionSchema
+from surgeon.rewrites.antialias import AntialiasRewrite
+from surgeon.rewrites.base import Edit, ModelEditor, Rewrite, SkipSite
+from surgeon.rewrites.spd import SpdRewrite
+
+__all__ = [
+    "Edit",
+    "ModelEditor",
+    "Rewrite",
+    "SkipSite",
+    "action_schemas",
+    "get_rewrite",
+    "load_plugin",
+    "register_rewrite",
+]
+
+_REGISTRY: dict[str, Rewrite] = {
+    "spd": SpdRewrite(),
+    "antialias": AntialiasRewrite(),
+}
+
+
+def register_rewrite(rewrite: Rewrite, *, replace: bool = False) -> Rewrite:
+    """Make a rewrite available to policies under `rewrite.schema.name`."""
+    name = rewrite.schema.name
+    if name in _REGISTRY and not replace and _REGISTRY[name] is not rewrite:
+        raise ValueError(f"a rewrite named {name!r} is already registered")
+    _REGISTRY[name] = rewrite
+    return rewrite
+
+
+def get_rewrite(name: str) -> Rewrite:
+    return _REGISTRY[name]
+
+
+def action_schemas() -> dict[str, ActionSchema]:
+    """The parameter schema of every registered action, for policy validation."""
+    return {name: rewrite.schema for name, rewrite in _REGISTRY.items()}
+
+
+def load_plugin(module_name: str) -> None:
+    """Import a user module that registers rewrites (`--plugin mypkg.mymodule`)."""
+    try:
+        importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure of user code
+        raise PolicyError(
+            f"cannot import plugin {module_name!r}: {type(exc).__name__}: {exc}; "
+            "check that it is installed and on PYTHONPATH"
+        ) from exc
