@@ -61,6 +61,8 @@ MANIFEST_FILE = "surgery.json"
 WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 JSONScalar = str | int | float | bool | None
+# model kwargs: scalars or flat lists of them (replace_stride_with_dilation=[false, true, true])
+JSONKwarg = JSONScalar | list[JSONScalar]
 
 # The one description of surgery.json: field -> expected JSON type. A nested dict is an object
 # whose fields are all required; other fields anywhere are allowed and kept (forward
@@ -73,7 +75,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         "spec": str,
         "source": Literal["torchvision", "timm", "import"],
         "name": str,
-        "kwargs": dict[str, JSONScalar],
+        "kwargs": dict[str, JSONKwarg],
         "input_size": list[int],
     },
     "policy": dict[str, Any],
@@ -620,6 +622,8 @@ def _describe(expected: Any) -> str:
     origin, args = get_origin(expected), get_args(expected)
     if expected == JSONScalar:
         return "a string, number, true/false or null"
+    if expected == JSONKwarg:
+        return "a string, number, true/false, null or a list of those"
     if expected in names:
         return names[expected]
     if expected is type(None):

@@ -489,7 +489,7 @@ def test_every_missing_field_is_named(path: str) -> None:
         ("created", 20240102, "'created' must be a string"),
         ("model", "resnet18", "'model' must be an object"),
         ("model.source", "hub", "'model.source' must be one of 'torchvision', 'timm', 'import'"),
-        ("model.kwargs", {"layers": [1, 2]}, "'model.kwargs.layers' must be a string, number"),
+        ("model.kwargs", {"layers": [[1, 2]]}, "'model.kwargs.layers' must be a string, number"),
         ("model.kwargs", {"flag": {"nested": 1}}, "'model.kwargs.flag'"),
         ("model.input_size", [1, "3", 32], "'model.input_size\\[1\\]' must be an integer"),
         ("model.input_size", [1, 3.0, 32], "'model.input_size\\[1\\]' must be an integer"),
