@@ -39,6 +39,7 @@ from torch import Tensor
 from surgeon.errors import CheckpointError, OutputError, WeightsError
 
 __all__ = [
+    "check_writable",
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST_FILE",
@@ -202,6 +203,11 @@ def _complete_manifest(manifest: Mapping[str, Any], weights: bytes) -> dict[str,
 
 def _manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
     return (json.dumps(manifest, sort_keys=True, indent=2, allow_nan=False) + "\n").encode()
+
+
+def check_writable(directory: Path, *, force: bool = False) -> None:
+    """Fail early (before any slow work) if `write_checkpoint` would refuse `directory`."""
+    _check_target(Path(os.path.abspath(directory)), force=force)
 
 
 def _check_target(directory: Path, *, force: bool) -> bool:

@@ -96,6 +96,141 @@ def scan(
         render_scan(result, out, title=f"{loaded.spec.text} sites")
 
 
+PolicyOpt = Annotated[
+    str, typer.Option("--policy", "-p", help="Built-in policy name (see `surgeon policies`) or a YAML file.")
+]
+PluginOpt = Annotated[
+    list[str] | None,
+    typer.Option("--plugin", help="Import this module first; it may register replacements (repeatable)."),
+]
+
+
+def _default_out(model: str, policy: str) -> Path:
+    stem = Path(policy).stem if policy.endswith((".yaml", ".yml")) else policy
+    return Path("out") / f"{model.replace(':', '-').replace('/', '-')}-{stem}"
+
+
+@app.command()
+def patch(
+    model: ModelArg,
+    policy: PolicyOpt,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Checkpoint directory to write (default: out/MODEL-POLICY)."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing checkpoint.")] = False,
+    report_file: Annotated[
+        Path | None, typer.Option("--report", help="Also write the report: FILE.md, FILE.json or FILE.html.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the diff; write nothing.")] = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="A rule that matches no site is an error.")
+    ] = False,
+    plugin: PluginOpt = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for randomly initialised layers.")] = 0,
+    input_size: InputSizeOpt = None,
+    model_kwarg: KwargOpt = None,
+    weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Rewrite MODEL by POLICY, print the layer-by-layer diff and write the patched checkpoint."""
+    from surgeon.api import save
+    from surgeon.patch import patch as run_patch
+    from surgeon.patch import resolve_policy
+    from surgeon.report import patch_json, render_patch, write_report
+    from surgeon.rewrites import load_plugin
+
+    for name in plugin or []:
+        load_plugin(name)
+    resolved = resolve_policy(policy)
+    target = out_dir or _default_out(model, policy)
+    if not dry_run:
+        from surgeon.checkpoint import check_writable
+
+        check_writable(target, force=force)
+    loaded, args = _load(model, input_size, model_kwarg, weights, pretrained)
+    patched, report = run_patch(
+        loaded.model, resolved, args, strict=strict, seed=seed, model_name=loaded.spec.text
+    )
+    if json:
+        out.print_json(patch_json(report))
+    else:
+        render_patch(report, out)
+    if dry_run:
+        err.print("dry run: nothing written")
+        return
+    if report_file is not None:
+        write_report(report, report_file)
+    written = save(
+        target, patched, loaded, report, resolved.to_dict(), seed=seed, plugins=plugin or [], force=force
+    )
+    err.print(f"wrote {written}")
+
+
+@app.command()
+def info(
+    directory: Annotated[Path, typer.Argument(help="A checkpoint directory written by `surgeon patch`.")],
+    json: JsonOpt = False,
+) -> None:
+    """Show what a patched checkpoint holds (reads only the manifest and checks the weights)."""
+    import json as jsonlib
+
+    from surgeon.checkpoint import read_checkpoint
+
+    manifest, state = read_checkpoint(directory)
+    if json:
+        out.print_json(jsonlib.dumps(manifest, sort_keys=True))
+        return
+    info = manifest["model"]
+    summary = manifest.get("summary", {})
+    edits = manifest.get("edits", [])
+    out.print(f"[bold]{directory}[/bold]: {info['spec']} patched with policy {manifest['policy'].get('name')}")
+    out.print(f"  input {'x'.join(map(str, info['input_size']))}, kwargs {info['kwargs']}, seed {manifest.get('seed', 0)}")
+    out.print(
+        f"  {sum(e['status'] == 'patched' for e in edits)} sites patched, "
+        f"{sum(e['status'] == 'skipped' for e in edits)} skipped; {len(state)} tensors, "
+        f"{sum(t.numel() for t in state.values()):,} values"
+    )
+    if summary:
+        out.print(
+            f"  params {summary['params_before']:,} → {summary['params_after']:,}, "
+            f"MACs {summary['macs_before']:,} → {summary['macs_after']:,}"
+        )
+    for edit in edits:
+        if edit["status"] == "patched":
+            out.print(f"  {edit['site']}: {edit['replacement']} [{edit['transfer']}]", highlight=False)
+    out.print(f"  written {manifest['created']} with {manifest['versions']}", style="dim")
+
+
+@app.command()
+def load(
+    directory: Annotated[Path, typer.Argument(help="A checkpoint directory written by `surgeon patch`.")],
+    trust_import: Annotated[
+        list[str] | None,
+        typer.Option("--trust-import", help="Allow importing this pkg.mod:factory model spec."),
+    ] = None,
+    plugin: PluginOpt = None,
+) -> None:
+    """Rebuild the patched model from a checkpoint and check that it runs."""
+    from surgeon.api import load as load_checkpoint
+    from surgeon.checkpoint import read_checkpoint
+    from surgeon.models import example_inputs
+
+    model_obj = load_checkpoint(directory, trust_import=trust_import or [], plugins=plugin or [])
+    manifest, _ = read_checkpoint(directory)
+    info = manifest["model"]
+    import torch
+
+    with torch.no_grad():
+        model_obj(*example_inputs(info.get("task", "classification"), tuple(info["input_size"])))
+    params = sum(p.numel() for p in model_obj.parameters())
+    out.print(
+        f"loaded {info['spec']} patched with {manifest['policy'].get('name')}: "
+        f"{type(model_obj).__name__}, {params:,} parameters, weights verified, forward pass ok"
+    )
+
+
 @app.command()
 def policies() -> None:
     """List the built-in policies."""

@@ -5,8 +5,12 @@ Renderers take plain records (ScanResult, PatchReport) and never reach back into
 
 from __future__ import annotations
 
+import html
 import json
+import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -25,6 +29,7 @@ __all__ = [
     "scan_json",
     "shape_text",
     "site_params_text",
+    "write_report",
 ]
 
 
@@ -233,3 +238,44 @@ def patch_markdown(report: PatchReport) -> str:
 def patch_json(report: PatchReport) -> str:
     """The report as stable JSON (fields documented in docs/report.md)."""
     return json.dumps(report.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def patch_html(report: PatchReport) -> str:
+    """A self-contained HTML page with the diff table."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in _PATCH_COLUMNS)
+    body = "".join(
+        "<tr class='{}'>{}</tr>".format(
+            row.status, "".join(f"<td>{html.escape(c)}</td>" for c in cells)
+        )
+        for row, cells in zip(report.rows, _patch_rows(report), strict=True)
+    )
+    totals = "".join(f"<li>{html.escape(line)}</li>" for line in _totals_lines(report))
+    title = html.escape(f"surgeon patch: {report.model} with policy {report.policy}")
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{title}</title><style>"
+        "body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:left}"
+        "tr.kept,tr.unmatched,tr.not-a-site{color:#888}tr.skipped{color:#a60}"
+        f"</style></head><body><h1>{title}</h1><table><tr>{head}</tr>{body}</table>"
+        f"<ul>{totals}</ul></body></html>\n"
+    )
+
+
+def write_report(report: PatchReport, path: Path) -> None:
+    """Write the report as Markdown, JSON or HTML (by suffix), atomically."""
+    from surgeon.errors import OutputError
+
+    renderers = {".md": patch_markdown, ".json": patch_json, ".html": patch_html}
+    render = renderers.get(path.suffix.lower())
+    if render is None:
+        raise OutputError(f"cannot write a report to {path}: use a .md, .json or .html file name")
+    text = render(report)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write the report to {path}: {exc.strerror or exc}") from exc

@@ -339,7 +339,14 @@ def _function_call(op: Op, dims: int, name: str, bound: dict[str, Any]) -> _Call
 
 
 def _meta_shape(value: Any) -> tuple[int, ...] | None:
-    """The shape of an fx/export node's tensor value, if it was propagated."""
+    """The shape of an fx/export node's tensor value, if it was propagated with concrete sizes."""
+    try:
+        return _concrete_shape(value)
+    except (TypeError, ValueError, RuntimeError):  # symbolic (data-dependent) sizes
+        return None
+
+
+def _concrete_shape(value: Any) -> tuple[int, ...] | None:
     if isinstance(value, torch.Tensor):
         return tuple(value.shape)
     if isinstance(value, fx.Node):
@@ -690,7 +697,7 @@ def find_sites(analysis: Analysis) -> list[Site]:
             # module sites inside an export region come from hooks below (exact module objects);
             # keep only the functional ones the graph adds
             sites += [s for s in found if s.functional]
-    hooks_label = next((r.label for r in analysis.regions if r.method == "hooks"), "hooks")
+    hooks = [r for r in analysis.regions if r.method == "hooks"]
     for name, module in analysis.model.named_modules():
         if name in covered or name not in analysis.calls:
             continue
@@ -710,7 +717,7 @@ def find_sites(analysis: Analysis) -> list[Site]:
                 in_shape,
                 out_shape,
                 stage_in,
-                hooks_label,
+                _hooks_label(hooks, name),
                 calls=len(records),
             )
             if site is not None:
@@ -719,6 +726,11 @@ def find_sites(analysis: Analysis) -> list[Site]:
         order = {name: i for i, name in enumerate(analysis.order)}
         sites.sort(key=lambda s: order.get(s.module or s.name.split(":")[0], math.inf))
     return sites
+
+
+def _hooks_label(hooks: list[Region], name: str) -> str:
+    inside = [r for r in hooks if not r.path or name == r.path or name.startswith(r.path + ".")]
+    return max(inside, key=lambda r: len(r.path)).label if inside else "hooks"
 
 
 def _model_input_shape(analysis: Analysis) -> tuple[int, ...]:

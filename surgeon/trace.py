@@ -44,6 +44,9 @@ _LEAF_BASES: tuple[type[nn.Module], ...] = (
 )
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
 @cache
 def default_leaves() -> tuple[
     tuple[type[nn.Module], ...], tuple[type[nn.Module], ...], tuple[Callable[..., Any], ...]
@@ -171,7 +174,10 @@ class _Recorder:
             records.append(CallRecord(_shapes((args, kwargs)), _shapes(output)))
             if len(records) == 1:
                 self.order.append(name)
-                if next(module.children(), None) is not None:
+                # inputs of the modules the chain may trace on their own (not torch.nn's leaves)
+                if isinstance(module, _CONTAINERS) or not type(module).__module__.startswith(
+                    "torch.nn."
+                ):
                     self.inputs[name] = (args, kwargs)
 
         return hook
