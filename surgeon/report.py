@@ -195,7 +195,12 @@ def render_patch(report: PatchReport, console: Console, *, key_limit: int = 6) -
     """The layer-by-layer diff as a rich table, then totals, key changes, notes and warnings."""
     table = Table(title=f"{report.model} · policy {report.policy}", header_style="bold")
     for column in _PATCH_COLUMNS:
-        table.add_column(column, justify="right" if column in ("params", "MACs") else "left")
+        table.add_column(
+            column,
+            justify="right" if column in ("params", "MACs") else "left",
+            overflow="fold",
+            no_wrap=column == "site",
+        )
     for row, cells in zip(report.rows, _patch_rows(report), strict=True):
         table.add_row(*cells, style=None if row.status == "patched" else "dim")
     console.print(table)

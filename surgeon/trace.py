@@ -89,6 +89,8 @@ class SurgeonTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, _LEAF_BASES) or type(m) in self.leaf_types:
             return True
+        if type(m).__module__.startswith("surgeon.layers"):
+            return True  # our own replacement layers: sites of a patched model stay visible
         if type(m) in self.simple_leaf_types and next(m.children(), None) is None:
             return True
         return super().is_leaf_module(m, module_qualified_name)

@@ -60,7 +60,9 @@ class AntialiasRewrite:
             return self._conv(editor, site, params)
         raise SkipSite(f"antialias does not apply to {site.op.replace('_', ' ')} layers")
 
-    def _blur(self, site: Site, params: Mapping[str, Any], ceil: bool = False) -> BlurPool:
+    def _blur(
+        self, site: Site, params: Mapping[str, Any], channels: int, ceil: bool = False
+    ) -> BlurPool:
         if len(set(site.stride)) != 1:
             raise SkipSite(f"unequal strides {site.stride} per dimension")
         if isinstance(site.padding, str) and ceil:
@@ -77,7 +79,7 @@ class AntialiasRewrite:
         ):
             raise SkipSite("ceil_mode pooling with unequal kernel/padding per dimension")
         return BlurPool(
-            site.out_channels,
+            channels,
             dims=site.dims,
             filter_size=int(params["filter_size"]),
             stride=site.stride[0],
@@ -86,7 +88,7 @@ class AntialiasRewrite:
         )
 
     def _pool(self, editor: ModelEditor, site: Site, params: Mapping[str, Any]) -> Edit:
-        blur = self._blur(site, params, ceil=site.ceil_mode)
+        blur = self._blur(site, params, site.in_channels, ceil=site.ceil_mode)
         if site.padding == "same":
             original = editor.module(site.module) if not site.functional else None
             if original is None:
@@ -122,7 +124,7 @@ class AntialiasRewrite:
         conv = editor.module(site.module)
         if not isinstance(conv, nn.modules.conv._ConvNd):
             raise SkipSite(f"{type(conv).__name__} is not a convolution module")
-        blur = self._blur(site, params)
+        blur = self._blur(site, params, site.out_channels)
         chain = list(site.after)
         act_at = next((i for i, n in enumerate(chain) if n.kind == "act"), None)
         stride = site.stride[0]
@@ -148,6 +150,7 @@ class AntialiasRewrite:
         conv.stride = (1,) * site.dims
         if act_at is None and same_size:
             # the paper's shortcut: blur, then the conv at stride 1 on the blurred map
+            blur = self._blur(site, params, site.in_channels)
             editor.set_module(site.module, nn.Sequential(blur, conv))
             return Edit(
                 site.name,

@@ -82,10 +82,8 @@ class SpdRewrite:
             raise SkipSite(f"spd does not apply to {site.op.replace('_', ' ')} layers")
         path = editor.replace_site(site, new, "spd")
         conv = new.conv
-        description = (
-            f"SpaceToDepthConv(b{'×'.join(map(str, site.stride))}, "
-            f"k{'×'.join(map(str, conv.kernel_size))}, {conv.in_channels}→{conv.out_channels})"
-        )
+        kernel_text = "×".join(map(str, sorted(set(conv.kernel_size))))
+        description = f"SPD b{site.max_stride} + conv k{kernel_text} {conv.in_channels}→{conv.out_channels}"
         return Edit(site.name, "spd", description, transfer, (path,), path)  # type: ignore[arg-type]
 
     def _from_conv(

@@ -1,0 +1,99 @@
+"""`surgeon patch/info/load` end to end: the checkpoint round trip, weights, plugins, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import surgeon.api
+from surgeon.models import load_model
+from surgeon.patch import patch
+from tests.clirun import run_cli
+
+
+def test_patch_writes_a_checkpoint_that_reloads_bit_identically(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "r18"
+    code, stdout, err = run_cli(
+        capsys, "patch", "resnet18", "--policy", "spd", "--out", str(out), "--input-size", "3x64x64",
+        "--report", str(tmp_path / "r.json"),
+    )
+    assert code == 0, err
+    assert "SPD b2 + conv k3" in stdout and f"wrote {out}" in err
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "surgery.json", "report.md"}
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["summary"]["patched"] == 8
+
+    loaded_a = surgeon.api.load(out)
+    loaded_b = surgeon.api.load(out)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded_a(x), loaded_b(x))
+    # the same as patching by hand with the same seed and the checkpoint's weights
+    model, _ = patch(load_model("resnet18").model, "spd", torch.randn(1, 3, 64, 64))
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(out / "model.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded_a(x))
+
+    code, stdout, _ = run_cli(capsys, "info", str(out))
+    assert code == 0 and "8 sites patched" in stdout and "policy spd" in stdout
+    code, stdout, _ = run_cli(capsys, "load", str(out))
+    assert code == 0 and "weights verified" in stdout
+
+
+def test_spd_exact_with_weights_keeps_the_function_through_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    original = load_model("mobilenet_v3_large").model
+    weights = tmp_path / "w.pt"
+    torch.save(original.state_dict(), weights)
+    out = tmp_path / "ck"
+    code, _, err = run_cli(
+        capsys, "patch", "mobilenet_v3_large", "--policy", "spd-exact", "--weights", str(weights),
+        "--out", str(out), "--input-size", "3x97x97",
+    )
+    assert code == 0, err
+    patched = surgeon.api.load(out)
+    x = torch.randn(1, 3, 97, 97)
+    with torch.no_grad():
+        a, b = original(x), patched(x)
+    assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-5
+
+
+def test_dry_run_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "never"
+    code, stdout, err = run_cli(
+        capsys, "patch", "resnet18", "--policy", "antialias", "--out", str(out), "--dry-run",
+        "--input-size", "3x64x64",
+    )
+    assert code == 0 and "BlurPool" in stdout and "dry run" in err
+    assert not out.exists()
+
+
+def test_existing_output_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "patch", "resnet18", "--policy", "spd", "--out", str(out))
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith("error:") and "--force" in err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_a_plugin_replacement_is_named_in_a_policy_like_a_builtin(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text("name: mine\ndescription: plugin\nrules:\n  - match: {op: max_pool}\n    action: max-to-avg\n")
+    code, stdout, err = run_cli(
+        capsys, "patch", "resnet18", "--policy", str(policy), "--plugin", "tests.plugin_example",
+        "--dry-run", "--input-size", "3x64x64",
+    )
+    assert code == 0, err
+    assert "AvgPool2d" in stdout
