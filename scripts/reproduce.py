@@ -76,7 +76,7 @@ class Config:
 
 
 FULL = Config(train=20_000, test=2_000, epochs=4, batch=128, lr=2e-3, seeds=(0, 1, 2), threads=2)
-QUICK = Config(train=512, test=200, epochs=3, batch=64, lr=2e-3, seeds=(0,), threads=2)
+QUICK = Config(train=384, test=160, epochs=3, batch=48, lr=2e-3, seeds=(0,), threads=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -620,6 +620,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="no training: rewrite the report from --json output",
+    )
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL
     if args.seeds:
@@ -630,10 +636,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         config = replace(config, threads=args.threads)
     if args.variants:
         config = replace(config, variants=tuple(args.variants))
-    results = run(config)
+    if args.render:
+        results = json.loads(args.render.read_text(encoding="utf-8"))
+    else:
+        results = run(config)
+        overrides = [
+            f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+            for name, value in (
+                ("seeds", args.seeds),
+                ("epochs", args.epochs),
+                ("threads", args.threads),
+                ("variants", args.variants),
+            )
+            if value
+        ]
+        quick = ["--quick"] if args.quick else []
+        results["command"] = " ".join(["python scripts/reproduce.py", *quick, *overrides])
     args.out.mkdir(parents=True, exist_ok=True)
     plots = [] if args.no_plots else plot(results, args.out)
-    command = "python scripts/reproduce.py" + (" --quick" if args.quick else "")
+    command = results["command"]
     (args.out / "results.md").write_text(markdown(results, plots, command), encoding="utf-8")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")

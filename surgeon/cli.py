@@ -59,10 +59,14 @@ def _load(
     kwargs: list[str] | None,
     weights: Path | None,
     pretrained: bool,
+    seed: int = 0,
 ) -> tuple[Any, tuple[Any, ...]]:
     from surgeon.models import example_inputs, load_model, parse_input_size, parse_kwargs
 
     size = parse_input_size(input_size) if input_size else None
+    import torch
+
+    torch.manual_seed(seed)  # random initialisation is reproducible: same seed, same checkpoint
     loaded = load_model(
         model, kwargs=parse_kwargs(kwargs or []), pretrained=pretrained, weights=weights
     )
@@ -149,7 +153,7 @@ def patch(
         from surgeon.checkpoint import check_writable
 
         check_writable(target, force=force)
-    loaded, args = _load(model, input_size, model_kwarg, weights, pretrained)
+    loaded, args = _load(model, input_size, model_kwarg, weights, pretrained, seed)
     patched, report = run_patch(
         loaded.model, resolved, args, strict=strict, seed=seed, model_name=loaded.spec.text
     )

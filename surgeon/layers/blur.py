@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +73,8 @@ class BlurPool(nn.Module):
     padding, so tiny maps fall back to replicate inside the graph too.
     """
 
-    filter: Tensor
+    if TYPE_CHECKING:  # a class-level annotation is a string TorchScript cannot resolve
+        filter: Tensor
 
     def __init__(
         self,
