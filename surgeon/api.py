@@ -1,8 +1,8 @@
 """The Python API in a few calls: scan, patch, save and load a patched checkpoint.
 
-    model, report = surgeon.patch(model, "spd", example_input=torch.randn(1, 3, 224, 224))
-    surgeon.save("out/", model, report, spec=...)   # or use `surgeon patch ... --out out/`
-    model = surgeon.load("out/")
+model, report = surgeon.patch(model, "spd", example_input=torch.randn(1, 3, 224, 224))
+surgeon.save("out/", model, report, spec=...)   # or use `surgeon patch ... --out out/`
+model = surgeon.load("out/")
 """
 
 from __future__ import annotations
@@ -58,14 +58,23 @@ def build_manifest(
 ) -> dict[str, Any]:
     """The surgery.json content: enough to rebuild the patched model without unpickling."""
     return {
-        "model": {**loaded.spec.to_dict(), "input_size": list(loaded.input_size), "task": loaded.task},
+        "model": {
+            **loaded.spec.to_dict(),
+            "input_size": list(loaded.input_size),
+            "task": loaded.task,
+        },
         "policy": policy,
         "plugins": list(plugins),
         "seed": seed,
         "sites": [s.to_dict() for s in report.sites],
         "decisions": [d.to_dict() for d in report.decisions],
         "edits": [
-            {"site": r.site, "status": r.status, "replacement": r.replacement, "transfer": r.transfer}
+            {
+                "site": r.site,
+                "status": r.status,
+                "replacement": r.replacement,
+                "transfer": r.transfer,
+            }
             for r in report.rows
         ],
         "summary": {
@@ -130,7 +139,9 @@ def load(
     spec = ModelSpec(info["source"], info["name"], dict(info["kwargs"]))
     loaded = build_model(spec)
     input_size = tuple(int(s) for s in info["input_size"])
-    policy = policy_from_dict(manifest["policy"], action_schemas(), source_name=f"{directory}/surgery.json")
+    policy = policy_from_dict(
+        manifest["policy"], action_schemas(), source_name=f"{directory}/surgery.json"
+    )
     model, report = patch(
         loaded.model,
         policy,

@@ -6,10 +6,12 @@ and by the replacement layers (to reproduce the original output size for any inp
 
 from __future__ import annotations
 
-__all__ = ["pool_output_size", "conv_output_size", "same_padding", "transposed_output_size"]
+__all__ = ["conv_output_size", "pool_output_size", "same_padding", "transposed_output_size"]
 
 
-def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
+def conv_output_size(
+    size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1
+) -> int:
     """Output length of a convolution: floor((i + 2p - d(k-1) - 1) / s) + 1."""
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 

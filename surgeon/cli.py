@@ -13,7 +13,7 @@ from surgeon.errors import ExitCode, SurgeonError
 
 app = typer.Typer(
     name="surgeon",
-    help="Find every strided convolution and pooling layer in a PyTorch model and replace it by policy.",
+    help="Find every strided convolution and pooling layer in a model and replace it by policy.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -101,11 +101,16 @@ def scan(
 
 
 PolicyOpt = Annotated[
-    str, typer.Option("--policy", "-p", help="Built-in policy name (see `surgeon policies`) or a YAML file.")
+    str,
+    typer.Option(
+        "--policy", "-p", help="Built-in policy name (see `surgeon policies`) or a YAML file."
+    ),
 ]
 PluginOpt = Annotated[
     list[str] | None,
-    typer.Option("--plugin", help="Import this module first; it may register replacements (repeatable)."),
+    typer.Option(
+        "--plugin", help="Import this module first; it may register replacements (repeatable)."
+    ),
 ]
 
 
@@ -124,9 +129,12 @@ def patch(
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing checkpoint.")] = False,
     report_file: Annotated[
-        Path | None, typer.Option("--report", help="Also write the report: FILE.md, FILE.json or FILE.html.")
+        Path | None,
+        typer.Option("--report", help="Also write the report: FILE.md, FILE.json or FILE.html."),
     ] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the diff; write nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the diff; write nothing.")
+    ] = False,
     strict: Annotated[
         bool, typer.Option("--strict", help="A rule that matches no site is an error.")
     ] = False,
@@ -167,14 +175,23 @@ def patch(
     if report_file is not None:
         write_report(report, report_file)
     written = save(
-        target, patched, loaded, report, resolved.to_dict(), seed=seed, plugins=plugin or [], force=force
+        target,
+        patched,
+        loaded,
+        report,
+        resolved.to_dict(),
+        seed=seed,
+        plugins=plugin or [],
+        force=force,
     )
     err.print(f"wrote {written}")
 
 
 @app.command()
 def info(
-    directory: Annotated[Path, typer.Argument(help="A checkpoint directory written by `surgeon patch`.")],
+    directory: Annotated[
+        Path, typer.Argument(help="A checkpoint directory written by `surgeon patch`.")
+    ],
     json: JsonOpt = False,
 ) -> None:
     """Show what a patched checkpoint holds (reads only the manifest and checks the weights)."""
@@ -189,8 +206,14 @@ def info(
     info = manifest["model"]
     summary = manifest.get("summary", {})
     edits = manifest.get("edits", [])
-    out.print(f"[bold]{directory}[/bold]: {info['spec']} patched with policy {manifest['policy'].get('name')}")
-    out.print(f"  input {'x'.join(map(str, info['input_size']))}, kwargs {info['kwargs']}, seed {manifest.get('seed', 0)}")
+    out.print(
+        f"[bold]{directory}[/bold]: {info['spec']} "
+        f"patched with policy {manifest['policy'].get('name')}"
+    )
+    out.print(
+        f"  input {'x'.join(map(str, info['input_size']))}, kwargs {info['kwargs']}, "
+        f"seed {manifest.get('seed', 0)}"
+    )
     out.print(
         f"  {sum(e['status'] == 'patched' for e in edits)} sites patched, "
         f"{sum(e['status'] == 'skipped' for e in edits)} skipped; {len(state)} tensors, "
@@ -203,13 +226,17 @@ def info(
         )
     for edit in edits:
         if edit["status"] == "patched":
-            out.print(f"  {edit['site']}: {edit['replacement']} [{edit['transfer']}]", highlight=False)
+            out.print(
+                f"  {edit['site']}: {edit['replacement']} [{edit['transfer']}]", highlight=False
+            )
     out.print(f"  written {manifest['created']} with {manifest['versions']}", style="dim")
 
 
 @app.command()
 def load(
-    directory: Annotated[Path, typer.Argument(help="A checkpoint directory written by `surgeon patch`.")],
+    directory: Annotated[
+        Path, typer.Argument(help="A checkpoint directory written by `surgeon patch`.")
+    ],
     trust_import: Annotated[
         list[str] | None,
         typer.Option("--trust-import", help="Allow importing this pkg.mod:factory model spec."),

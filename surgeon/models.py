@@ -60,7 +60,12 @@ class ModelSpec:
         return self.name if self.source == "import" else f"{self.source}:{self.name}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"spec": self.text, "source": self.source, "name": self.name, "kwargs": dict(self.kwargs)}
+        return {
+            "spec": self.text,
+            "source": self.source,
+            "name": self.name,
+            "kwargs": dict(self.kwargs),
+        }
 
 
 @dataclass
@@ -160,9 +165,7 @@ def parse_input_size(text: str) -> tuple[int, ...]:
             f"bad --input-size {text!r}; write channels x height x width, e.g. 3x224x224"
         ) from None
     if len(dims) < 2 or any(d <= 0 for d in dims):
-        raise UsageError(
-            f"bad --input-size {text!r}: need 2 to 4 positive sizes, e.g. 3x224x224"
-        )
+        raise UsageError(f"bad --input-size {text!r}: need 2 to 4 positive sizes, e.g. 3x224x224")
     if len(dims) > 4:
         raise UsageError(f"bad --input-size {text!r}: at most 4 sizes (C x T x H x W)")
     return dims
@@ -190,9 +193,8 @@ def _build_torchvision(spec: ModelSpec, task: Task, pretrained: bool) -> nn.Modu
 
     kwargs = dict(spec.kwargs)
     kwargs.setdefault("weights", "DEFAULT" if pretrained else None)
-    if task in ("detection", "segmentation") or (task == "video" and "mvit" not in spec.name):
-        if task != "video":
-            kwargs.setdefault("weights_backbone", "DEFAULT" if pretrained else None)
+    if task in ("detection", "segmentation"):
+        kwargs.setdefault("weights_backbone", "DEFAULT" if pretrained else None)
     if task == "quantization":
         kwargs.setdefault("quantize", False)
     return get_model(spec.name, **kwargs)
@@ -212,9 +214,7 @@ def _build_import(spec: ModelSpec) -> nn.Module:
         raise ModelSpecError(f"{module_name!r} has no callable {attr!r}")
     model = factory(**spec.kwargs)
     if not isinstance(model, nn.Module):
-        raise ModelSpecError(
-            f"{spec.name} returned {type(model).__name__}, not a torch.nn.Module"
-        )
+        raise ModelSpecError(f"{spec.name} returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 

@@ -130,12 +130,20 @@ def _status_text(row: SiteRow) -> str:
 def _shape_pair(row: SiteRow) -> str:
     after = row.out_shape_after
     same = after is None or after == row.out_shape_before
-    out = shape_text(row.out_shape_before) if same else f"{shape_text(row.out_shape_before)}⇒{shape_text(after or ())}"
+    out = (
+        shape_text(row.out_shape_before)
+        if same
+        else f"{shape_text(row.out_shape_before)}⇒{shape_text(after or ())}"
+    )
     return f"{shape_text(row.in_shape)} → {out}"
 
 
 def _pair(before: int, after: int) -> str:
-    return format_count(before) if before == after else f"{format_count(before)} → {format_count(after)}"
+    return (
+        format_count(before)
+        if before == after
+        else f"{format_count(before)} → {format_count(after)}"
+    )
 
 
 def _patch_rows(report: PatchReport) -> list[list[str]]:
@@ -161,7 +169,8 @@ def _totals_lines(report: PatchReport) -> list[str]:
     lines = [
         f"{report.patched} patched, {report.skipped} skipped, "
         f"{sum(r.status == 'kept' for r in report.rows)} kept, "
-        f"{sum(r.status == 'unmatched' for r in report.rows)} unmatched of {len(report.rows)} sites",
+        f"{sum(r.status == 'unmatched' for r in report.rows)} unmatched "
+        f"of {len(report.rows)} sites",
         f"params {_pair(report.params_before, report.params_after)}"
         f" ({_ratio(report.params_after, report.params_before)}), "
         f"MACs {_pair(report.macs_before, report.macs_after)}"
@@ -182,11 +191,15 @@ def _key_lines(report: PatchReport, limit: int) -> list[str]:
     lines = []
     for label, keys in (("added", report.keys_added), ("removed", report.keys_removed)):
         if keys:
-            shown = ", ".join(keys[:limit]) + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
+            shown = ", ".join(keys[:limit]) + (
+                f", … ({len(keys) - limit} more)" if len(keys) > limit else ""
+            )
             lines.append(f"{label}: {shown}")
     if report.keys_renamed:
         pairs = [f"{a} → {b}" for a, b in report.keys_renamed]
-        shown = ", ".join(pairs[:limit]) + (f", … ({len(pairs) - limit} more)" if len(pairs) > limit else "")
+        shown = ", ".join(pairs[:limit]) + (
+            f", … ({len(pairs) - limit} more)" if len(pairs) > limit else ""
+        )
         lines.append(f"renamed: {shown}")
     return lines
 
@@ -216,6 +229,7 @@ def render_patch(report: PatchReport, console: Console, *, key_limit: int = 6) -
 
 def patch_markdown(report: PatchReport) -> str:
     """The same report as Markdown (written beside checkpoints and by `--report FILE.md`)."""
+
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 

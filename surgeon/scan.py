@@ -44,10 +44,10 @@ class ScanResult:
         for site in self.sites:
             counts[site.role] = counts.get(site.role, 0) + 1
         parts = [f"{counts.get('downsample', 0)} downsampling sites"]
-        parts += [f"{n} {role.replace('_', ' ')}" for role, n in counts.items() if role != "downsample"]
-        methods = ", ".join(
-            f"{r.method} ({r.path})" if r.path else r.method for r in self.regions
-        )
+        parts += [
+            f"{n} {role.replace('_', ' ')}" for role, n in counts.items() if role != "downsample"
+        ]
+        methods = ", ".join(f"{r.method} ({r.path})" if r.path else r.method for r in self.regions)
         return f"{'; '.join(parts)}; found by {methods}"
 
     def to_dict(self) -> dict[str, Any]:

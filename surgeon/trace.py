@@ -74,7 +74,7 @@ def default_leaves() -> tuple[
 
 
 class SurgeonTracer(fx.Tracer):
-    """An fx tracer whose leaves are the layers surgeon reasons about plus registered no-trace ones."""
+    """An fx tracer whose leaves are surgeon's layers of interest plus registered no-trace ones."""
 
     def __init__(
         self,
@@ -141,9 +141,9 @@ class Analysis:
         for region in self.regions:
             if region.method == "hooks":
                 continue
-            if not region.path or name == region.path or name.startswith(region.path + "."):
-                if best is None or len(region.path) > len(best.path):
-                    best = region
+            inside = not region.path or name == region.path or name.startswith(region.path + ".")
+            if inside and (best is None or len(region.path) > len(best.path)):
+                best = region
         return best
 
 
@@ -236,7 +236,9 @@ def _param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def analyse(model: nn.Module, example_args: tuple[Any, ...], *, use_export: bool = True) -> Analysis:
+def analyse(
+    model: nn.Module, example_args: tuple[Any, ...], *, use_export: bool = True
+) -> Analysis:
     """Run the model once with hooks, then cover it with graph regions (see module docstring).
 
     The model is put in eval mode for the analysis and left in the mode it came in.
@@ -259,7 +261,9 @@ def analyse(model: nn.Module, example_args: tuple[Any, ...], *, use_export: bool
             return
         failures.append((path, "fx", traced))
         called = [
-            (p, c) for p, c in _children(module, path) if p in recorder.calls and p in recorder.inputs
+            (p, c)
+            for p, c in _children(module, path)
+            if p in recorder.calls and p in recorder.inputs
         ]
         if called:
             for child_path, child in sorted(called, key=lambda pc: -_param_count(pc[1])):

@@ -1,4 +1,4 @@
-"""A user replacement registered from outside surgeon (loaded with `--plugin tests.plugin_example`)."""
+"""A user replacement registered from outside surgeon (`--plugin tests.plugin_example`)."""
 
 from __future__ import annotations
 

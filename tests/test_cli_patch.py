@@ -19,8 +19,17 @@ def test_patch_writes_a_checkpoint_that_reloads_bit_identically(
 ) -> None:
     out = tmp_path / "r18"
     code, stdout, err = run_cli(
-        capsys, "patch", "resnet18", "--policy", "spd", "--out", str(out), "--input-size", "3x64x64",
-        "--report", str(tmp_path / "r.json"),
+        capsys,
+        "patch",
+        "resnet18",
+        "--policy",
+        "spd",
+        "--out",
+        str(out),
+        "--input-size",
+        "3x64x64",
+        "--report",
+        str(tmp_path / "r.json"),
     )
     assert code == 0, err
     assert "SPD b2 + conv k3" in stdout and f"wrote {out}" in err
@@ -55,8 +64,17 @@ def test_spd_exact_with_weights_keeps_the_function_through_the_cli(
     torch.save(original.state_dict(), weights)
     out = tmp_path / "ck"
     code, _, err = run_cli(
-        capsys, "patch", "mobilenet_v3_large", "--policy", "spd-exact", "--weights", str(weights),
-        "--out", str(out), "--input-size", "3x97x97",
+        capsys,
+        "patch",
+        "mobilenet_v3_large",
+        "--policy",
+        "spd-exact",
+        "--weights",
+        str(weights),
+        "--out",
+        str(out),
+        "--input-size",
+        "3x97x97",
     )
     assert code == 0, err
     patched = surgeon.api.load(out)
@@ -69,14 +87,24 @@ def test_spd_exact_with_weights_keeps_the_function_through_the_cli(
 def test_dry_run_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "never"
     code, stdout, err = run_cli(
-        capsys, "patch", "resnet18", "--policy", "antialias", "--out", str(out), "--dry-run",
-        "--input-size", "3x64x64",
+        capsys,
+        "patch",
+        "resnet18",
+        "--policy",
+        "antialias",
+        "--out",
+        str(out),
+        "--dry-run",
+        "--input-size",
+        "3x64x64",
     )
     assert code == 0 and "BlurPool" in stdout and "dry run" in err
     assert not out.exists()
 
 
-def test_existing_output_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_existing_output_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "busy"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -90,10 +118,21 @@ def test_a_plugin_replacement_is_named_in_a_policy_like_a_builtin(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     policy = tmp_path / "p.yaml"
-    policy.write_text("name: mine\ndescription: plugin\nrules:\n  - match: {op: max_pool}\n    action: max-to-avg\n")
+    policy.write_text(
+        "name: mine\ndescription: plugin\n"
+        "rules:\n  - match: {op: max_pool}\n    action: max-to-avg\n"
+    )
     code, stdout, err = run_cli(
-        capsys, "patch", "resnet18", "--policy", str(policy), "--plugin", "tests.plugin_example",
-        "--dry-run", "--input-size", "3x64x64",
+        capsys,
+        "patch",
+        "resnet18",
+        "--policy",
+        str(policy),
+        "--plugin",
+        "tests.plugin_example",
+        "--dry-run",
+        "--input-size",
+        "3x64x64",
     )
     assert code == 0, err
     assert "AvgPool2d" in stdout

@@ -32,10 +32,18 @@ def test_scan_json_has_the_same_sites(capsys: pytest.CaptureFixture[str]) -> Non
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["scan", "resnet5"], 1, "error: unknown model 'resnet5' (not in torchvision or timm); did you mean"),
+        (
+            ["scan", "resnet5"],
+            1,
+            "error: unknown model 'resnet5' (not in torchvision or timm); did you mean",
+        ),
         (["scan", "resnet18", "--input-size", "3x0x224"], 2, "error: bad --input-size '3x0x224'"),
         (["scan", "resnet18", "--model-kwarg", "oops"], 2, "error: bad --model-kwarg 'oops'"),
-        (["scan", "resnet18", "--input-size", "4x64x64"], 3, "error: the model failed on the example input"),
+        (
+            ["scan", "resnet18", "--input-size", "4x64x64"],
+            3,
+            "error: the model failed on the example input",
+        ),
         (["scan", "resnet18", "--weights", "/nonexistent/w.pt"], 1, "error:"),
         (["patch", "resnet18", "--policy", "no-such-policy", "--dry-run"], 1, "error:"),
     ],
@@ -64,7 +72,14 @@ def test_the_installed_command_never_prints_a_traceback() -> None:
 
 def test_debug_shows_the_traceback() -> None:
     result = subprocess.run(
-        [sys.executable, "-c", "from surgeon.cli import main; main()", "--debug", "scan", "resnet5"],
+        [
+            sys.executable,
+            "-c",
+            "from surgeon.cli import main; main()",
+            "--debug",
+            "scan",
+            "resnet5",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

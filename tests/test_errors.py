@@ -1,4 +1,4 @@
-"""Bad input, faults and safety: per-site refusals, weights files, determinism, no silent imports."""
+"""Bad input, faults and safety: per-site refusals, weights, determinism, no silent imports."""
 
 from __future__ import annotations
 
@@ -52,7 +52,9 @@ def test_broken_weights_files_are_one_line_errors(
     assert code == 1 and err.startswith(message) and len(err.strip().splitlines()) == 1, err
 
 
-def test_weights_for_another_architecture_name_the_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_weights_for_another_architecture_name_the_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "w.pt"
     torch.save(load_model("resnet18").model.state_dict(), path)
     code, _, err = run_cli(capsys, "scan", "resnet34", "--weights", str(path))
@@ -70,7 +72,13 @@ def _checkpoint(tmp_path: Path, name: str, perturb: int = 0) -> Path:
 
     loaded.input_size = (3, 64, 64)
     return surgeon.api.save(
-        tmp_path / name, model, loaded, report, resolve_policy(policy).to_dict(), seed=3, created="2026-01-01T00:00:00+00:00"
+        tmp_path / name,
+        model,
+        loaded,
+        report,
+        resolve_policy(policy).to_dict(),
+        seed=3,
+        created="2026-01-01T00:00:00+00:00",
     )
 
 

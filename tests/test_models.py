@@ -41,9 +41,9 @@ def test_import_spec_builds_a_user_factory_with_kwargs() -> None:
 
 
 def test_import_spec_errors_are_one_line() -> None:
-    with pytest.raises(ModelSpecError, match="cannot import 'no_such_pkg_xyz.mod'"):
+    with pytest.raises(ModelSpecError, match=r"cannot import 'no_such_pkg_xyz\.mod'"):
         load_model("no_such_pkg_xyz.mod:build")
-    with pytest.raises(ModelSpecError, match="not a torch.nn.Module"):
+    with pytest.raises(ModelSpecError, match=r"not a torch\.nn\.Module"):
         load_model("tests.test_models:not_a_module")
     with pytest.raises(ModelSpecError, match="has no callable 'missing'"):
         load_model("tests.test_models:missing")
@@ -57,7 +57,9 @@ def test_bad_model_kwarg_names_the_kwarg() -> None:
 
 
 def test_kwargs_are_parsed_as_yaml_scalars() -> None:
-    assert parse_kwargs(["num_classes=10", "flag=true", "rate=0.5", "dil=[false, true]", "s=x"]) == {
+    assert parse_kwargs(
+        ["num_classes=10", "flag=true", "rate=0.5", "dil=[false, true]", "s=x"]
+    ) == {
         "num_classes": 10,
         "flag": True,
         "rate": 0.5,
@@ -107,5 +109,7 @@ def test_pretrained_offline_fails_with_a_clear_message(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(WeightsError, match="could not fetch pretrained weights for torchvision:resnet18"):
+    with pytest.raises(
+        WeightsError, match="could not fetch pretrained weights for torchvision:resnet18"
+    ):
         load_model("resnet18", pretrained=True)

@@ -34,7 +34,9 @@ def _exact_case(spec: str, size: int) -> None:
 
 
 @pytest.mark.parametrize("size", [224, 193])
-@pytest.mark.parametrize("spec", ["resnet50", "mobilenet_v3_large", "efficientnet_b0", "timm:tf_efficientnet_b0"])
+@pytest.mark.parametrize(
+    "spec", ["resnet50", "mobilenet_v3_large", "efficientnet_b0", "timm:tf_efficientnet_b0"]
+)
 def test_spd_exact_reproduces_the_original_outputs(spec: str, size: int) -> None:
     _exact_case(spec, size)
 
@@ -76,7 +78,9 @@ def test_antialias_on_resnet50_places_blur_as_the_paper_does() -> None:
     down = block.downsample[0]
     assert isinstance(down, nn.Sequential) and isinstance(down[0], BlurPool)
     assert down[1].stride == (1, 1)
-    assert report.patched == 7 and {r.transfer for r in report.rows if r.status == "patched"} == {"kept"}
+    assert report.patched == 7 and {r.transfer for r in report.rows if r.status == "patched"} == {
+        "kept"
+    }
     assert ("layer2.0.conv3.weight", "layer2.0.conv3.1.weight") in report.keys_renamed
 
 
@@ -123,7 +127,11 @@ def test_init_random_reinitialises_and_says_so() -> None:
     from surgeon.rewrites import action_schemas
 
     policy = policy_from_dict(
-        {"name": "r", "description": "random init", "rules": [{"match": {"op": "conv"}, "action": "spd", "params": {"init": "random"}}]},
+        {
+            "name": "r",
+            "description": "random init",
+            "rules": [{"match": {"op": "conv"}, "action": "spd", "params": {"init": "random"}}],
+        },
         action_schemas(),
     )
     _, report = patch(load_model("resnet18").model, policy, torch.randn(1, 3, 64, 64))
@@ -149,7 +157,12 @@ def test_strict_turns_unused_rules_into_errors() -> None:
     from surgeon.rewrites import action_schemas
 
     policy = policy_from_dict(
-        {"name": "s", "description": "strict", "rules": [{"match": {"op": "lp_pool"}, "action": "spd"}]}, action_schemas()
+        {
+            "name": "s",
+            "description": "strict",
+            "rules": [{"match": {"op": "lp_pool"}, "action": "spd"}],
+        },
+        action_schemas(),
     )
     _, report = patch(load_model("resnet18").model, policy, torch.randn(1, 3, 32, 32))
     assert report.warnings and "matched no site" in report.warnings[0]

@@ -1,4 +1,4 @@
-"""The walker finds every downsampling site, says how, and its arithmetic matches the forward pass."""
+"""The walker finds every downsampling site, says how, and its arithmetic matches the forward."""
 
 from __future__ import annotations
 
@@ -165,7 +165,14 @@ def test_arithmetic_equals_the_forward_pass_at_odd_sizes(spec: str, size: int) -
     size=st.integers(9, 17),
 )
 def test_arithmetic_matches_for_random_layers(
-    kind: str, dims: int, kernel: int, stride: int, padding: int, dilation: int, ceil: bool, size: int
+    kind: str,
+    dims: int,
+    kernel: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+    ceil: bool,
+    size: int,
 ) -> None:
     padding = min(padding, kernel // 2)
     layer: nn.Module

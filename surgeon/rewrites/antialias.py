@@ -65,19 +65,11 @@ class AntialiasRewrite:
     ) -> BlurPool:
         if len(set(site.stride)) != 1:
             raise SkipSite(f"unequal strides {site.stride} per dimension")
-        if isinstance(site.padding, str) and ceil:
-            raise SkipSite("ceil_mode with 'same' padding")
-        source = (
-            (site.kernel[0], site.padding[0], site.dilation[0])  # type: ignore[index]
-            if ceil
-            else None
-        )
-        if ceil and (
-            len(set(site.kernel)) != 1
-            or len(set(site.padding)) != 1  # type: ignore[arg-type]
-            or len(set(site.dilation)) != 1
-        ):
-            raise SkipSite("ceil_mode pooling with unequal kernel/padding per dimension")
+        source: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None
+        if ceil:
+            if isinstance(site.padding, str):
+                raise SkipSite("ceil_mode with 'same' padding")
+            source = (site.kernel, site.padding, site.dilation)
         return BlurPool(
             channels,
             dims=site.dims,
@@ -112,7 +104,10 @@ class AntialiasRewrite:
             description = f"BlurPool(f{blur.filter_size}, s{site.stride[0]})"
         else:
             new = nn.Sequential(dense, blur)
-            description = f"{type(dense).__name__}(k{site.kernel[0]}, s1) + BlurPool(f{blur.filter_size}, s{site.stride[0]})"
+            description = (
+                f"{type(dense).__name__}(k{site.kernel[0]}, s1) + "
+                f"BlurPool(f{blur.filter_size}, s{site.stride[0]})"
+            )
         path = editor.replace_site(site, new, "aa")
         return Edit(site.name, "antialias", description, "kept", (path,), path)
 
@@ -143,9 +138,12 @@ class AntialiasRewrite:
                     None,
                 )
         padding = site.padding
-        same_size = padding == "same" or all(
-            2 * p == d * (k - 1)
-            for p, d, k in zip(padding, site.dilation, site.kernel, strict=True)  # type: ignore[arg-type]
+        same_size = padding == "same" or (
+            not isinstance(padding, str)
+            and all(
+                2 * p == d * (k - 1)
+                for p, d, k in zip(padding, site.dilation, site.kernel, strict=True)
+            )
         )
         conv.stride = (1,) * site.dims
         if act_at is None and same_size:
@@ -161,7 +159,11 @@ class AntialiasRewrite:
                 site.module,
             )
         editor.set_module(site.module, nn.Sequential(conv, blur))
-        why = "no activation follows" if act_at is None else "the activation and its consumer are shared"
+        why = (
+            "no activation follows"
+            if act_at is None
+            else "the activation and its consumer are shared"
+        )
         return Edit(
             site.name,
             "antialias",

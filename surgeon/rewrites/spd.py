@@ -83,7 +83,9 @@ class SpdRewrite:
         path = editor.replace_site(site, new, "spd")
         conv = new.conv
         kernel_text = "×".join(map(str, sorted(set(conv.kernel_size))))
-        description = f"SPD b{site.max_stride} + conv k{kernel_text} {conv.in_channels}→{conv.out_channels}"
+        description = (
+            f"SPD b{site.max_stride} + conv k{kernel_text} {conv.in_channels}→{conv.out_channels}"
+        )
         return Edit(site.name, "spd", description, transfer, (path,), path)  # type: ignore[arg-type]
 
     def _from_conv(
@@ -96,9 +98,8 @@ class SpdRewrite:
         conv = editor.module(site.module)
         if not isinstance(conv, nn.modules.conv._ConvNd):
             raise SkipSite(f"{type(conv).__name__} is not a convolution module")
-        if type(conv).forward is not type(conv).__mro__[1].forward and type(conv).__name__ not in (
-            "Conv2dSame",
-        ) and type(conv) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        plain = type(conv).forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+        if not plain and type(conv).__name__ != "Conv2dSame":
             raise SkipSite(
                 f"{type(conv).__name__} overrides forward (e.g. weight standardisation); "
                 "SPD would drop that behaviour"
