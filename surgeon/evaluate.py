@@ -434,13 +434,16 @@ def _num_threads(threads: int | None) -> Iterator[int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _default_preprocessing(
-    input_size: tuple[int, int, int], source: str = "default: resize /0.875, centre crop, ImageNet"
-) -> Preprocessing:
+def _default_preprocessing(input_size: tuple[int, int, int]) -> Preprocessing:
     from torchvision import transforms
 
     c, h, w = input_size
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else ((0.5,) * c, (0.5,) * c)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    if c == 3:
+        mean, std, label = IMAGENET_MEAN, IMAGENET_STD, "ImageNet mean/std"
+    else:
+        mean, std, label = (0.5,) * c, (0.5,) * c, "mean 0.5, std 0.5"
     steps: list[Any] = [] if c == 3 else [transforms.Grayscale(c)]
     steps += [
         transforms.Resize(int(min(h, w) / 0.875)),
@@ -448,6 +451,7 @@ def _default_preprocessing(
         transforms.ToTensor(),
         transforms.Normalize(mean, std),
     ]
+    source = f"default: resize to size/0.875, centre crop, {label}"
     return Preprocessing(input_size, mean, std, "bilinear", source, transforms.Compose(steps))
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from surgeon.errors import PatchError
@@ -138,9 +138,15 @@ def _run(model: nn.Module, args: tuple[Any, ...], hooks: Mapping[str, Callable[.
     return output, flops
 
 
+def _clone(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
 def _capture(store: dict[str, tuple[Any, Any]], path: str) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        store.setdefault(path, (args, output))
+        # copies: an in-place activation after the site (ReLU(inplace=True)) would change them
+        if path not in store:
+            store[path] = (tree_map(_clone, args), tree_map(_clone, output))
 
     return hook
 
@@ -324,11 +330,13 @@ def _row(
     rel: float | None = None
     if edit.output_module and edit.output_module in site_outputs:
         out_after = tuple(_tensors(site_outputs[edit.output_module][1])[0].shape)
-        if site.module in captured:
+        # a rewrite that changes resolution on purpose (dilate, relocate) has no comparable output
+        if site.module in captured and out_after == site.out_shape:
             inputs, expected = captured[site.module]
             with torch.no_grad():
                 got = patched.get_submodule(edit.output_module)(*inputs)
-            max_abs, rel = _diff(_tensors(expected), _tensors(got))
+            if [t.shape for t in _tensors(got)] == [t.shape for t in _tensors(expected)]:
+                max_abs, rel = _diff(_tensors(expected), _tensors(got))
     return SiteRow(
         **base,  # type: ignore[arg-type]
         status="patched",

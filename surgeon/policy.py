@@ -19,7 +19,7 @@ import fnmatch
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeAlias, get_args
 
@@ -374,6 +374,40 @@ class Policy:
     def location(self, rule: Rule) -> str:
         """`file:line` of a rule (just the file when the line is unknown)."""
         return _location(self.source, rule.line)
+
+    def with_params(
+        self, action: str, overrides: Mapping[str, Any], schema: ActionSchema | None = None
+    ) -> Policy:
+        """A copy in which every rule with `action` (and the policy's defaults for it) takes
+        `overrides`, e.g. `--output-stride 16` for `dilate`; values are checked against
+        `schema` when one is given. PolicyError if no rule names the action."""
+        if not any(rule.action == action for rule in self.rules):
+            raise PolicyError(
+                f"{self.source}: policy {self.name!r} has no rule with action {action!r}, so "
+                f"{', '.join(overrides)} would change nothing"
+            )
+        checked: dict[str, Any] = {}
+        for key, value in overrides.items():
+            if schema is not None:
+                spec = schema.params.get(key)
+                if spec is None:
+                    hint = _did_you_mean(key, list(schema.params))
+                    raise PolicyError(
+                        f"{action}.{key}: unknown parameter{hint}; allowed: "
+                        f"{', '.join(schema.params)}"
+                    )
+                value, problem = _coerce_param(spec, value)
+                if problem is not None:
+                    raise PolicyError(f"{action}.{key}: {problem}")
+            checked[key] = value
+        rules = tuple(
+            replace(rule, params={**rule.params, **checked}) if rule.action == action else rule
+            for rule in self.rules
+        )
+        defaults = dict(self.defaults)
+        if action in defaults:
+            defaults[action] = {**defaults[action], **checked}
+        return replace(self, rules=rules, defaults=defaults)
 
 
 @dataclass(frozen=True)

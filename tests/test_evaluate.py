@@ -179,3 +179,24 @@ def test_options_refuse_nonsense() -> None:
         EvalOptions(pairs=0)
     with pytest.raises(UsageError, match="channels x height x width"):
         EvalOptions(input_size=(224, 224))
+
+
+def test_evaluate_a_checkpoint_directory_beside_its_source(tmp_path: Path) -> None:
+    from surgeon.api import save
+    from surgeon.models import example_inputs, load_model
+    from surgeon.patch import patch, resolve_policy
+
+    loaded = load_model("resnet18")
+    loaded.input_size = (3, 32, 32)
+    policy = resolve_policy("spd")
+    patched, report = patch(
+        loaded.model, policy, example_inputs(loaded.task, loaded.input_size), model_name="resnet18"
+    )
+    save(tmp_path / "ckpt", patched, loaded, report, policy.to_dict())
+
+    options = EvalOptions(pairs=4, latency_runs=2, warmup=0)
+    original, surgered = evaluate(["resnet18", tmp_path / "ckpt"], options)
+    assert surgered.model == str(tmp_path / "ckpt") and surgered.policy == "spd"
+    assert surgered.spec == "torchvision:resnet18"
+    assert surgered.input_size == (3, 32, 32), "the checkpoint's input size was not used"
+    assert surgered.params == report.params_after > original.params

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from surgeon.arithmetic import conv_output_size
 from surgeon.layers.spd import _output_length, _per_dim
 
-__all__ = ["BlurPool", "PAD_MODES", "binomial_filter"]
+__all__ = ["PAD_MODES", "BlurPool", "binomial_filter"]
 
 PAD_MODES = ("reflect", "replicate", "zero")
 
@@ -67,14 +67,17 @@ class BlurPool(nn.Module):
     to replicate padding instead of failing. filter_size 1 is plain subsampling.
 
     The filter is a non-persistent buffer (not in the state dict); the module has no
-    parameters. Eager mode computes the interior with the convolution's own zero padding
-    and recomputes only the border outputs, which equals pad-then-filter up to float
-    rounding without copying the input; scripting, tracing and export use gathers for the
-    padding, so tiny maps fall back to replicate inside the graph too.
+    parameters. On large inputs eager mode computes the interior with the convolution's own
+    zero padding and recomputes only the border outputs from small padded slabs, which equals
+    pad-then-filter up to float rounding without copying the input; scripting, tracing and
+    export pad by gathers, so tiny maps fall back to replicate inside the graph too.
     """
 
     if TYPE_CHECKING:  # a class-level annotation is a string TorchScript cannot resolve
         filter: Tensor
+    border_min_numel: int = 1 << 20
+    """Eager inputs with fewer elements take the plain pad-then-filter path: on small maps the
+    extra calls of the border recomputation cost more than the input copy they avoid."""
 
     def __init__(
         self,
@@ -84,7 +87,8 @@ class BlurPool(nn.Module):
         filter_size: int = 4,
         stride: int | Sequence[int] = 2,
         pad_mode: str = "reflect",
-        ceil_source: tuple[int | Sequence[int], int | Sequence[int], int | Sequence[int]] | None = None,
+        ceil_source: tuple[int | Sequence[int], int | Sequence[int], int | Sequence[int]]
+        | None = None,
     ) -> None:
         super().__init__()
         if dims not in (1, 2, 3):
@@ -102,20 +106,27 @@ class BlurPool(nn.Module):
         self.pad_mode = pad_mode
         self.ceil_mode = ceil_source is not None
         if ceil_source is None:
-            self.source_kernel, self.source_padding, self.source_dilation = (1,) * dims, (0,) * dims, (1,) * dims
+            self.source_kernel, self.source_padding, self.source_dilation = (
+                (1,) * dims,
+                (0,) * dims,
+                (1,) * dims,
+            )
         else:
             kernel, padding, dilation = ceil_source
             self.source_kernel = _per_dim(kernel, dims, "ceil_source kernel")
             self.source_padding = _per_dim(padding, dims, "ceil_source padding")
             self.source_dilation = _per_dim(dilation, dims, "ceil_source dilation")
         taps = binomial_filter(filter_size, dims)
-        self.register_buffer("filter", taps[None, None].repeat(channels, *([1] * (dims + 1))), persistent=False)
+        self.register_buffer(
+            "filter", taps[None, None].repeat(channels, *([1] * (dims + 1))), persistent=False
+        )
 
     def extra_repr(self) -> str:
-        text = f"{self.channels}, dims={self.dims}, filter_size={self.filter_size}, stride={self.stride}"
-        text += f", pad_mode={self.pad_mode!r}"
+        text = f"{self.channels}, dims={self.dims}, filter_size={self.filter_size}"
+        text += f", stride={self.stride}, pad_mode={self.pad_mode!r}"
         if self.ceil_mode:
-            text += f", ceil_source=({self.source_kernel}, {self.source_padding}, {self.source_dilation})"
+            source = (self.source_kernel, self.source_padding, self.source_dilation)
+            text += f", ceil_source={source}"
         return text
 
     # ----------------------------------------------------------------------- arithmetic
@@ -149,21 +160,34 @@ class BlurPool(nn.Module):
         return self._eager(x)
 
     def _portable(self, x: Tensor) -> Tensor:
-        # Padding by gather: index arithmetic picks reflect or (when reflect would read past the
-        # far edge) replicate at run time, so one graph serves every input size.
+        # Padding by gather: index arithmetic picks reflect or, when reflect would read past
+        # the far edge in any dim, replicate, at run time, so one graph serves every size.
         spatial = x.shape[2:]
         left = (self.filter_size - 1) // 2
-        zero_pads: list[int] = []
+        pads: list[int] = []
+        mirrored: list[Tensor] = []
+        clamped: list[Tensor] = []
+        unreachable = torch.zeros((), dtype=torch.bool, device=x.device)
         for i in range(self.dims):
             size = spatial[i]
             right = (self._length(size, i) - 1) * self.stride[i] + self.filter_size - size - left
-            if self.pad_mode == "zero":
-                zero_pads = [left, right] + zero_pads
-            else:
-                index = _pad_index(size, left, right, self.pad_mode == "reflect", x.device)
-                x = x.index_select(2 + i, index)
+            pads = [left, right] + pads  # noqa: RUF005 (TorchScript compiles this)
+            position = torch.arange(-left, size + right, device=x.device)
+            last = size - 1
+            clamped.append(position.clamp(0, last))
+            reflected = last - (last - position.abs()).abs()
+            mirrored.append(reflected)
+            unreachable = unreachable | ((reflected < 0) | (reflected > last)).any()
         if self.pad_mode == "zero":
-            x = F.pad(x, zero_pads)
+            x = F.pad(x, pads)
+        else:
+            for i in range(self.dims):
+                index = (
+                    clamped[i]
+                    if self.pad_mode == "replicate"
+                    else torch.where(unreachable, clamped[i], mirrored[i])
+                )
+                x = x.index_select(2 + i, index)
         return self._conv(x, [0] * self.dims)
 
     @torch.jit.unused
@@ -172,20 +196,31 @@ class BlurPool(nn.Module):
         left = (f - 1) // 2
         sizes = list(x.shape[2:])
         lengths = [self._length(size, i) for i, size in enumerate(sizes)]
-        rights = [(t - 1) * s + f - size - left for t, s, size in zip(lengths, self.stride, sizes)]
+        rights = [
+            (t - 1) * s + f - size - left
+            for t, s, size in zip(lengths, self.stride, sizes, strict=True)
+        ]
         mode = self.pad_mode
-        if mode == "reflect" and any(left >= size or right >= size for size, right in zip(sizes, rights)):
+        if mode == "reflect" and any(
+            left >= size or right >= size for size, right in zip(sizes, rights, strict=True)
+        ):
             mode = "replicate"
         if f == 1 and not self.ceil_mode:
-            index = (Ellipsis, *(slice(None, None, s) for s in self.stride))
+            index: tuple[Any, ...] = (Ellipsis, *(slice(None, None, s) for s in self.stride))
             return x[index].clone()
+        if x.numel() < self.border_min_numel:
+            return self._reference(x, mode, [(left, r) for r in rights])
         # Interior: the convolution's own (symmetric, zero) padding keeps the alignment and
         # avoids copying the input. Outputs in [low, high) per dim read no padding, or only
         # padding that is zero anyway; the rest are recomputed from small padded slabs.
-        interior = [(size + 2 * left - f) // s + 1 for size, s in zip(sizes, self.stride)]
+        interior = [
+            (size + 2 * left - f) // s + 1 for size, s in zip(sizes, self.stride, strict=True)
+        ]
         lows: list[int] = []
         highs: list[int] = []
-        for size, s, right, have, t in zip(sizes, self.stride, rights, interior, lengths):
+        for size, s, right, have, t in zip(
+            sizes, self.stride, rights, interior, lengths, strict=True
+        ):
             lows.append(0 if mode == "zero" else -(-left // s))
             high = have if mode == "zero" else min(have, (size - f + left) // s + 1)
             if high < t:
@@ -194,48 +229,53 @@ class BlurPool(nn.Module):
                 reach = size - 1 - (max(right, 0) if mode == "reflect" else 0)
                 high = min(high, (reach + left) // s)
             highs.append(high)
-        bottoms_fit = all(h * s >= left for h, s, t in zip(highs, self.stride, lengths) if h < t)
-        if not bottoms_fit or any(h <= lo for lo, h in zip(lows, highs)):
+        bottoms_fit = all(
+            h * s >= left for h, s, t in zip(highs, self.stride, lengths, strict=True) if h < t
+        )
+        if not bottoms_fit or any(h <= lo for lo, h in zip(lows, highs, strict=True)):
             return self._reference(x, mode, [(left, r) for r in rights])
         out = self._conv(x, [left] * self.dims)
-        missing = [t - have for t, have in zip(lengths, interior)]
+        missing = [t - have for t, have in zip(lengths, interior, strict=True)]
         if any(missing):
             out = F.pad(out, [p for m in reversed(missing) for p in (0, m)])
         full = [(left, r) for r in rights]
-        for i, (size, s, t) in enumerate(zip(sizes, self.stride, lengths)):
+        for i, (size, s, t) in enumerate(zip(sizes, self.stride, lengths, strict=True)):
             low, high = lows[i], highs[i]
-            if low > 0:
-                rows = (low - 1) * s - left + f
-                pads = [*full[:i], (left, 0), *full[i + 1 :]]
-                out.narrow(2 + i, 0, low).copy_(self._reference(x.narrow(2 + i, 0, rows), mode, pads))
-            if high < t:
-                start = high * s - left
-                pads = [*full[:i], (0, rights[i]), *full[i + 1 :]]
-                slab = x.narrow(2 + i, start, size - start)
-                out.narrow(2 + i, high, t - high).copy_(self._reference(slab, mode, pads))
+            # k border outputs at each end, from slabs that pad to the same length,
+            # (k-1)*s + f, so both ends share one small convolution
+            k = max(low, t - high)
+            if k == 0:
+                continue
+            start = (t - k) * s - left
+            bottom = self._padded(
+                x.narrow(2 + i, start, size - start),
+                mode,
+                [*full[:i], (0, rights[i]), *full[i + 1 :]],
+            )
+            if low == 0:
+                out.narrow(2 + i, t - k, k).copy_(self._conv(bottom, [0] * self.dims))
+                continue
+            rows = (k - 1) * s - left + f
+            top = self._padded(
+                x.narrow(2 + i, 0, rows), mode, [*full[:i], (left, 0), *full[i + 1 :]]
+            )
+            ends = self._conv(torch.cat([top, bottom]), [0] * self.dims).chunk(2)
+            out.narrow(2 + i, 0, k).copy_(ends[0])
+            out.narrow(2 + i, t - k, k).copy_(ends[1])
         return out
 
     @torch.jit.unused
-    def _reference(self, x: Tensor, mode: str, pads: list[tuple[int, int]]) -> Tensor:
-        # The straightforward definition: pad each dim (negative = crop), then a valid
-        # depthwise convolution with the stride.
+    def _padded(self, x: Tensor, mode: str, pads: list[tuple[int, int]]) -> Tensor:
+        # pad each dim by (left, right) with `mode`; a negative right crops
         for i, (_, right) in enumerate(pads):
             if right < 0:
                 x = x.narrow(2 + i, 0, x.shape[2 + i] + right)
         flat = [p for lr in reversed(pads) for p in (lr[0], max(lr[1], 0))]
-        if any(flat):
-            x = F.pad(x, flat) if mode == "zero" else F.pad(x, flat, mode=mode)
-        return self._conv(x, [0] * self.dims)
+        if not any(flat):
+            return x
+        return F.pad(x, flat) if mode == "zero" else F.pad(x, flat, mode=mode)
 
-
-def _pad_index(size: int, left: int, right: int, reflect: bool, device: torch.device) -> Tensor:
-    """Source positions of a padded dim: reflect, or replicate where reflect cannot reach."""
-    position = torch.arange(-left, size + right, device=device)
-    last = size - 1
-    clamped = position.clamp(0, last)
-    if not reflect:
-        return clamped
-    mirrored = last - (last - position.abs()).abs()
-    unreachable = ((mirrored < 0) | (mirrored > last)).any()
-    return torch.where(unreachable, clamped, mirrored)
-
+    @torch.jit.unused
+    def _reference(self, x: Tensor, mode: str, pads: list[tuple[int, int]]) -> Tensor:
+        # The straightforward definition: pad, then a valid strided depthwise convolution.
+        return self._conv(self._padded(x, mode, pads), [0] * self.dims)

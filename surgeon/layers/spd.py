@@ -54,18 +54,22 @@ def space_to_depth(x: Tensor, block: tuple[int, ...]) -> Tensor:
     """
     blk = tuple(int(b) for b in block)
     if x.dim() < 3 or x.dim() > 5:
-        raise ValueError(f"space_to_depth expects (N, C, *spatial) with 1-3 spatial dims, got {tuple(x.shape)}")
+        raise ValueError(
+            f"space_to_depth expects (N, C, *spatial) with 1-3 spatial dims, got {tuple(x.shape)}"
+        )
     if len(blk) != x.dim() - 2:
-        raise ValueError(f"block {blk} has {len(blk)} entries but the input has {x.dim() - 2} spatial dims")
+        raise ValueError(
+            f"block {blk} has {len(blk)} entries but the input has {x.dim() - 2} spatial dims"
+        )
     if any(b < 1 for b in blk):
         raise ValueError(f"block entries must be >= 1, got {blk}")
     spatial = tuple(x.shape[2:])
-    if any(size % b for size, b in zip(spatial, blk)):
+    if any(size % b for size, b in zip(spatial, blk, strict=True)):
         raise ValueError(
             f"spatial size {spatial} is not divisible by block {blk}; pad the input first "
             "(SpaceToDepthConv does this for you)"
         )
-    return _rearrange(x, list(blk), [size // b for size, b in zip(spatial, blk)])
+    return _rearrange(x, list(blk), [size // b for size, b in zip(spatial, blk, strict=True)])
 
 
 def _rearrange(x: Tensor, block: list[int], reduced: list[int]) -> Tensor:
@@ -91,13 +95,15 @@ def _space_to_depth_view(x: Tensor, block: list[int], reduced: list[int]) -> Ten
     # TorchScript's profiling executor mis-handles tensor shape reads inside loops.
     sz = x.shape
     dims = len(block)
+    # TorchScript compiles this function: lists grow by append and +, never by unpacking
     split: list[int] = [sz[0], sz[1]]
     phases = 1
     for i in range(dims):
-        split = split + [reduced[i], block[i]]
+        split.append(reduced[i])
+        split.append(block[i])
         phases = phases * block[i]
     perm = [0, 1] + [3 + 2 * i for i in range(dims)] + [2 + 2 * i for i in range(dims)]
-    return x.reshape(split).permute(perm).reshape([sz[0], sz[1] * phases] + reduced)
+    return x.reshape(split).permute(perm).reshape([sz[0], sz[1] * phases] + reduced)  # noqa: RUF005
 
 
 def _space_to_depth_slices(x: Tensor, block: list[int]) -> Tensor:
@@ -105,14 +111,12 @@ def _space_to_depth_slices(x: Tensor, block: list[int]) -> Tensor:
     # under torch.export/torch.compile: splitting a padded dim of symbolic length b*M by
     # reshape makes the symbolic-shape engine prove (b*M) % M == 0, which it cannot always do
     # for the sums M is made of; slice lengths only divide by the constant b.
-    dims = len(block)
     phases: list[Tensor] = []
     for phase in itertools.product(*(range(b) for b in block)):
         index: list[Any] = [slice(None), slice(None)]
-        index += [slice(r, None, b) for r, b in zip(phase, block)]
+        index += [slice(r, None, b) for r, b in zip(phase, block, strict=True)]
         phases.append(x[tuple(index)])
-    stacked = torch.stack(phases, dim=2)  # (N, C, P, *reduced)
-    return stacked.flatten(1, 2) if dims else stacked
+    return torch.stack(phases, dim=2).flatten(1, 2)  # (N, C, P, *reduced) -> (N, C * P, ...)
 
 
 def _is_channels_last(x: Tensor) -> bool:
@@ -133,7 +137,7 @@ def _space_to_depth_channels_last(x: Tensor, block: list[int]) -> Tensor:
     reduced = [x.shape[2 + i] // block[i] for i in range(dims)]
     phases = math.prod(block)
     split = [n]
-    for size, b in zip(reduced, block):
+    for size, b in zip(reduced, block, strict=True):
         split += [size, b]
     src = x.permute([0, *range(2, dims + 2), 1]).view([*split, c])  # (n, s0, b0, s1, b1, ..., c)
     positions = [1 + 2 * i for i in range(dims)]
@@ -149,11 +153,18 @@ def _space_to_depth_channels_last(x: Tensor, block: list[int]) -> Tensor:
             even = src[tuple(index)]
             index[-1] = 1
             odd = src[tuple(index)]
-            torch.complex(even, odd, out=paired[(Ellipsis, *prefix)])
+            target: tuple[Any, ...] = (Ellipsis, *prefix)
+            torch.complex(even, odd, out=paired[target])
         flat = out.view([n, *reduced, c * phases])
     else:
-        staged = src.permute([0, *positions, *(p + 1 for p in positions), 2 * dims + 1]).contiguous()
-        flat = staged.view([n, *reduced, phases, c]).transpose(-1, -2).reshape([n, *reduced, c * phases])
+        staged = src.permute(
+            [0, *positions, *(p + 1 for p in positions), 2 * dims + 1]
+        ).contiguous()
+        flat = (
+            staged.view([n, *reduced, phases, c])
+            .transpose(-1, -2)
+            .reshape([n, *reduced, c * phases])
+        )
     return flat.permute([0, dims + 1, *range(1, dims + 1)])
 
 
@@ -171,15 +182,16 @@ def _clamp_low(value: int, bound: int) -> int:
     return value * (1 + value // bound)
 
 
-def _output_length(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
+def _output_length(
+    size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool
+) -> int:
     # surgeon.arithmetic.pool_output_size without its branch: with ceil_mode there are
     # ceil(span / s) + 1 windows, less the last one if it starts at or past size + padding.
     # Its start is span + overhang, overhang = ceil(span / s) * s - span in [0, s), so it is
     # dropped iff overhang >= reach = ek - padding (>= 1, as padding <= ek / 2); the floor
     # division below is that test for a value bounded by `bound`.
-    floor_count = conv_output_size(size, kernel, stride, padding, dilation)
     if not ceil_mode:
-        return floor_count
+        return conv_output_size(size, kernel, stride, padding, dilation)
     count = conv_output_size(size + stride - 1, kernel, stride, padding, dilation)
     effective = dilation * (kernel - 1) + 1
     span = size + 2 * padding - effective
@@ -212,7 +224,9 @@ class SpaceToDepthConv(nn.Module):
         T = floor((i + 2p - d(k-1) - 1) / s) + 1          (ceil instead of floor with ceil_mode,
                                                           dropping a last window that starts in
                                                           the right padding, as PyTorch does)
-        T = ceil(i / s)                                    (padding "same": TF/timm dynamic SAME)
+        T = ceil(i / s)                                    (padding "same": TF/timm dynamic SAME;
+                                                          a ceil-mode SAME pool counts windows on
+                                                          the SAME-padded length)
 
     then pads `L` zeros on the left (the op's own left padding plus `offset`) and whatever on
     the right makes the rearranged length exactly `T + K - 1` blocks, for the inner kernel size
@@ -236,7 +250,7 @@ class SpaceToDepthConv(nn.Module):
         kernel_size: Sequence[int],
         op_kernel: Sequence[int],
         op_stride: Sequence[int],
-        op_padding: Sequence[int] | str = 0,
+        op_padding: int | Sequence[int] | str = 0,
         op_dilation: Sequence[int] | int = 1,
         ceil_mode: bool = False,
         offset: Sequence[int] | int = 0,
@@ -266,9 +280,15 @@ class SpaceToDepthConv(nn.Module):
         self.keep_op_padding = bool(keep_op_padding)
         inner = _per_dim(kernel_size, dims, "kernel_size")
         phases = math.prod(self.block)
-        conv_type = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+        conv_type: Any = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
         self.conv = conv_type(
-            in_channels * phases, out_channels, inner, groups=groups, bias=bias, device=device, dtype=dtype
+            in_channels * phases,
+            out_channels,
+            inner,
+            groups=groups,
+            bias=bias,
+            device=device,
+            dtype=dtype,
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -296,7 +316,7 @@ class SpaceToDepthConv(nn.Module):
             if self.keep_op_padding:
                 left = left + op_left
             blocks = length + self.conv.kernel_size[i] - 1
-            pads = [left, self.block[i] * blocks - size - left] + pads
+            pads = [left, self.block[i] * blocks - size - left] + pads  # noqa: RUF005 (TorchScript)
             reduced.append(blocks)
         return self.conv(_rearrange(F.pad(x, pads), list(self.block), reduced))
 
@@ -318,7 +338,11 @@ class SpaceToDepthConv(nn.Module):
 
     @classmethod
     def from_conv(
-        cls, conv: nn.Module, *, kernel_size: int | Sequence[int] | None = None, init: str = "transfer"
+        cls,
+        conv: nn.Module,
+        *,
+        kernel_size: int | Sequence[int] | None = None,
+        init: str = "transfer",
     ) -> tuple[SpaceToDepthConv, Transfer]:
         """An SPD-Conv with `conv`'s output size, and how its weights relate to `conv`'s.
 
@@ -349,7 +373,10 @@ class SpaceToDepthConv(nn.Module):
         stride = tuple(conv.stride)
         dilation = tuple(conv.dilation)
         if max(stride) == 1:
-            raise ValueError(f"{type(conv).__name__} has stride {stride}: nothing to rearrange (stride must be > 1)")
+            raise ValueError(
+                f"{type(conv).__name__} has stride {stride}: nothing to rearrange "
+                "(stride must be > 1)"
+            )
         padding: tuple[int, ...] | str
         if same:
             padding = "same"
@@ -377,7 +404,7 @@ class SpaceToDepthConv(nn.Module):
         )
         if verdict == "exact" and conv.bias is not None:
             with torch.no_grad():
-                module.conv.bias.copy_(conv.bias)  # type: ignore[union-attr]
+                module.conv.bias.copy_(conv.bias)
         return module, verdict
 
     @classmethod
@@ -424,12 +451,18 @@ class SpaceToDepthConv(nn.Module):
         if dims not in (1, 2, 3):
             raise ValueError(f"dims must be 1, 2 or 3, got {dims}")
         k = _per_dim(kernel, dims, "kernel")
-        s = k if stride is None or (isinstance(stride, Sequence) and len(stride) == 0) else _per_dim(stride, dims, "stride")
+        s = (
+            k
+            if stride is None or (isinstance(stride, Sequence) and len(stride) == 0)
+            else _per_dim(stride, dims, "stride")
+        )
         d = _per_dim(dilation, dims, "dilation")
         if pool_kind == "avg" and max(d) != 1:
             raise ValueError(f"average pooling has no dilation, got {d}")
         if max(s) == 1:
-            raise ValueError(f"{pool_kind} pool has stride {s}: nothing to rearrange (stride must be > 1)")
+            raise ValueError(
+                f"{pool_kind} pool has stride {s}: nothing to rearrange (stride must be > 1)"
+            )
         pad: tuple[int, ...] | str
         if isinstance(padding, str):
             if padding != "same":
@@ -437,9 +470,11 @@ class SpaceToDepthConv(nn.Module):
             pad = "same"
         else:
             pad = _per_dim(padding, dims, "padding")
-            for pi, ki, di in zip(pad, k, d):
+            for pi, ki, di in zip(pad, k, d, strict=True):
                 if 2 * pi > di * (ki - 1) + 1:
-                    raise ValueError(f"padding {pad} is more than half the effective kernel {k} (dilation {d})")
+                    raise ValueError(
+                        f"padding {pad} is more than half the effective kernel {k} (dilation {d})"
+                    )
         taps = divisor_override if divisor_override is not None else math.prod(k)
         weight = torch.full((channels, 1, *k), 1.0 / taps)
         verdict: Transfer = "exact"
@@ -481,8 +516,12 @@ def pool_arguments(module: nn.Module) -> dict[str, Any]:
     avg_types = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
     for pool_type, dims in max_types.items():
         if isinstance(module, pool_type):
-            if module.return_indices:
-                raise ValueError(f"{type(module).__name__} returns indices; SPD-Conv cannot replace it")
+            # timm's MaxPool2dSame passes ceil_mode into nn.MaxPool2d's return_indices slot; its
+            # forward reads neither, so only a real return_indices counts
+            if module.return_indices and not same:
+                raise ValueError(
+                    f"{type(module).__name__} returns indices; SPD-Conv cannot replace it"
+                )
             return {
                 "pool_kind": "max",
                 "dims": dims,
@@ -492,19 +531,22 @@ def pool_arguments(module: nn.Module) -> dict[str, Any]:
                 "dilation": _per_dim(module.dilation, dims, "dilation"),
                 "ceil_mode": bool(module.ceil_mode),
             }
-    for pool_type, dims in avg_types.items():
-        if isinstance(module, pool_type):
+    for avg_type, dims in avg_types.items():
+        if isinstance(module, avg_type):
+            pool: Any = module
             return {
                 "pool_kind": "avg",
                 "dims": dims,
-                "kernel": _per_dim(module.kernel_size, dims, "kernel"),
-                "stride": _per_dim(module.stride, dims, "stride"),
-                "padding": "same" if same else _per_dim(module.padding, dims, "padding"),
-                "ceil_mode": bool(module.ceil_mode),
-                "count_include_pad": bool(module.count_include_pad),
-                "divisor_override": getattr(module, "divisor_override", None),
+                "kernel": _per_dim(pool.kernel_size, dims, "kernel"),
+                "stride": _per_dim(pool.stride, dims, "stride"),
+                "padding": "same" if same else _per_dim(pool.padding, dims, "padding"),
+                "ceil_mode": bool(pool.ceil_mode),
+                "count_include_pad": bool(pool.count_include_pad),
+                "divisor_override": getattr(pool, "divisor_override", None),
             }
-    raise ValueError(f"{type(module).__name__} is not a max or average pooling module SPD-Conv can replace")
+    raise ValueError(
+        f"{type(module).__name__} is not a max or average pooling module SPD-Conv can replace"
+    )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -524,7 +566,9 @@ def _per_dim(value: int | Sequence[int], dims: int, name: str) -> tuple[int, ...
 def _timm_types(*names: str) -> tuple[type, ...]:
     # timm.layers re-exports a *function* named conv2d_same, so import the modules by path.
     try:
-        modules = [importlib.import_module(f"timm.layers.{m}") for m in ("conv2d_same", "pool2d_same")]
+        modules = [
+            importlib.import_module(f"timm.layers.{m}") for m in ("conv2d_same", "pool2d_same")
+        ]
     except ImportError:  # timm is optional for the layers themselves
         return ()
     return tuple(getattr(m, n) for n in names for m in modules if hasattr(m, n))
@@ -535,19 +579,21 @@ def _conv_kind(conv: nn.Module) -> tuple[int, bool]:
     same_types = _timm_types("Conv2dSame", "Conv2dSameExport")
     dims = next((d for t, d in _CONV_TYPES.items() if isinstance(conv, t)), 0)
     if not dims:
-        raise ValueError(f"{type(conv).__name__} is not an nn.Conv1d/2d/3d; SPD-Conv cannot transfer it")
+        raise ValueError(
+            f"{type(conv).__name__} is not an nn.Conv1d/2d/3d; SPD-Conv cannot transfer it"
+        )
     same = bool(same_types) and isinstance(conv, same_types)
     known_forwards = {t.forward for t in _CONV_TYPES} | {t.forward for t in same_types}  # type: ignore[attr-defined]
     if type(conv).forward not in known_forwards:
         raise ValueError(
-            f"{type(conv).__name__} overrides Conv{dims}d.forward, so its effective weight or padding "
-            "may differ from .weight/.padding and a transfer could not be exact"
+            f"{type(conv).__name__} overrides Conv{dims}d.forward, so its effective weight or "
+            "padding may differ from .weight/.padding and a transfer could not be exact"
         )
     assert isinstance(conv, nn.modules.conv._ConvNd)
     if conv.padding_mode != "zeros":
         raise ValueError(
-            f"{type(conv).__name__} uses padding_mode={conv.padding_mode!r}; SPD-Conv pads with zeros, "
-            "so only padding_mode='zeros' transfers"
+            f"{type(conv).__name__} uses padding_mode={conv.padding_mode!r}; SPD-Conv pads with "
+            "zeros, so only padding_mode='zeros' transfers"
         )
     return dims, same
 
@@ -570,24 +616,26 @@ def _build(
     what: str,
 ) -> tuple[SpaceToDepthConv, Transfer]:
     block = stride
-    effective = tuple(di * (ki - 1) + 1 for ki, di in zip(kernel, dilation))
-    exact = tuple((e - 1) // b + 1 for e, b in zip(effective, block))
+    effective = tuple(di * (ki - 1) + 1 for ki, di in zip(kernel, dilation, strict=True))
+    exact = tuple((e - 1) // b + 1 for e, b in zip(effective, block, strict=True))
     inner = exact if kernel_size is None else _per_dim(kernel_size, dims, "kernel_size")
     if any(k < 1 for k in inner):
         raise ValueError(f"kernel_size must be >= 1, got {inner}")
-    if init == "transfer" and any(k < e for k, e in zip(inner, exact)):
+    if init == "transfer" and any(k < e for k, e in zip(inner, exact, strict=True)):
         raise ValueError(
             f"kernel_size={inner} cannot hold {what}: an exact transfer needs {exact} taps per dim "
             f"(ceil(((k-1)*d + 1) / s)); use kernel_size >= {exact} or init='random'"
         )
     if init == "random" and kernel_size is not None:
         # The paper's form: "same" padding of the stride-1 conv, in blocks, on the left.
-        offset = tuple(b * ((k - 1) // 2) for b, k in zip(block, inner))
+        offset = tuple(b * ((k - 1) // 2) for b, k in zip(block, inner, strict=True))
         keep_op_padding = False
         shift = (0,) * dims
     else:
-        shift = tuple((b * k - e) // (2 * b) for b, k, e in zip(block, inner, effective))
-        offset = tuple(b * e for b, e in zip(block, shift))
+        shift = tuple(
+            (b * k - e) // (2 * b) for b, k, e in zip(block, inner, effective, strict=True)
+        )
+        offset = tuple(b * e for b, e in zip(block, shift, strict=True))
         keep_op_padding = True
     module = SpaceToDepthConv(
         channels_in,
@@ -617,7 +665,11 @@ def _build(
 
 
 def _rearrange_kernel(
-    weight: Tensor, block: tuple[int, ...], dilation: tuple[int, ...], inner: tuple[int, ...], shift: tuple[int, ...]
+    weight: Tensor,
+    block: tuple[int, ...],
+    dilation: tuple[int, ...],
+    inner: tuple[int, ...],
+    shift: tuple[int, ...],
 ) -> Tensor:
     """(O, I, *k) kernel of a stride-`block` op -> (O, I * prod(block), *inner) stride-1 kernel.
 
@@ -627,8 +679,10 @@ def _rearrange_kernel(
     kernel = tuple(weight.shape[2:])
     new = weight.new_zeros((out_channels, in_channels, *block, *inner))
     for tap in itertools.product(*(range(k) for k in kernel)):
-        offsets = [j * d for j, d in zip(tap, dilation)]
-        phase = tuple(o % b for o, b in zip(offsets, block))
-        position = tuple(e + o // b for e, o, b in zip(shift, offsets, block))
-        new[(slice(None), slice(None), *phase, *position)] = weight[(slice(None), slice(None), *tap)]
+        offsets = [j * d for j, d in zip(tap, dilation, strict=True)]
+        phase = tuple(o % b for o, b in zip(offsets, block, strict=True))
+        position = tuple(e + o // b for e, o, b in zip(shift, offsets, block, strict=True))
+        target: tuple[Any, ...] = (slice(None), slice(None), *phase, *position)
+        source: tuple[Any, ...] = (slice(None), slice(None), *tap)
+        new[target] = weight[source]
     return new.reshape(out_channels, in_channels * math.prod(block), *inner)

@@ -6,9 +6,13 @@ import importlib
 
 from surgeon.errors import PolicyError
 from surgeon.policy import ActionSchema
+from surgeon.rewrites.allconv import AllConvRewrite
 from surgeon.rewrites.antialias import AntialiasRewrite
 from surgeon.rewrites.base import Edit, ModelEditor, Rewrite, SkipSite
+from surgeon.rewrites.dilate import DilateRewrite
+from surgeon.rewrites.relocate import RelocateRewrite
 from surgeon.rewrites.spd import SpdRewrite
+from surgeon.rewrites.upsample import UpsampleRewrite
 
 __all__ = [
     "Edit",
@@ -24,6 +28,10 @@ __all__ = [
 _REGISTRY: dict[str, Rewrite] = {
     "spd": SpdRewrite(),
     "antialias": AntialiasRewrite(),
+    "allconv": AllConvRewrite(),
+    "dilate": DilateRewrite(),
+    "relocate": RelocateRewrite(),
+    "upsample": UpsampleRewrite(),
 }
 
 

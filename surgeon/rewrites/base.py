@@ -67,6 +67,8 @@ class ModelEditor:
     analysis: Analysis
     pending: dict[str, list[_Pending]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # what a model-level rewrite (dilate, relocate) keeps between its sites during one patch
+    state: dict[str, Any] = field(default_factory=dict)
 
     def module(self, path: str) -> nn.Module:
         return self.model.get_submodule(path) if path else self.model

@@ -1,0 +1,982 @@
+#!/usr/bin/env python
+"""Coverage sweep: every torchvision and timm model through scan, every built-in policy and a
+checkpoint round trip, with random weights; results in a resumable JSONL file.
+
+    python scripts/sweep.py --source torchvision            # all 121 torchvision models
+    nice -n 5 python scripts/sweep.py --source timm         # all timm architectures (hours)
+    python scripts/sweep.py --source timm --sample 100      # a seeded sample
+    python scripts/sweep.py --glob 'resnet*' --rerun        # run again what is already recorded
+    python scripts/sweep.py --report                        # docs/coverage.md from the results
+
+Per model (`sweep_model`): build with random weights, pick a reduced input size the model
+accepts (see `candidate_sizes`), scan, then for each built-in policy in `configs/`: patch a
+fresh deep copy (`surgeon.patch.patch` raises PatchError if an output shape changes), check
+that a policy whose patched sites all transfer exactly reproduces the original outputs
+(relative difference ≤ 1e-4), save the checkpoint with `surgeon.api.save`, load it back with
+`surgeon.api.load` and require bit-identical outputs. Each model runs in a worker subprocess
+(`--worker`) with a wall-time and memory budget, so a hang or an out-of-memory model is killed
+and recorded instead of ending the sweep; one line per model is appended and flushed to the
+results file, so an interrupted sweep resumes where it stopped.
+
+Model-specific settings live in one place, `model_kwargs`: detection models are built with a
+smaller internal resize (`min_size`/`max_size`, or SSD's fixed `size`) and fixed-size timm
+models with `img_size` set to the reduced input size; both are recorded with the result and
+replayed by `surgeon.api.load`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import fnmatch
+import json
+import math
+import os
+import random
+import selectors
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import cache
+from pathlib import Path
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "sweep-results.jsonl"
+COVERAGE = ROOT / "docs" / "coverage.md"
+
+REDUCED_SIDE = 64  # the spatial side tried first; the default size is the last resort
+EXACT_TOLERANCE = 1e-4  # relative output difference allowed where every transfer is exact
+MAX_PARAMS = 1_000_000_000  # beyond this a model does not fit the sweep's memory budget
+DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_MEMORY_GIB = 12.0
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One model to sweep."""
+
+    source: str  # torchvision | timm | import (`package.module:factory`)
+    name: str
+
+    @property
+    def key(self) -> str:
+        """The model spec: `torchvision:resnet50`, `timm:resnet50`, `pkg.mod:factory`."""
+        return self.name if self.source == "import" else f"{self.source}:{self.name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Which models: names, tasks, families, filters
+
+
+@cache
+def _timm_families() -> dict[str, str]:
+    import timm
+
+    return {name: module for module in timm.list_modules() for name in timm.list_models(module=module)}
+
+
+def task_of(source: str, name: str) -> str:
+    """The model's task: torchvision's sub-package (detection, video, ...) or classification."""
+    if source == "torchvision":
+        from surgeon.models import _torchvision_names
+
+        return _torchvision_names()[name]
+    return "classification"
+
+
+def family_of(source: str, name: str) -> str:
+    """The module that defines the model: `resnet`, `vision_transformer`, `faster_rcnn`, ..."""
+    if source == "torchvision":
+        from torchvision.models import get_model_builder
+
+        return get_model_builder(name).__module__.rpartition(".")[2]
+    if source == "import":
+        return name.partition(":")[0]
+    return _timm_families().get(name, "unknown")
+
+
+def all_jobs(source: str | None = None) -> list[Job]:
+    """Every torchvision model, then every timm architecture (or those of one source)."""
+    jobs: list[Job] = []
+    if source in (None, "torchvision"):
+        import torchvision
+
+        jobs += [Job("torchvision", n) for n in torchvision.models.list_models()]
+    if source in (None, "timm"):
+        import timm
+
+        jobs += [Job("timm", n) for n in timm.list_models()]
+    return jobs
+
+
+def select_jobs(
+    jobs: Sequence[Job],
+    *,
+    glob: str | None = None,
+    family: str | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+) -> list[Job]:
+    """Filter by name glob and family, then take a seeded sample (in the original order)."""
+    chosen = [j for j in jobs if glob is None or fnmatch.fnmatchcase(j.name, glob)]
+    if family is not None:
+        chosen = [j for j in chosen if family_of(j.source, j.name) == family]
+    if sample is not None and sample < len(chosen):
+        keep = set(random.Random(seed).sample(range(len(chosen)), sample))
+        chosen = [j for i, j in enumerate(chosen) if i in keep]
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and the model-specific settings (the one place for per-family special cases)
+
+
+def reduced_size(default: Sequence[int], side: int = REDUCED_SIDE) -> tuple[int, ...]:
+    """The default input size with its smaller spatial side scaled to `side` (multiples of 8);
+    video clips keep 8 frames at most. Never larger than the default."""
+    size = list(default)
+    spatial = size[-2:]
+    scale = min(1.0, side / min(spatial))
+    size[-2:] = [max(8, int(round(s * scale / 8)) * 8) if scale < 1 else s for s in spatial]
+    if len(size) == 4:
+        size[1] = min(size[1], 8)
+    return tuple(size)
+
+
+def candidate_sizes(default: Sequence[int], side: int = REDUCED_SIDE) -> list[tuple[int, ...]]:
+    """Input sizes to try in order: reduced, twice that, the default."""
+    out: list[tuple[int, ...]] = []
+    for size in (reduced_size(default, side), reduced_size(default, side * 2), tuple(default)):
+        if size not in out:
+            out.append(size)
+    return out
+
+
+def fixed_input_size(source: str, name: str) -> bool:
+    """True for timm models whose pretrained config says the input size is fixed (ViTs)."""
+    if source != "timm":
+        return False
+    import timm
+
+    cfg = timm.get_pretrained_cfg(name)
+    return bool(cfg is not None and getattr(cfg, "fixed_input_size", False))
+
+
+def model_kwargs(job: Job, size: Sequence[int] | None) -> dict[str, Any]:
+    """Factory kwargs the sweep adds for a model at a given input size (recorded and replayed).
+
+    - torchvision detection: the internal resize (800–1333 px by default) follows the input
+      size instead, so the detector runs at the sweep's size; SSDs have one fixed `size`.
+    - timm models with a fixed input size: `img_size` set to the size used.
+    """
+    if size is None:
+        return {}
+    height, width = int(size[-2]), int(size[-1])
+    if job.source == "torchvision" and task_of(job.source, job.name) == "detection":
+        if job.name.startswith("ssd"):
+            return {}  # SSD's transform size is part of its anchors
+        return {"min_size": min(height, width), "max_size": max(height, width)}
+    if fixed_input_size(job.source, job.name):
+        return {"img_size": height if height == width else [height, width]}
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# One model
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _reason(exc: BaseException) -> str:
+    """A surgeon error's own message; anything else is a traceback-class failure."""
+    from surgeon.errors import SurgeonError
+
+    if isinstance(exc, SurgeonError):
+        return str(exc).strip().splitlines()[0][:300]
+    return "traceback: " + _one_line(exc)
+
+
+def _leaves(value: Any) -> tuple[list[Any], str]:
+    from torch.utils._pytree import tree_flatten
+
+    leaves, spec = tree_flatten(value)
+    return leaves, str(spec)
+
+
+def _bit_identical(a: Any, b: Any) -> str | None:
+    """None if the two outputs have the same structure and equal tensors bit for bit."""
+    import torch
+
+    la, sa = _leaves(a)
+    lb, sb = _leaves(b)
+    if sa != sb:
+        return "the reloaded model's output structure differs"
+    for i, (x, y) in enumerate(zip(la, lb, strict=True)):
+        if isinstance(x, torch.Tensor):
+            if not isinstance(y, torch.Tensor) or x.shape != y.shape or x.dtype != y.dtype:
+                return f"output {i}: shape or dtype differs after reload"
+            if not torch.equal(x, y) and not (
+                x.is_floating_point() and torch.equal(x.isnan(), y.isnan())
+                and torch.equal(x.nan_to_num(), y.nan_to_num())
+            ):
+                diff = (x.double() - y.double()).abs().max().item()
+                return f"output {i} differs after reload (max abs {diff:.3g})"
+    return None
+
+
+def _forward(model: Any, args: tuple[Any, ...]) -> Any:
+    import torch
+
+    with torch.no_grad():
+        return model(*args)
+
+
+def _exactness(report: Any) -> str | None:
+    """Why a policy that claims exact transfers is not exact, or None."""
+    patched = [r for r in report.rows if r.status == "patched"]
+    for row in patched:
+        if row.transfer == "exact" and row.rel_diff is not None and row.rel_diff > EXACT_TOLERANCE:
+            return f"site {row.site}: transfer 'exact' but its output differs by {row.rel_diff:.2e}"
+    if patched and all(r.transfer == "exact" for r in patched):
+        if not report.output_rel_diff <= EXACT_TOLERANCE:
+            return (
+                f"every transfer is exact but the model output differs by "
+                f"{report.output_rel_diff:.2e} (> {EXACT_TOLERANCE:g})"
+            )
+    return None
+
+
+def builtin_policies() -> list[str]:
+    """The stems of the built-in policies in configs/."""
+    from surgeon.policy import list_builtin_policies
+
+    return [name for name, _ in list_builtin_policies()]
+
+
+def _check_policy(
+    loaded: Any,
+    original: Any,
+    args: tuple[Any, ...],
+    policy_name: str,
+    progress: Progress,
+) -> dict[str, Any]:
+    """Patch a fresh copy with one policy, verify, save, reload, compare; one result dict."""
+    from surgeon.api import load, save
+    from surgeon.patch import patch, resolve_policy
+
+    result: dict[str, Any] = {"status": "fail", "reason": ""}
+    stage = "patch"
+    try:
+        policy = resolve_policy(policy_name)
+        model = copy.deepcopy(original)
+        progress(f"{policy_name}: patch")
+        start = time.perf_counter()
+        patched, report = patch(model, policy, args, model_name=loaded.spec.text)
+        result["patch_s"] = round(time.perf_counter() - start, 3)
+        result["patched"] = report.patched
+        result["skipped"] = report.skipped
+        result["transfers"] = dict(
+            Counter(r.transfer for r in report.rows if r.status == "patched" and r.transfer)
+        )
+        result["output_rel_diff"] = report.output_rel_diff
+        skips = Counter(r.note for r in report.rows if r.status == "skipped")
+        if skips:
+            result["skip_reasons"] = dict(skips)
+        if report.notes:
+            result["notes"] = list(report.notes)
+        inexact = _exactness(report)
+        if inexact is not None:
+            result["reason"] = inexact
+            return result
+        stage = "save"
+        progress(f"{policy_name}: save + load")
+        start = time.perf_counter()
+        expected = _forward(patched, args)
+        with tempfile.TemporaryDirectory(prefix="surgeon-sweep-", dir=_scratch()) as tmp:
+            directory = Path(tmp) / "ckpt"
+            save(directory, patched, loaded, report, policy.to_dict())
+            stage = "load"
+            # a user factory (`pkg.mod:fn`, the sweep's own tests) is trusted: we built it
+            trusted = [loaded.spec.text] if loaded.spec.source == "import" else []
+            reloaded = load(directory, trust_import=trusted)
+        stage = "compare"
+        mismatch = _bit_identical(expected, _forward(reloaded, args))
+        result["roundtrip_s"] = round(time.perf_counter() - start, 3)
+        if mismatch is not None:
+            result["reason"] = mismatch
+            return result
+        result["status"] = "pass"
+        result["reason"] = (
+            f"{report.patched} patched"
+            + (f", {report.skipped} skipped" if report.skipped else "")
+            + (", nothing to patch" if not report.patched and not report.skipped else "")
+        )
+    except Exception as exc:
+        result["reason"] = (f"{stage}: " if stage != "patch" else "") + _reason(exc)
+        if not _is_surgeon_error(exc):
+            result["traceback"] = traceback.format_exc(limit=-8)
+    return result
+
+
+def _scratch() -> str | None:
+    """A RAM-backed directory for the round-trip checkpoints where there is one (disk writes
+    of a large checkpoint, with their fsyncs, take longer than the rest of its check)."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+def _is_surgeon_error(exc: BaseException) -> bool:
+    from surgeon.errors import SurgeonError
+
+    return isinstance(exc, SurgeonError)
+
+
+def _param_count(job: Job) -> int | None:
+    """Parameters of the model built on the meta device (no memory, no init), if it builds."""
+    import torch
+
+    from surgeon.models import load_model
+
+    try:
+        with torch.device("meta"):
+            model = load_model(job.key).model
+    except Exception:  # some factories touch real data at build time; fall back to building
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def sweep_model(
+    job: Job,
+    *,
+    policies: Sequence[str] | None = None,
+    side: int = REDUCED_SIDE,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Build, scan, patch with every policy, verify and round-trip one model: its record."""
+    import torch
+
+    from surgeon.models import example_inputs, load_model
+    from surgeon.scan import scan
+
+    say = progress or (lambda _text: None)
+    started = time.perf_counter()
+    record: dict[str, Any] = {
+        "source": job.source,
+        "name": job.name,
+        "task": task_of(job.source, job.name),
+        "family": family_of(job.source, job.name),
+        "status": "fail",
+        "reason": "",
+    }
+    names = list(policies) if policies is not None else builtin_policies()
+    try:
+        say("size")
+        params = _param_count(job)
+        if params is not None and params > MAX_PARAMS:
+            record.update(
+                status="skip",
+                params=params,
+                reason=f"{params / 1e9:.2f}B parameters: a float32 copy per policy does not fit "
+                "the sweep's memory budget",
+                policies={p: {"status": "skip", "reason": "model too big"} for p in names},
+            )
+            return record
+        torch.manual_seed(0)
+        say("build")
+        start = time.perf_counter()
+        loaded = load_model(job.key)
+        record["build_s"] = round(time.perf_counter() - start, 3)
+        record["params"] = sum(p.numel() for p in loaded.model.parameters())
+        default = tuple(loaded.input_size)
+        record["default_size"] = list(default)
+        tried: list[str] = []
+        chosen: tuple[Any, Any, tuple[int, ...]] | None = None
+        for size in candidate_sizes(default, side):
+            kwargs = model_kwargs(job, size)
+            say(f"try {'x'.join(map(str, size))}")
+            model_at = loaded
+            if kwargs:
+                torch.manual_seed(0)
+                try:
+                    model_at = load_model(job.key, kwargs=kwargs)
+                except Exception as exc:  # this model does not take the size kwarg: next size
+                    tried.append(f"{'x'.join(map(str, size))} {kwargs}: {_one_line(exc)}")
+                    continue
+            model_at.input_size = size
+            args = example_inputs(model_at.task, size)
+            try:
+                _forward(model_at.model, args)
+            except Exception as exc:  # the original model rejects this size: try the next
+                tried.append(f"{'x'.join(map(str, size))}: {_one_line(exc)}")
+                continue
+            chosen = (model_at, args, size)
+            break
+        if tried:
+            record["sizes_rejected"] = tried
+        if chosen is None:
+            record["reason"] = (
+                "the original model fails on every input size tried: " + tried[-1]
+                if tried
+                else "no input size to try"
+            )
+            return record
+        loaded, args, size = chosen
+        record["input_size"] = list(size)
+        record["kwargs"] = dict(loaded.spec.kwargs)
+        say("scan")
+        start = time.perf_counter()
+        result = scan(loaded.model, args)
+        record["scan_s"] = round(time.perf_counter() - start, 3)
+        record["sites"] = len(result.sites)
+        record["downsampling"] = len(result.downsampling)
+        record["roles"] = dict(Counter(s.role for s in result.sites))
+        record["found_by"] = sorted({s.found_by.split(" ")[0] for s in result.sites})
+        record["regions"] = sorted({r.method for r in result.regions})
+        outcomes = {
+            name: _check_policy(loaded, loaded.model, args, name, say) for name in names
+        }
+        record["policies"] = outcomes
+        statuses = {o["status"] for o in outcomes.values()}
+        record["status"] = "fail" if "fail" in statuses else "pass" if "pass" in statuses else "skip"
+        failing = [f"{n}: {o['reason']}" for n, o in outcomes.items() if o["status"] == "fail"]
+        record["reason"] = "; ".join(failing) if failing else ""
+        times = [o["patch_s"] for o in outcomes.values() if "patch_s" in o]
+        if times:
+            record["patch_median_s"] = round(statistics.median(times), 3)
+    except Exception as exc:
+        record["status"] = "fail"
+        record["reason"] = _reason(exc)
+        if not _is_surgeon_error(exc):
+            record["traceback"] = traceback.format_exc(limit=-8)
+    finally:
+        record["total_s"] = round(time.perf_counter() - started, 3)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker subprocess: one process runs models until it is killed or told to stop
+
+
+def worker_main(out_fd: int) -> None:
+    """Read jobs (JSON lines) on stdin; write stage and result messages to `out_fd`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    out = os.fdopen(out_fd, "w", buffering=1)
+
+    def send(message: dict[str, Any]) -> None:
+        out.write(json.dumps(message) + "\n")
+        out.flush()
+
+    import warnings
+
+    warnings.simplefilter("ignore")
+    send({"ready": True})
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        spec = json.loads(line)
+        job = Job(spec["source"], spec["name"])
+        record = sweep_model(
+            job,
+            policies=spec.get("policies"),
+            side=int(spec.get("side", REDUCED_SIDE)),
+            progress=lambda text: send({"stage": text}),
+        )
+        send({"record": record})
+
+
+def _rss_gib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+class Worker:
+    """A worker subprocess running `worker_main`; killed and replaced when a model overruns."""
+
+    def __init__(self, nice: int = 0) -> None:
+        read_fd, write_fd = os.pipe()
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(write_fd)]
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            pass_fds=(write_fd,),
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+            preexec_fn=(lambda: os.nice(nice)) if nice else None,
+        )
+        os.close(write_fd)
+        self.messages = os.fdopen(read_fd, "r")
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.messages, selectors.EVENT_READ)
+
+    def send(self, job: Job, policies: Sequence[str] | None, side: int) -> None:
+        assert self.process.stdin is not None
+        payload = {"source": job.source, "name": job.name, "policies": policies, "side": side}
+        self.process.stdin.write(json.dumps(payload) + "\n")
+        self.process.stdin.flush()
+
+    def receive(self, timeout: float) -> dict[str, Any] | None:
+        """The next message, None on timeout; raises EOFError when the worker died."""
+        if not self.selector.select(timeout):
+            return None
+        line = self.messages.readline()
+        if not line:
+            raise EOFError
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    def tail(self, lines: int = 3) -> str:
+        self.log.seek(0)
+        text = self.log.read().strip().splitlines()
+        return " | ".join(text[-lines:])[-300:]
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.process.kill()
+        self.process.wait()
+        self.selector.close()
+        self.messages.close()
+        self.log.close()
+
+
+def run_in_worker(
+    worker: Worker,
+    job: Job,
+    *,
+    policies: Sequence[str] | None,
+    side: int,
+    timeout_s: float,
+    memory_gib: float,
+    on_stage: Progress,
+) -> tuple[dict[str, Any], bool]:
+    """Run one job in the worker; (record, worker still usable)."""
+    started = time.monotonic()
+    stages: list[str] = []
+    worker.send(job, policies, side)
+    peak = 0.0
+    while True:
+        elapsed = time.monotonic() - started
+        try:
+            message = worker.receive(min(1.0, max(0.0, timeout_s - elapsed)))
+        except EOFError:
+            code = worker.process.wait()
+            why = f"signal {-code}" if code < 0 else f"exit code {code}"
+            if code == -signal.SIGKILL:
+                why += " (likely the kernel's out-of-memory killer)"
+            return _killed(job, f"the worker died ({why}) during {_last(stages)}", stages), False
+        if message is None:
+            peak = max(peak, _rss_gib(worker.process.pid))
+            if peak > memory_gib:
+                return _killed(
+                    job,
+                    f"over the sweep's {memory_gib:g} GiB memory budget during {_last(stages)}",
+                    stages,
+                    skip=True,
+                ), False
+            if time.monotonic() - started >= timeout_s:
+                return _killed(
+                    job,
+                    f"over the sweep's {timeout_s:g} s per-model budget during {_last(stages)}",
+                    stages,
+                    skip=True,
+                ), False
+            continue
+        if "stage" in message:
+            stages.append(str(message["stage"]))
+            on_stage(str(message["stage"]))
+        elif "record" in message:
+            record: dict[str, Any] = message["record"]
+            record["wall_s"] = round(time.monotonic() - started, 3)
+            record["peak_rss_gib"] = round(max(peak, _rss_gib(worker.process.pid)), 2)
+            return record, True
+
+
+def _last(stages: Sequence[str]) -> str:
+    return stages[-1] if stages else "start-up"
+
+
+def _killed(job: Job, reason: str, stages: Sequence[str], *, skip: bool = False) -> dict[str, Any]:
+    """The record of a model whose worker was killed: what was reached, and why it stopped."""
+    record: dict[str, Any] = {
+        "source": job.source,
+        "name": job.name,
+        "task": task_of(job.source, job.name),
+        "family": family_of(job.source, job.name),
+        "status": "skip" if skip else "fail",
+        "reason": reason,
+        "stages": list(stages)[-6:],
+    }
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Results file: append + flush per model, last record per model wins
+
+
+def read_results(path: Path) -> dict[str, dict[str, Any]]:
+    """Records by `source:name`; a later line for the same model replaces an earlier one, and a
+    torn last line (an interrupted write) is ignored."""
+    records: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return records
+    with path.open(encoding="utf-8") as file:
+        for line in file:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "source" in record and "name" in record:
+                records[Job(record['source'], record['name']).key] = record
+    return records
+
+
+def append_result(file: IO[str], record: dict[str, Any]) -> None:
+    file.write(json.dumps(record, sort_keys=True) + "\n")
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def compact_results(path: Path) -> int:
+    """Rewrite the results file with one line per model (the latest), atomically."""
+    records = read_results(path)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as file:
+        for key in sorted(records, key=lambda k: (k.split(":")[0] != "torchvision", k)):
+            file.write(json.dumps(records[key], sort_keys=True) + "\n")
+    tmp.replace(path)
+    return len(records)
+
+
+def pending_jobs(jobs: Iterable[Job], done: Iterable[str], *, rerun: bool = False) -> list[Job]:
+    """The jobs still to run: those with no record (all of them with `rerun`)."""
+    finished = set(done)
+    return [j for j in jobs if rerun or j.key not in finished]
+
+
+def run_sweep(
+    jobs: Sequence[Job],
+    results: Path,
+    *,
+    policies: Sequence[str] | None = None,
+    side: int = REDUCED_SIDE,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    memory_gib: float = DEFAULT_MEMORY_GIB,
+    nice: int = 0,
+    rerun: bool = False,
+    quiet: bool = False,
+) -> int:
+    """Run the pending jobs in a worker subprocess, appending one record per model; returns the
+    number of models run. Ctrl-C stops after killing the worker; finished records are kept."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.progress import Progress as RichProgress
+
+    todo = pending_jobs(jobs, read_results(results), rerun=rerun)
+    console = Console(stderr=True, quiet=quiet)
+    console.print(f"{len(jobs)} models selected, {len(jobs) - len(todo)} already recorded, "
+                  f"{len(todo)} to run; results in {results}")
+    if not todo:
+        return 0
+    results.parent.mkdir(parents=True, exist_ok=True)
+    worker: Worker | None = None
+    done = 0
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with results.open("a", encoding="utf-8") as file, RichProgress(
+        *columns, console=console, transient=True
+    ) as bar:
+        task = bar.add_task("starting", total=len(todo))
+        try:
+            for job in todo:
+                bar.update(task, description=f"{job.key}")
+                if worker is None:
+                    worker = Worker(nice)
+                    ready = worker.receive(120.0)
+                    if not ready:
+                        raise RuntimeError(f"the sweep worker did not start: {worker.tail()}")
+
+                def stage(text: str, key: str = job.key) -> None:
+                    bar.update(task, description=f"{key} [dim]{text}[/dim]")
+
+                record, usable = run_in_worker(
+                    worker,
+                    job,
+                    policies=policies,
+                    side=side,
+                    timeout_s=timeout_s,
+                    memory_gib=memory_gib,
+                    on_stage=stage,
+                )
+                if not usable:
+                    worker.stop()
+                    worker = None
+                record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                append_result(file, record)
+                done += 1
+                bar.advance(task)
+                console.print(_line(record))
+        except KeyboardInterrupt:
+            console.print(f"interrupted: {done} models recorded in {results}; run again to resume")
+            raise
+        finally:
+            if worker is not None:
+                worker.stop()
+    return done
+
+
+def _line(record: dict[str, Any]) -> str:
+    mark = {"pass": "[green]pass[/green]", "fail": "[red]FAIL[/red]", "skip": "[yellow]skip[/yellow]"}
+    size = "x".join(map(str, record.get("input_size", []))) or "-"
+    text = (
+        f"{mark.get(record['status'], record['status'])} {record['source']}:{record['name']} "
+        f"{size} sites {record.get('sites', '-')} {record.get('wall_s', record.get('total_s', 0)):.1f}s"
+    )
+    if record["status"] != "pass" and record.get("reason"):
+        text += f" [dim]{record['reason'][:160]}[/dim]"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/coverage.md
+
+
+def _counts(records: Iterable[dict[str, Any]], key: Callable[[dict[str, Any]], str]) -> list[list[Any]]:
+    table: dict[str, Counter[str]] = defaultdict(Counter)
+    for record in records:
+        table[key(record)][record["status"]] += 1
+    return [
+        [name, c["pass"], c["fail"], c["skip"], sum(c.values())]
+        for name, c in sorted(table.items())
+    ]
+
+
+def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return lines
+
+
+def is_traceback(record: dict[str, Any]) -> bool:
+    """True when a record (or one of its policies) failed with a raw exception."""
+    if "traceback" in record or str(record.get("reason", "")).startswith("traceback"):
+        return True
+    return any("traceback" in p for p in record.get("policies", {}).values())
+
+
+def render_coverage(records: Sequence[dict[str, Any]], expected: dict[str, int]) -> str:
+    """The Markdown coverage report for a set of records."""
+    lines = [
+        "# Coverage: every torchvision and timm model",
+        "",
+        "Generated by `python scripts/sweep.py --report` from "
+        "[`sweep-results.jsonl`](sweep-results.jsonl); do not edit by hand.",
+        "",
+        "Each model is built with random weights, scanned, patched with every built-in policy "
+        "(each on a fresh copy), checked (output shapes unchanged; where every patched site "
+        f"transfers exactly, outputs equal to a relative {EXACT_TOLERANCE:g}), saved with "
+        "`surgeon.api.save`, reloaded with `surgeon.api.load` and compared bit for bit. A model "
+        "passes when every policy passes. Inputs are reduced (smaller side "
+        f"{REDUCED_SIDE} px, then {REDUCED_SIDE * 2} px, then the default) to the first size "
+        "the original model accepts.",
+        "",
+    ]
+    sources = sorted({r["source"] for r in records}, key=lambda s: s != "torchvision")
+    lines += ["## Summary", ""]
+    rows = []
+    for source in sources:
+        mine = [r for r in records if r["source"] == source]
+        c = Counter(r["status"] for r in mine)
+        total = expected.get(source, len(mine))
+        rows.append(
+            [source, c["pass"], c["fail"], c["skip"], f"{len(mine)} of {total}",
+             sum(is_traceback(r) for r in mine)]
+        )
+    lines += _md_table(["source", "pass", "fail", "skip", "recorded", "tracebacks"], rows)
+    wall = sum(float(r.get("wall_s", r.get("total_s", 0.0))) for r in records)
+    patch_times = [float(r["patch_median_s"]) for r in records if "patch_median_s" in r]
+    lines += [
+        "",
+        f"- Sweep wall time: {wall / 60:.1f} min for {len(records)} models (sum of per-model "
+        "wall times, one worker process, 2 shared CPU cores).",
+    ]
+    if patch_times:
+        lines.append(
+            f"- Median per-model patch time: {statistics.median(patch_times):.2f} s (each model's "
+            "median over its policies, `patch()` only, excluding building and copying)."
+        )
+    policy_counts: dict[str, Counter[str]] = defaultdict(Counter)
+    for record in records:
+        for name, outcome in record.get("policies", {}).items():
+            policy_counts[name][outcome["status"]] += 1
+    if policy_counts:
+        lines += ["", "## Per policy", ""]
+        lines += _md_table(
+            ["policy", "pass", "fail", "skip"],
+            [[n, c["pass"], c["fail"], c["skip"]] for n, c in sorted(policy_counts.items())],
+        )
+    lines += ["", "## Per task", ""]
+    lines += _md_table(
+        ["source / task", "pass", "fail", "skip", "total"],
+        _counts(records, lambda r: f"{r['source']} / {r['task']}"),
+    )
+    lines += ["", "## Per family", ""]
+    lines += _md_table(
+        ["source / family", "pass", "fail", "skip", "total"],
+        _counts(records, lambda r: f"{r['source']} / {r['family']}"),
+    )
+    failures = [r for r in records if r["status"] == "fail"]
+    lines += ["", f"## Failures ({len(failures)})", ""]
+    lines += (
+        _md_table(["model", "reason"], [[f"{r['source']}:{r['name']}", r["reason"]] for r in failures])
+        if failures
+        else ["None."]
+    )
+    skips = [r for r in records if r["status"] == "skip"]
+    lines += ["", f"## Skipped ({len(skips)})", ""]
+    lines += (
+        _md_table(["model", "reason"], [[f"{r['source']}:{r['name']}", r["reason"]] for r in skips])
+        if skips
+        else ["None."]
+    )
+    partial = [
+        (r, n, o)
+        for r in records
+        if r["status"] == "pass"
+        for n, o in r.get("policies", {}).items()
+        if o["status"] == "skip"
+    ]
+    if partial:
+        lines += ["", "## Policies skipped on passing models", ""]
+        lines += _md_table(
+            ["model", "policy", "reason"],
+            [[f"{r['source']}:{r['name']}", n, o["reason"]] for r, n, o in partial],
+        )
+    sizes = Counter(
+        "default" if r.get("input_size") == r.get("default_size") else "reduced"
+        for r in records
+        if "input_size" in r
+    )
+    lines += [
+        "",
+        "## Input sizes",
+        "",
+        f"{sizes['reduced']} models ran at a reduced size, {sizes['default']} needed their "
+        "default size; each record's `input_size`, `kwargs` and `sizes_rejected` say which and why.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def expected_counts() -> dict[str, int]:
+    return Counter(j.source for j in all_jobs())
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--source", choices=("torchvision", "timm"), help="one model source")
+    parser.add_argument("--glob", help="model name glob, e.g. 'resnet*'")
+    parser.add_argument("--family", help="model family (defining module), e.g. resnet, vision_transformer")
+    parser.add_argument("--sample", type=int, help="a seeded random sample of N models")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --sample")
+    parser.add_argument("--policy", action="append", help="policy to run (repeatable; default: all built-in)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results JSONL file")
+    parser.add_argument("--side", type=int, default=REDUCED_SIDE, help="reduced input side in px")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per model")
+    parser.add_argument("--memory", type=float, default=DEFAULT_MEMORY_GIB, help="GiB per model")
+    parser.add_argument("--nice", type=int, default=0, help="niceness of the worker process")
+    parser.add_argument("--rerun", action="store_true", help="run models already recorded again")
+    parser.add_argument("--rerun-failed", action="store_true", help="run recorded failures again")
+    parser.add_argument("--list", action="store_true", help="print the selected models and exit")
+    parser.add_argument("--report", action="store_true", help="write docs/coverage.md from the results")
+    parser.add_argument("--coverage", type=Path, default=COVERAGE, help="where --report writes")
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker is not None:
+        worker_main(args.worker)
+        return 0
+    # SIGTERM (and SIGINT, which a background shell job ignores) stop the sweep like Ctrl-C
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    if args.report:
+        compact_results(args.results)
+        records = list(read_results(args.results).values())
+        args.coverage.write_text(render_coverage(records, expected_counts()), encoding="utf-8")
+        print(f"wrote {args.coverage} ({len(records)} models)")
+        return 0
+    jobs = select_jobs(
+        all_jobs(args.source), glob=args.glob, family=args.family, sample=args.sample, seed=args.seed
+    )
+    if args.list:
+        print("\n".join(j.key for j in jobs))
+        return 0
+    if args.rerun_failed:
+        recorded = read_results(args.results)
+        jobs = [j for j in jobs if recorded.get(j.key, {}).get("status", "fail") != "pass"]
+        args.rerun = True
+    try:
+        run_sweep(
+            jobs,
+            args.results,
+            policies=args.policy,
+            side=args.side,
+            timeout_s=args.timeout,
+            memory_gib=args.memory,
+            nice=args.nice,
+            rerun=args.rerun,
+        )
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

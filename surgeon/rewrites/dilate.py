@@ -1,0 +1,197 @@
+"""`dilate`: a dilated encoder with a target output stride (DeepLab, Chen et al. 2017, arXiv
+1606.00915 and 1706.05587; used by BTS, arXiv 1907.10326, and "Detail Preserving Depth
+Estimation from a Single Image Using Attention Guided Networks", arXiv 1809.00646).
+
+Every downsampling site whose output stride (`stage_out`) exceeds `output_stride` runs at the
+stride that reaches the target (1 once it is reached), and every convolution and max pool after
+it is dilated by the factor its input map has grown by, with its padding scaled the same way, so
+each layer reads the same inputs as before, only on a denser grid ("algorithme à trous"). On
+every f-th position the feature maps equal the original ones, and the weights are kept. Sizes
+stay consistent: a site whose stride is removed pads to keep its input's size, as the 3×3
+stride-2 conv with padding 1 of a ResNet does, so residual joins and their shortcuts agree.
+
+It is a model-level action applied one site at a time: the first site creates a plan from the
+analysis graph (`StrideGraph`), each site adds its stride change to it, and every conv and pool
+of the graph is then set from its *original* geometry and the factor of its input map, so a
+layer after several rewritten sites is dilated once, by the product of their factors. Matches
+torchvision's `replace_stride_with_dilation` on ResNets: the conv at a rewritten site keeps the
+dilation of the maps before it and the layers after it get the new one.
+
+Average pools (no dilation in PyTorch), functional convolutions and transposed convolutions
+after a rewritten site keep their geometry; the row's note lists them. A site whose output
+stride is within the target keeps its stride and is reported as skipped with that reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+from torch import fx, nn
+
+from surgeon.errors import AnalysisError
+from surgeon.placements import Geometry, StrideGraph, regeometry, resize_layer
+from surgeon.policy import ActionSchema, ParamSpec
+from surgeon.rewrites.base import Edit, ModelEditor, SkipSite
+from surgeon.sites import Site, resampling
+
+__all__ = ["DilateRewrite", "DilationPlan"]
+
+
+@dataclass
+class DilationPlan:
+    """The stride changes made so far in one fx region, and every layer's original geometry."""
+
+    graph: StrideGraph
+    strides: dict[str, int] = field(default_factory=dict)  # layer name -> new stride
+    geometry: dict[int, Geometry] = field(default_factory=dict)  # id(module) -> as built
+    factors: dict[int, int] = field(default_factory=dict)  # id(module) -> current factor
+
+    def __post_init__(self) -> None:
+        for _, module in self.graph.modules:
+            self.geometry.setdefault(id(module), Geometry.of(module))
+            self.factors.setdefault(id(module), 1)
+
+    def left_alone(self, stages: Mapping[fx.Node, Fraction | None]) -> list[str]:
+        """Layers after a rewritten site that this plan cannot dilate."""
+        root = self.graph.region.graph_module or self.graph.region.module
+        out = []
+        for node in self.graph.nodes:
+            if self.graph.factor(stages, node) == 1:
+                continue
+            if node.op == "call_module":
+                module = root.get_submodule(str(node.target))
+                kernel = getattr(module, "kernel_size", 1)
+                big = max(kernel) if isinstance(kernel, tuple) else kernel
+                if isinstance(module, nn.modules.pooling._AvgPoolNd) and big > 1:
+                    out.append(f"{self.graph.region.qualify(str(node.target))} (average pool)")
+                elif isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
+                    out.append(f"{self.graph.region.qualify(str(node.target))} (transposed conv)")
+            elif node.op == "call_function":
+                res = resampling(node, root)
+                if res is not None and res.op in ("conv", "max_pool", "avg_pool"):
+                    out.append(f"{self.graph.where(node)} (functional)")
+        return out
+
+    def apply(self, editor: ModelEditor, strides: Mapping[str, int]) -> None:
+        """Set every conv and pool from its original geometry and its input's factor for
+        `strides` (layers already right are left alone)."""
+        stages, _ = self.graph.stages(strides)
+        done: set[int] = set()
+        for node, module in self.graph.modules:
+            if id(module) in done:
+                continue
+            done.add(id(module))
+            factor = self.graph.factor(stages, node)
+            rule = self.graph.rules[node]
+            g = self.geometry[id(module)]
+            stride = strides.get(rule.layer, g.stride[0]) if rule.layer else g.stride[0]
+            whole = int(factor) if factor.denominator == 1 and factor >= 1 else 1
+            if whole == self.factors[id(module)] and stride == _current_stride(module):
+                continue
+            self.factors[id(module)] = whole
+            resize_layer(editor.model, module, g, regeometry(g, stride, whole))
+        self.strides = dict(strides)
+
+
+def _current_stride(module: nn.Module) -> int:
+    stride = getattr(module, "stride", 1)
+    return int(stride[0]) if isinstance(stride, tuple) else int(stride)
+
+
+class DilateRewrite:
+    """Trade a site's stride for dilation of every later layer, down to a target output stride."""
+
+    schema = ActionSchema(
+        "dilate",
+        {
+            "output_stride": ParamSpec(
+                "output_stride",
+                int,
+                8,
+                min=1,
+                max=1024,
+                help="the largest output stride to keep: later sites run at stride 1 and the "
+                "layers after them are dilated (DeepLab uses 8 or 16)",
+            ),
+        },
+        "dilated encoder: strides past the target output stride become dilation of later layers",
+    )
+
+    def apply(self, editor: ModelEditor, site: Site, params: Mapping[str, Any]) -> Edit:
+        target = int(params["output_stride"])
+        if site.op not in ("conv", "max_pool", "avg_pool"):
+            raise SkipSite(
+                f"dilate changes convolutions and pools, not {site.op.replace('_', ' ')}"
+            )
+        if site.stage_out <= target:
+            raise SkipSite(
+                f"keeps its stride: its output stride {site.stage_out} "
+                f"is within the target {target}"
+            )
+        if site.functional:
+            raise SkipSite("functional call: its stride is not a module attribute")
+        if len(set(site.stride)) != 1:
+            raise SkipSite(f"unequal strides {site.stride} per dimension")
+        stride = site.stride[0]
+        keep = max(1, target // site.stage_in) if site.stage_in < target else 1
+        if site.stage_in < target and (stride % keep or site.stage_in * keep != target):
+            raise SkipSite(
+                f"stride {stride} from output stride {site.stage_in} cannot stop at {target}"
+            )
+        plans: dict[str, DilationPlan] = editor.state.setdefault("dilate", {})
+        region = editor.analysis.region_of(site.module)
+        if region is None or region.method != "fx":
+            raise SkipSite("needs a torch.fx graph of the layers after the site to dilate them")
+        if region.path not in plans:
+            try:
+                plans[region.path] = DilationPlan(StrideGraph(region, editor.analysis))
+            except AnalysisError as exc:
+                raise SkipSite(str(exc)) from exc
+        plan = plans[region.path]
+        if site.module not in plan.graph.layers:
+            raise SkipSite("not a single-call convolution or pooling module of the graph")
+        strides = {**plan.strides, site.module: keep}
+        stages, problems = plan.graph.stages(strides)
+        # joins may disagree until the parallel sites (a shortcut) are rewritten too; an output
+        # or a flatten that would change size cannot be fixed by later sites
+        fatal = [p for p in problems if p.kind != "join"]
+        if fatal:
+            raise SkipSite(f"{fatal[0]}; choose a larger output_stride")
+        node = plan.graph.layers[site.module].node
+        module = plan.graph.layers[site.module].module
+        before = plan.factors[id(module)]
+        plan.apply(editor, strides)
+        before_after = plan.graph.original.get(node), stages.get(node)
+        denser = (
+            before_after[0] / before_after[1]
+            if before_after[0] is not None and before_after[1]
+            else stride // keep
+        )
+        path = _current_path(editor.model, module, site.module)
+        g = plan.geometry[id(module)]
+        dilation = (
+            f", dilation {before}"
+            if before > 1 and g.op != "avg_pool" and g.kernel != (1,) * site.dims
+            else ""
+        )
+        description = (
+            f"stride {stride}→{keep}{dilation} (output stride {target}: map {denser}× larger "
+            "per side, on purpose)"
+        )
+        alone = plan.left_alone(stages)
+        note = f"the layers after it run {denser}× denser and are dilated to match"
+        if alone:
+            note += f"; not dilated: {', '.join(alone[:4])}" + (" …" if len(alone) > 4 else "")
+        return Edit(site.name, "dilate", description, "kept", (path,), path, note=note)
+
+
+def _current_path(model: nn.Module, module: nn.Module, default: str) -> str:
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            parent, _, attr = name.rpartition(".")
+            # a StridePad wrapper stands where the layer was
+            return parent if attr == "1" and parent == default else name
+    return default

@@ -1,0 +1,156 @@
+"""`dilate`: dilated encoders with a target output stride, equal to torchvision's own."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from surgeon.errors import PolicyError
+from surgeon.models import example_inputs, load_model
+from surgeon.patch import patch, resolve_policy
+from surgeon.policy import Policy
+from surgeon.report import render_patch
+from surgeon.rewrites import action_schemas
+from tests.conftest import rendered
+
+
+def _dilate(output_stride: int) -> Policy:
+    return resolve_policy("dilate").with_params(
+        "dilate", {"output_stride": output_stride}, action_schemas()["dilate"]
+    )
+
+
+def _layer4(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    features: list[torch.Tensor] = []
+    handle = model.layer4.register_forward_hook(lambda m, i, o: features.append(o))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return features[0]
+
+
+@pytest.mark.parametrize(
+    ("output_stride", "replace"), [(8, [False, True, True]), (16, [False, False, True])]
+)
+def test_dilated_resnet50_equals_torchvisions_replace_stride_with_dilation(
+    output_stride: int, replace: list[bool]
+) -> None:
+    model = torchvision.models.resnet50().eval()
+    original = copy.deepcopy(model)
+    reference = torchvision.models.resnet50(replace_stride_with_dilation=replace).eval()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    patched, report = patch(model, _dilate(output_stride), x)
+    with torch.no_grad():
+        got, want = patched(x), reference(x)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+    for name, module in reference.named_modules():
+        if isinstance(module, nn.Conv2d):
+            mine = patched.get_submodule(name)
+            assert (mine.stride, mine.dilation, mine.padding) == (
+                module.stride,
+                module.dilation,
+                module.padding,
+            ), name
+    # features grow by the expected factor: 64 / 32 = 2 per side at output stride 32
+    assert _layer4(original, x).shape[-2:] == (2, 2)
+    assert _layer4(patched, x).shape[-2:] == (64 // output_stride,) * 2
+    assert not report.keys_added and not report.keys_removed and not report.keys_renamed
+
+
+def test_dilated_features_equal_the_originals_on_every_fth_position() -> None:
+    model = torchvision.models.resnet18().eval()
+    original = copy.deepcopy(model)
+    x = torch.randn(1, 3, 80, 80)
+    patch(model, _dilate(8), x)
+    dense, sparse = _layer4(model, x), _layer4(original, x)
+    assert (dense.shape[-1], sparse.shape[-1]) == (10, 3)  # 80 / 8 and ceil(80 / 32)
+    torch.testing.assert_close(dense[..., ::4, ::4], sparse, atol=1e-5, rtol=1e-5)
+
+
+def test_dilate_rows_say_the_map_grows_on_purpose(console: object) -> None:
+    model = torchvision.models.resnet18().eval()
+    _, report = patch(model, _dilate(16), torch.randn(1, 3, 64, 64))
+    rows = {r.site: r for r in report.rows}
+    kept = rows["layer3.0.conv1"]
+    assert kept.status == "skipped"
+    assert kept.note == "keeps its stride: its output stride 16 is within the target 16"
+    row = rows["layer4.0.conv1"]
+    assert row.status == "patched" and row.transfer == "kept"
+    assert row.out_shape_before == (1, 512, 2, 2) and row.out_shape_after == (1, 512, 4, 4)
+    assert "on purpose" in row.replacement and row.rel_diff is None
+    assert report.output_rel_diff > 0  # the global pool now averages 4× more positions
+    render_patch(report, console)  # type: ignore[arg-type]
+    text = rendered(console)  # type: ignore[arg-type]
+    assert "512×2×2⇒512×4×4" in text and "map 2× larger per side" in text
+
+
+def test_dilate_pads_a_strided_pool_shortcut_so_the_residual_join_still_fits() -> None:
+    class Down(nn.Module):  # a ResNet-D block: 2×2 average-pool shortcut, ceil_mode
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, 2, 1)
+            self.pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
+            self.proj = nn.Conv2d(8, 8, 1)
+            self.after = nn.Conv2d(8, 8, 3, 1, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.after(self.conv(x) + self.proj(self.pool(x)))
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), Down(), nn.AdaptiveAvgPool2d(1)).eval()
+    x = torch.randn(1, 3, 27, 27)
+    patched, report = patch(model, _dilate(2), x)
+    assert report.patched == 2
+    assert isinstance(patched[1].pool, nn.Sequential), "an asymmetric pad keeps the pool 'same'"
+    assert patched[1].after.dilation == (2, 2) and patched[1].after.padding == (2, 2)
+    with torch.no_grad():
+        assert patched(x).shape == (1, 8, 1, 1)
+
+
+def test_deeplabv3_at_output_stride_8_doubles_the_aspp_rates_and_keeps_the_output_size() -> None:
+    loaded = load_model("deeplabv3_mobilenet_v3_large")
+    args = example_inputs(loaded.task, (3, 64, 64))
+    model, report = patch(loaded.model, _dilate(8), args)
+    (row,) = [r for r in report.rows if r.status == "patched"]
+    assert row.site == "backbone.7.block.1.0" and row.out_shape_after == (1, 240, 8, 8)
+    rates = [branch[0].dilation for branch in model.classifier[0].convs[1:4]]
+    assert rates == [(24, 24), (48, 48), (72, 72)], "DeepLab doubles the rates at half the stride"
+    with torch.no_grad():
+        assert model(*args)["out"].shape == (1, 21, 64, 64)
+
+
+def test_dilate_refuses_a_site_that_would_grow_a_fixed_upsampling_output() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU(), nn.ConvTranspose2d(4, 3, 2, 2)
+    ).eval()
+    _, report = patch(model, _dilate(1), torch.randn(1, 3, 16, 16))
+    (row,) = [r for r in report.rows if r.site == "0"]
+    assert row.status == "skipped"
+    assert "its size would change; choose a larger output_stride" in row.note
+
+
+def test_output_stride_override_is_validated_and_needs_a_dilate_rule() -> None:
+    policy = _dilate(16)
+    assert [r.params["output_stride"] for r in policy.rules] == [16]
+    assert policy.to_dict()["rules"][0]["params"] == {"output_stride": 16}
+    with pytest.raises(PolicyError, match=r"dilate.output_stride: 0 is out of range"):
+        _dilate(0)
+    with pytest.raises(PolicyError, match="has no rule with action 'dilate'"):
+        resolve_policy("spd").with_params("dilate", {"output_stride": 8})
+
+
+@pytest.mark.slow
+def test_deeplabv3_resnet50_at_output_stride_4_dilates_layer2_on() -> None:
+    loaded = load_model("deeplabv3_resnet50")
+    args = example_inputs(loaded.task, (3, 64, 64))
+    model, report = patch(loaded.model, _dilate(4), args)
+    assert [r.site for r in report.rows if r.status == "patched"] == [
+        "backbone.layer2.0.conv2",
+        "backbone.layer2.0.downsample.0",
+    ]
+    assert model.backbone.layer4[1].conv2.dilation == (8, 8)
+    assert [b[0].dilation for b in model.classifier[0].convs[1:4]] == [(24, 24), (48, 48), (72, 72)]

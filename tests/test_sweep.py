@@ -1,0 +1,122 @@
+"""scripts/sweep.py: a fast subset of the coverage sweep, and resumable results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sweep.py"
+
+
+def _load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("sweep", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sweep"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def sweep() -> ModuleType:
+    return _load_script()
+
+
+def _check(sweep: ModuleType, source: str, name: str, side: int = 32) -> dict:
+    record = sweep.sweep_model(sweep.Job(source, name), side=side)
+    assert not sweep.is_traceback(record), f"{source}:{name}: {record.get('traceback', record['reason'])}"
+    failing = {p: o["reason"] for p, o in record.get("policies", {}).items() if o["status"] != "pass"}
+    assert record["status"] == "pass", f"{source}:{name}: {record['reason']} {failing}"
+    assert set(record["policies"]) == set(sweep.builtin_policies())
+    return record
+
+
+# A few small models per kind: plain conv nets, depthwise nets, ViT-style, and the odd ones.
+FAST = [
+    ("timm", "test_resnet"),
+    ("timm", "test_efficientnet"),
+    ("timm", "test_vit"),
+    ("torchvision", "squeezenet1_1"),
+]
+
+
+@pytest.mark.parametrize(("source", "name"), FAST)
+def test_fast_subset_patches_and_round_trips_with_every_policy(
+    sweep: ModuleType, source: str, name: str
+) -> None:
+    _check(sweep, source, name)
+
+
+def test_vit_patchify_conv_is_left_alone_and_said_so(sweep: ModuleType) -> None:
+    record = _check(sweep, "timm", "test_vit")
+    assert record["roles"].get("patchify") == 1
+    assert all(o["patched"] == 0 for o in record["policies"].values())
+
+
+SLOW = [
+    ("torchvision", "fasterrcnn_mobilenet_v3_large_320_fpn"),
+    ("torchvision", "lraspp_mobilenet_v3_large"),
+    ("torchvision", "r3d_18"),
+    ("torchvision", "raft_small"),
+    ("torchvision", "quantized_mobilenet_v2"),
+    ("timm", "test_convnext"),
+    ("timm", "test_byobnet"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("source", "name"), SLOW)
+def test_each_task_patches_and_round_trips(sweep: ModuleType, source: str, name: str) -> None:
+    _check(sweep, source, name)
+
+
+def test_reduced_sizes_shrink_the_smaller_side_and_keep_the_default_last(sweep: ModuleType) -> None:
+    assert sweep.candidate_sizes((3, 224, 224)) == [(3, 64, 64), (3, 128, 128), (3, 224, 224)]
+    assert sweep.candidate_sizes((3, 299, 299), 64)[-1] == (3, 299, 299)
+    assert sweep.reduced_size((3, 16, 112, 112)) == (3, 8, 64, 64)
+    assert sweep.candidate_sizes((3, 32, 32)) == [(3, 32, 32)]
+
+
+def test_select_jobs_filters_and_samples_deterministically(sweep: ModuleType) -> None:
+    jobs = [sweep.Job("timm", f"net{i}") for i in range(50)]
+    first = sweep.select_jobs(jobs, sample=7, seed=3)
+    assert first == sweep.select_jobs(jobs, sample=7, seed=3) and len(first) == 7
+    assert [j.name for j in sweep.select_jobs(jobs, glob="net4*")] == [
+        "net4", *(f"net4{i}" for i in range(10))
+    ]
+
+
+def test_results_resume_skips_recorded_models_and_survives_a_torn_line(
+    sweep: ModuleType, tmp_path: Path
+) -> None:
+    results = tmp_path / "results.jsonl"
+    jobs = [sweep.Job("import", f"tests.sweep_fakes:{n}") for n in ("tiny", "hang", "broken")]
+    # the hanging model is killed at its budget and recorded; the next run resumes after it
+    assert sweep.run_sweep(jobs[1:2], results, timeout_s=3, quiet=True) == 1
+    assert sweep.run_sweep(jobs, results, policies=["spd"], timeout_s=300, quiet=True) == 2
+    records = sweep.read_results(results)
+    assert sorted(records) == sorted(j.key for j in jobs)
+    tiny, hang, broken = (records[j.key] for j in jobs)
+    assert tiny["status"] == "pass", tiny["reason"]
+    assert hang["status"] == "skip" and "per-model budget" in hang["reason"], hang
+    assert broken["status"] == "fail" and "broken on purpose" in broken["reason"], broken
+    assert not sweep.is_traceback(broken), "a build failure must be a one-line reason"
+
+    # a torn last line (an interrupted write) is ignored; recorded models are not run again
+    with results.open("a", encoding="utf-8") as file:
+        file.write('{"source": "import", "name": "tests.sweep')
+    assert len(sweep.read_results(results)) == 3
+    assert sweep.run_sweep(jobs, results, quiet=True) == 0
+    assert sweep.pending_jobs(jobs, {jobs[0].key}) == jobs[1:]
+
+    # compaction keeps the latest record per model
+    with results.open("a", encoding="utf-8") as file:
+        file.write("\n" + json.dumps({**tiny, "reason": "again"}) + "\n")
+    assert sweep.compact_results(results) == 3
+    lines = results.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 3 and sweep.read_results(results)[jobs[0].key]["reason"] == "again"
