@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -104,17 +105,30 @@ def densify(model: nn.Module) -> None:
 def interleaved(
     variants: dict[str, Callable[[], Any]], rounds: int, warmup: int = 3
 ) -> dict[str, tuple[float, float]]:
-    """{name: (best ms, median ms)}, each round running every variant once in turn."""
+    """{name: (best ms, median ms)}, each round running every variant once in turn.
+
+    With one torch thread the clock is the thread's CPU time: time spent descheduled by other
+    processes on a shared machine is not counted, so ratios stay meaningful under load.
+    """
+    clock = _clock()
     for _ in range(warmup):
         for run in variants.values():
             run()
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, run in variants.items():
-            start = time.perf_counter()
+            start = clock()
             run()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            times[name].append((clock() - start) * 1e3)
     return {name: (min(t), statistics.median(t)) for name, t in times.items()}
+
+
+def _clock() -> Callable[[], float]:
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
+def _clock_name() -> str:
+    return "CPU time of the one thread" if torch.get_num_threads() == 1 else "wall time"
 
 
 def bench_latency(
@@ -178,8 +192,9 @@ def latency_section(rows: list[dict[str, Any]], rounds: int, loads: tuple[str, s
     lines = [
         LATENCY,
         "",
-        "Batch 1, 3×224×224, float32, `torch.no_grad()`, eager; best of "
-        f"{rounds} interleaved rounds (medians in the JSON log of the run). *MAC ratio* is "
+        f"Batch 1, 3×224×224, float32, `torch.no_grad()`, {torch.get_num_threads()} torch "
+        f"thread(s), eager, {_clock_name()}; best of {rounds} interleaved rounds (medians in "
+        "the JSON log of the run). *MAC ratio* is "
         "patched ÷ original MACs (FlopCounterMode), what a compute-bound model would cost; "
         "*÷ MACs* is the latency ratio divided by it (target ≤ 1.1). *Folded* is the same model "
         "after `surgeon.fold` (each SPD layer in the form that timed faster on its input; "
@@ -207,7 +222,15 @@ def latency_section(rows: list[dict[str, Any]], rounds: int, loads: tuple[str, s
             f"{r['mac_ratio']:.2f} | {r['best']:.1f} | {r['ratio']:.2f} | "
             f"{_mark(r['ratio'] / r['mac_ratio'])} | {folded} |"
         )
-    lines += ["", f"Load average (1/5/15 min) before: {loads[0]}, after: {loads[1]}.", ""]
+    lines += [
+        "",
+        "A row with 0 sites runs the unchanged model (convnext_tiny's downsamplers are "
+        "non-overlapping patchify convolutions, which no built-in policy touches): its "
+        "distance from 1.00 is the measurement noise of the run.",
+        "",
+        f"Load average (1/5/15 min) before: {loads[0]}, after: {loads[1]}.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -219,29 +242,30 @@ def _mark(value: float) -> str:
 
 _PHASES = r"""
 import json, sys, tempfile, time
-t0 = time.perf_counter()
+t0 = time.process_time()
 import torch, torchvision
-t1 = time.perf_counter()
+t1 = time.process_time()
 import surgeon.cli, surgeon.api, surgeon.patch, surgeon.report, surgeon.models
-t2 = time.perf_counter()
+t2 = time.process_time()
 from surgeon.models import load_model, example_inputs
 loaded = load_model("resnet50")
 args = example_inputs(loaded.task, loaded.input_size)
-t3 = time.perf_counter()
+t3 = time.process_time()
 from surgeon.patch import patch, resolve_policy
 policy = resolve_policy("spd")
 model, report = patch(loaded.model, policy, args, model_name="resnet50")
-t4 = time.perf_counter()
+t4 = time.process_time()
 import io
 from rich.console import Console
 from surgeon.report import render_patch
 render_patch(report, Console(file=io.StringIO(), width=160))
-t5 = time.perf_counter()
+t5 = time.process_time()
 from surgeon.api import save
 with tempfile.TemporaryDirectory() as d:
     save(d + "/out", model, loaded, report, policy.to_dict())
-t6 = time.perf_counter()
-print(json.dumps({"import torch+torchvision": t1 - t0, "import surgeon": t2 - t1,
+t6 = time.process_time()
+print(json.dumps({"_timm": "timm" in sys.modules, "import torch+torchvision": t1 - t0,
+    "import surgeon": t2 - t1,
     "build resnet50": t3 - t2, "patch (trace, scan, rewrite, verify)": t4 - t3,
     "render report": t5 - t4, "save checkpoint": t6 - t5}))
 """
@@ -269,82 +293,82 @@ def bench_cli(repeats: int) -> dict[str, Any]:
             "import torch": [sys.executable, "-c", "import torch"],
         }
         walls: dict[str, list[float]] = {name: [] for name in commands}
+        cpus: dict[str, list[float]] = {name: [] for name in commands}
         for _ in range(repeats):
             for name, command in commands.items():
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), _children_cpu()
                 subprocess.run(
                     command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
                 )
                 walls[name].append(time.perf_counter() - start)
-                print(f"[cli] {name}: {walls[name][-1]:.2f} s", file=sys.stderr)
+                cpus[name].append(_children_cpu() - cpu_start)
+                print(
+                    f"[cli] {name}: {walls[name][-1]:.2f} s, CPU {cpus[name][-1]:.2f} s",
+                    file=sys.stderr,
+                )
     phases: list[dict[str, float]] = []
     for _ in range(repeats):
         out = subprocess.run(
             [sys.executable, "-c", _PHASES], check=True, capture_output=True, text=True, cwd=ROOT
         )
         phases.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    timm_imported = any(p.pop("_timm") for p in phases)
     best_phases = {k: min(p[k] for p in phases) for k in phases[0]}
-    imports = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import surgeon.cli"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stderr
     return {
         "walls": {k: (min(v), statistics.median(v)) for k, v in walls.items()},
+        "cpus": {k: (min(v), statistics.median(v)) for k, v in cpus.items()},
         "phases": best_phases,
-        "cli_imports": _heavy_imports(imports),
+        "timm_imported": timm_imported,
     }
 
 
-def _heavy_imports(importtime: str, top: int = 6) -> list[tuple[str, float]]:
-    """The top-level packages `import surgeon.cli` pulls in, with their cumulative seconds."""
-    rows = []
-    for line in importtime.splitlines():
-        parts = line.split("|")
-        if len(parts) != 3 or not parts[1].strip().isdigit():
-            continue
-        name = parts[2].rstrip()
-        depth = len(name) - len(name.lstrip())
-        if depth <= 2:
-            rows.append((name.strip(), int(parts[1]) / 1e6))
-    return sorted(rows, key=lambda r: -r[1])[:top]
-
-
 def cli_section(result: dict[str, Any], repeats: int, loads: tuple[str, str]) -> str:
-    walls = result["walls"]
-    build, cli = walls["build only"][0], walls["surgeon patch"][0]
+    walls, cpus = result["walls"], result["cpus"]
+    build, build_cpu = walls["build only"][0], cpus["build only"][0]
+    labels = {
+        "import torch": '`python -c "import torch"`',
+        "build only": '`python -c "import torchvision; torchvision.models.resnet50()"`',
+        "surgeon patch": "`surgeon patch resnet50 --policy spd --out DIR`",
+    }
     lines = [
         CLI,
         "",
-        f"Whole-process wall time, best (median) of {repeats} interleaved runs. Target: "
-        "`surgeon patch` within 1.3× of the build-only process.",
+        f"Whole-process wall time and CPU time (user + system of the process), best (median) "
+        f"of {repeats} interleaved runs. Target: `surgeon patch` within 1.3× of the build-only "
+        "process. On a loaded machine the CPU time is the steadier measure of the work done.",
         "",
-        "| process | wall s | ratio to build-only |",
-        "|---|---:|---:|",
-        f'| `python -c "import torch"` | {walls["import torch"][0]:.2f} '
-        f"({walls['import torch'][1]:.2f}) | {walls['import torch'][0] / build:.2f} |",
-        f'| `python -c "import torchvision; torchvision.models.resnet50()"` | {build:.2f} '
-        f"({walls['build only'][1]:.2f}) | 1.00 |",
-        f"| `surgeon patch resnet50 --policy spd --out DIR` | {cli:.2f} "
-        f"({walls['surgeon patch'][1]:.2f}) | {_mark_cli(cli / build)} |",
+        "| process | wall s | ratio | CPU s | ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key, label in labels.items():
+        wall, cpu = walls[key], cpus[key]
+        lines.append(
+            f"| {label} | {wall[0]:.2f} ({wall[1]:.2f}) | {_mark_cli(wall[0] / build)} | "
+            f"{cpu[0]:.2f} ({cpu[1]:.2f}) | {_mark_cli(cpu[0] / build_cpu)} |"
+        )
+    lines += [
         "",
-        "Where the CLI's time goes (same steps in one process, best of the runs):",
+        "Where the CLI's time goes (same steps in one process, CPU seconds, best of the runs):",
         "",
-        "| phase | s |",
+        "| phase | CPU s |",
         "|---|---:|",
     ]
     lines += [f"| {phase} | {seconds:.2f} |" for phase, seconds in result["phases"].items()]
     lines += [
         "",
-        "Heaviest imports of `import surgeon.cli` (cumulative s): "
-        + ", ".join(f"{name} {s:.2f}" for name, s in result["cli_imports"])
-        + ".",
+        "`import surgeon.cli` itself loads only typer and rich; each command imports what it "
+        "needs. timm imported while patching a torchvision model: "
+        f"{'yes' if result['timm_imported'] else 'no'}.",
         "",
         f"Load average (1/5/15 min) before: {loads[0]}, after: {loads[1]}.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _mark_cli(value: float) -> str:
@@ -364,9 +388,10 @@ def bench_scaling(models: Sequence[str], repeats: int, size: int) -> list[dict[s
         times = []
         for _ in range(repeats):
             model = copy.deepcopy(original)
-            start = time.perf_counter()
+            clock = _clock()
+            start = clock()
             patch(model, "spd", x)
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
         rows.append(
             {"model": name, "nodes": nodes, "best": min(times), "median": statistics.median(times)}
         )
@@ -395,7 +420,8 @@ def scaling_section(
     lines = [
         SCALING,
         "",
-        f'`patch(model, "spd", x)` in one process, input 1×3×{size}×{size} (small, so the '
+        f'`patch(model, "spd", x)` in one process ({torch.get_num_threads()} torch '
+        f"thread(s), {_clock_name()}), input 1×3×{size}×{size} (small, so the "
         "forward passes patch makes for verification do not swamp the graph work), best "
         f"(median) of {repeats}. Graph size = nodes of `torch.fx.symbolic_trace`. "
         "Target: linear growth.",
@@ -449,11 +475,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="latency rounds per variant")
     parser.add_argument("--repeats", type=int, default=3, help="CLI and scaling repeats")
     parser.add_argument("--scaling-size", type=int, default=64)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for latency and scaling (1: steadiest on a shared machine)",
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--no-write", action="store_true", help="print the sections instead")
     args = parser.parse_args()
     parts = args.only or ["latency", "cli", "scaling"]
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     header = f"Measured by `scripts/bench.py` on {machine()}."
     sections: dict[str, str] = {}
     if "latency" in parts:

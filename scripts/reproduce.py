@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from surgeon.evaluate import count_macs, count_params, default_max_shift, shift_consistency
 
 VARIANTS = ("original", "spd", "antialias")
+EXTRA_VARIANTS = ("spd-exact",)  # on request: SPD with max pools kept
 CLASSES = 10
 SIZE = 32  # the model's input
 SHIFT = default_max_shift(SIZE, SIZE)  # crop protocol range (5 px, Zhang's 32 px at 224 scaled)
@@ -403,10 +404,15 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
         return []
     summary = summarise(results)
     variants = list(summary)
-    colours = {"original": "#555555", "spd": "#1f77b4", "antialias": "#d62728"}
+    colours = {
+        "original": "#555555",
+        "spd": "#1f77b4",
+        "antialias": "#d62728",
+        "spd-exact": "#17becf",
+    }
     buckets = list(results["test_heights"])
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
     width = 0.26
     for i, variant in enumerate(variants):
         values = [summary[variant][f"height {b}"] for b in buckets]
@@ -423,14 +429,16 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     ax.set_xlabel("digit height")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"Accuracy by object size (mean ± std, {len(_seeds(results))} seeds)")
-    ax.legend(loc="lower right")
+    n = len(_seeds(results))
+    ax.set_title(f"Accuracy by object size (mean ± std, {n} seed{'s' if n > 1 else ''})")
+    ax.axhline(100 / CLASSES, color="#999999", linestyle=":", linewidth=1, label="chance")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(variants) + 1)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "results_accuracy_by_size.png")
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
     metrics = [("consistency_crop", "crop shifts"), ("consistency_circular", "circular shifts")]
     for i, variant in enumerate(variants):
         values = [summary[variant][key] for key, _ in metrics]
@@ -448,7 +456,7 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     low = min(100 * summary[v][k][0] for v in variants for k, _ in metrics)
     ax.set_ylim(max(0, 10 * math.floor(low / 10) - 10), 100)
     ax.set_title(f"Top-1 agreement under two random shifts (≤ {SHIFT} px)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(variants))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "results_consistency.png")
@@ -472,7 +480,11 @@ def findings(results: dict[str, Any]) -> list[str]:
     smallest = (
         f"height {results['protocol']['buckets'][0][0]}-{results['protocol']['buckets'][0][1]}"
     )
+    seed_list = _seeds(results)
     for variant in [v for v in summary if v != "original"]:
+        runs = [r for r in results["runs"] if r["variant"] == variant and r["seed"] in seed_list]
+        if not any(_learned(r) for r in runs):
+            continue  # reported below as "did not learn"
         for key, what in (
             ("accuracy", "test accuracy"),
             (smallest, f"accuracy on the smallest digits ({smallest[7:]} px)"),
@@ -495,6 +507,91 @@ def findings(results: dict[str, Any]) -> list[str]:
                     else "within the seed-to-seed spread"
                 )
             lines.append(f"- `{variant}`: {what} {size} the original ({note}).")
+    chance = math.log(CLASSES)
+    stuck = [r for r in results["runs"] if not _learned(r)]
+    if stuck:
+        names = ", ".join(f"`{r['variant']}` seed {r['seed']}" for r in stuck)
+        lines.append(
+            f"- **Did not learn**: {names} ended training with a loss above 90 % of chance "
+            f"(ln {CLASSES} = {chance:.2f}), at about 10 % test accuracy. Consistency of a "
+            "model that learned nothing says nothing about shift invariance, so no comparison "
+            "is drawn for a variant in that state: this is a failure of this training recipe "
+            "for that variant (tuned on the original only), not a measurement of the method."
+        )
+    return lines
+
+
+def _run_table(runs: Sequence[dict[str, Any]], buckets: Sequence[str]) -> list[str]:
+    lines = [
+        "| variant | seed | accuracy | "
+        + " | ".join(f"{b} px" for b in buckets)
+        + " | crop | circular | softmax change | loss per epoch |",
+        "|---|---:|---:|" + "---:|" * len(buckets) + "---:|---:|---:|---|",
+    ]
+    for r in runs:
+        lines.append(
+            f"| {r['variant']} | {r['seed']} | {100 * r['accuracy']:.1f} | "
+            + " | ".join(f"{100 * r['accuracy_by_height'][b]:.1f}" for b in buckets)
+            + f" | {100 * r['consistency_crop']:.1f} | {100 * r['consistency_circular']:.1f} | "
+            f"{r['softmax_change']:.3f} | {' '.join(f'{x:.2f}' for x in r['losses'])} |"
+        )
+    return lines
+
+
+def _learned(run: dict[str, Any]) -> bool:
+    return bool(run["losses"][-1] <= 0.9 * math.log(CLASSES))
+
+
+def _extra_findings(results: dict[str, Any]) -> list[str]:
+    """What the extra runs (other policies, same recipe and seeds) add, computed."""
+    extra = results.get("extra_runs", [])
+    lines = []
+    smallest = "-".join(map(str, results["protocol"]["buckets"][0]))
+    for variant in dict.fromkeys(r["variant"] for r in extra):
+        mine = [r for r in extra if r["variant"] == variant]
+        seeds = [r["seed"] for r in mine]
+        parts = []
+        for what, get in (
+            ("test accuracy", lambda r: r["accuracy"]),
+            (f"accuracy on {smallest} px digits", lambda r: r["accuracy_by_height"][smallest]),
+            ("crop consistency", lambda r: r["consistency_crop"]),
+            ("circular consistency", lambda r: r["consistency_circular"]),
+        ):
+            others = [
+                f"`{v}` {_pct(_stats([get(r) for r in runs]))}"
+                for v in results["config"]["variants"]
+                if len(
+                    runs := [r for r in results["runs"] if r["variant"] == v and r["seed"] in seeds]
+                )
+                == len(seeds)
+            ]
+            parts.append(f"{what} {_pct(_stats([get(r) for r in mine]))} ({', '.join(others)})")
+        cost = results.get("extra_costs", {}).get(variant)
+        costs = (
+            f"; parameters {cost['params'] / 1e6:.2f}M, MACs {cost['macs'] / 1e6:.1f}M"
+            if cost
+            else ""
+        )
+        line = (
+            f"- `{variant}`, seed{'s' if len(seeds) > 1 else ''} "
+            f"{', '.join(map(str, seeds))} (mean ± std, same seeds for the others): "
+            + "; ".join(parts)
+            + costs
+            + "."
+        )
+        spd = {r["seed"]: r for r in results["runs"] if r["variant"] == "spd"}
+        if (
+            variant == "spd-exact"
+            and all(r["seed"] in spd for r in mine)
+            and all(r["accuracy"] > spd[r["seed"]]["accuracy"] + 0.1 for r in mine)
+        ):
+            line += (
+                " `spd-exact` is `spd` without the max-pool rewrite (max pools kept; strided "
+                "convolutions still become SPD-Conv), and it beat `spd` by more than 10 points "
+                "with every seed: the learned linear pooling that replaces the max pool is the "
+                "likely reason `spd` trains so slowly under this recipe."
+            )
+        lines.append(line)
     return lines
 
 
@@ -508,7 +605,8 @@ def markdown(results: dict[str, Any], plots: Sequence[str], command: str) -> str
         "# Results: does the surgery help? A reproduction in miniature",
         "",
         f"Generated by `{command}` in {results['total_seconds'] / 60:.1f} min on "
-        f"{config['threads']} CPU threads ({results['versions']['cpu']}, torch "
+        f"{config['threads']} CPU thread{'s' if config['threads'] > 1 else ''} "
+        f"({results['versions']['cpu']}, torch "
         f"{results['versions']['torch']}, torchvision {results['versions']['torchvision']}). "
         "Every number below comes from that run; rerunning the command on the same machine and "
         "thread count gives the same numbers.",
@@ -593,6 +691,12 @@ def markdown(results: dict[str, Any], plots: Sequence[str], command: str) -> str
         "- SPD-Conv's claim is better accuracy on small objects and low resolution; compare the "
         "smallest-height column. Anti-aliasing's claim is higher consistency, with accuracy "
         "the same or a little better; compare the consistency columns.",
+        "- `spd` is not exactly the paper's SPD-ResNet: there the stem has no max pool, the "
+        "1×1 stride-2 shortcuts stay strided, and (in the released code) the 3×3 conv runs "
+        "before space-to-depth with BN on 4C channels after it. surgeon's `spd` policy "
+        "rewrites every strided layer in place, the max pool included (space-to-depth + a "
+        "depthwise 3×3 convolution initialised to average), and keeps the original BN; "
+        "`spd-exact` keeps max pools.",
         f"- Cost. `spd`: parameters {_ratio(costs, 'spd', 'params')}, MACs "
         f"{_ratio(costs, 'spd', 'macs')} here (the paper's YOLOv5s → SPD-s: ×1.21 parameters, "
         "×2.05 FLOPs at 640 px); every stride-2 layer becomes a stride-1 convolution on "
@@ -620,22 +724,20 @@ def markdown(results: dict[str, Any], plots: Sequence[str], command: str) -> str
             f"{statistics.fmean(r['eval_seconds'] for r in runs):.0f} s | "
             f"{summary[variant]['final_loss'][0]:.3f} ± {summary[variant]['final_loss'][1]:.3f} |"
         )
-    lines += [
-        "",
-        "## Per-seed numbers",
-        "",
-        "| variant | seed | accuracy | "
-        + " | ".join(f"{b} px" for b in buckets)
-        + " | crop | circular | softmax change | loss per epoch |",
-        "|---|---:|---:|" + "---:|" * len(buckets) + "---:|---:|---:|---|",
-    ]
-    for r in results["runs"]:
-        lines.append(
-            f"| {r['variant']} | {r['seed']} | {100 * r['accuracy']:.1f} | "
-            + " | ".join(f"{100 * r['accuracy_by_height'][b]:.1f}" for b in buckets)
-            + f" | {100 * r['consistency_crop']:.1f} | {100 * r['consistency_circular']:.1f} | "
-            f"{r['softmax_change']:.3f} | {' '.join(f'{x:.2f}' for x in r['losses'])} |"
-        )
+    lines += ["", "## Per-seed numbers", "", *_run_table(results["runs"], buckets)]
+    extra = results.get("extra_runs", [])
+    if extra:
+        lines += [
+            "",
+            "## Extra runs (not in the averages above)",
+            "",
+            *_extra_findings(results),
+            "",
+            *_run_table(
+                [r for r in results["runs"] if r["seed"] in {e["seed"] for e in extra}] + extra,
+                buckets,
+            ),
+        ]
     lines += [
         "",
         "## Reproduce",
@@ -657,10 +759,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, help="override the number of epochs")
     parser.add_argument("--threads", type=int, help="torch threads (default 2)")
     parser.add_argument(
-        "--variants", nargs="+", choices=VARIANTS, help="train only these (default: all three)"
+        "--variants",
+        nargs="+",
+        choices=VARIANTS + EXTRA_VARIANTS,
+        help="train only these (default: all three)",
     )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument(
+        "--extra",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        default=[],
+        help="--json output of other runs to list in an extra-runs section",
+    )
     parser.add_argument(
         "--render",
         type=Path,
@@ -699,6 +812,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 args.json.write_text(json.dumps(partial, indent=2), encoding="utf-8")
 
         results = run(config, save=save)
+    extras = [json.loads(path.read_text(encoding="utf-8")) for path in args.extra]
+    main_variants = results["config"]["variants"]
+    results["extra_runs"] = [
+        run for extra in extras for run in extra["runs"] if run["variant"] not in main_variants
+    ]
+    results["extra_costs"] = {
+        variant: cost
+        for extra in extras
+        for variant, cost in extra["costs"].items()
+        if variant not in main_variants
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     plots = [] if args.no_plots else plot(results, args.out)
     (args.out / "results.md").write_text(

@@ -31,7 +31,6 @@ import contextlib
 import copy
 import fnmatch
 import json
-import math
 import os
 import random
 import selectors
@@ -43,7 +42,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cache
@@ -84,7 +83,9 @@ class Job:
 def _timm_families() -> dict[str, str]:
     import timm
 
-    return {name: module for module in timm.list_modules() for name in timm.list_models(module=module)}
+    return {
+        name: module for module in timm.list_modules() for name in timm.list_models(module=module)
+    }
 
 
 def task_of(source: str, name: str) -> str:
@@ -127,12 +128,25 @@ def select_jobs(
     glob: str | None = None,
     family: str | None = None,
     sample: int | None = None,
+    per_family: int | None = None,
     seed: int = 0,
 ) -> list[Job]:
-    """Filter by name glob and family, then take a seeded sample (in the original order)."""
+    """Filter by name glob and family, then take a seeded sample: `per_family` models of each
+    family and/or `sample` models in all (kept in the original order)."""
     chosen = [j for j in jobs if glob is None or fnmatch.fnmatchcase(j.name, glob)]
     if family is not None:
         chosen = [j for j in chosen if family_of(j.source, j.name) == family]
+    if per_family is not None:
+        rng = random.Random(seed)
+        groups: dict[tuple[str, str], list[Job]] = defaultdict(list)
+        for job in chosen:
+            groups[(job.source, family_of(job.source, job.name))].append(job)
+        picked = {
+            job
+            for members in groups.values()
+            for job in rng.sample(members, min(per_family, len(members)))
+        }
+        chosen = [j for j in chosen if j in picked]
     if sample is not None and sample < len(chosen):
         keep = set(random.Random(seed).sample(range(len(chosen)), sample))
         chosen = [j for i, j in enumerate(chosen) if i in keep]
@@ -143,22 +157,30 @@ def select_jobs(
 # Sizes and the model-specific settings (the one place for per-family special cases)
 
 
-def reduced_size(default: Sequence[int], side: int = REDUCED_SIDE) -> tuple[int, ...]:
+def reduced_size(
+    default: Sequence[int], side: int = REDUCED_SIDE, max_frames: int | None = 8
+) -> tuple[int, ...]:
     """The default input size with its smaller spatial side scaled to `side` (multiples of 8);
-    video clips keep 8 frames at most. Never larger than the default."""
+    video clips keep `max_frames` frames at most. Never larger than the default."""
     size = list(default)
     spatial = size[-2:]
     scale = min(1.0, side / min(spatial))
-    size[-2:] = [max(8, int(round(s * scale / 8)) * 8) if scale < 1 else s for s in spatial]
-    if len(size) == 4:
-        size[1] = min(size[1], 8)
+    size[-2:] = [max(8, round(s * scale / 8) * 8) if scale < 1 else s for s in spatial]
+    if len(size) == 4 and max_frames is not None:
+        size[1] = min(size[1], max_frames)
     return tuple(size)
 
 
 def candidate_sizes(default: Sequence[int], side: int = REDUCED_SIDE) -> list[tuple[int, ...]]:
-    """Input sizes to try in order: reduced, twice that, the default."""
+    """Input sizes to try in order: reduced (video: 8 frames), twice that (video: all frames),
+    the default."""
     out: list[tuple[int, ...]] = []
-    for size in (reduced_size(default, side), reduced_size(default, side * 2), tuple(default)):
+    sizes = (
+        reduced_size(default, side),
+        reduced_size(default, side * 2, max_frames=None),
+        tuple(default),
+    )
+    for size in sizes:
         if size not in out:
             out.append(size)
     return out
@@ -231,7 +253,8 @@ def _bit_identical(a: Any, b: Any) -> str | None:
             if not isinstance(y, torch.Tensor) or x.shape != y.shape or x.dtype != y.dtype:
                 return f"output {i}: shape or dtype differs after reload"
             if not torch.equal(x, y) and not (
-                x.is_floating_point() and torch.equal(x.isnan(), y.isnan())
+                x.is_floating_point()
+                and torch.equal(x.isnan(), y.isnan())
                 and torch.equal(x.nan_to_num(), y.nan_to_num())
             ):
                 diff = (x.double() - y.double()).abs().max().item()
@@ -252,12 +275,12 @@ def _exactness(report: Any) -> str | None:
     for row in patched:
         if row.transfer == "exact" and row.rel_diff is not None and row.rel_diff > EXACT_TOLERANCE:
             return f"site {row.site}: transfer 'exact' but its output differs by {row.rel_diff:.2e}"
-    if patched and all(r.transfer == "exact" for r in patched):
-        if not report.output_rel_diff <= EXACT_TOLERANCE:
-            return (
-                f"every transfer is exact but the model output differs by "
-                f"{report.output_rel_diff:.2e} (> {EXACT_TOLERANCE:g})"
-            )
+    all_exact = bool(patched) and all(r.transfer == "exact" for r in patched)
+    if all_exact and not report.output_rel_diff <= EXACT_TOLERANCE:
+        return (
+            f"every transfer is exact but the model output differs by "
+            f"{report.output_rel_diff:.2e} (> {EXACT_TOLERANCE:g})"
+        )
     return None
 
 
@@ -307,9 +330,11 @@ def _check_policy(
         progress(f"{policy_name}: save + load")
         start = time.perf_counter()
         expected = _forward(patched, args)
-        with tempfile.TemporaryDirectory(prefix="surgeon-sweep-", dir=_scratch()) as tmp:
+        size = sum(t.numel() * t.element_size() for t in patched.state_dict().values())
+        with tempfile.TemporaryDirectory(prefix="surgeon-sweep-", dir=_scratch(size)) as tmp:
             directory = Path(tmp) / "ckpt"
             save(directory, patched, loaded, report, policy.to_dict())
+            del model, patched  # the reload below builds a third copy: keep the peak down
             stage = "load"
             # a user factory (`pkg.mod:fn`, the sweep's own tests) is trusted: we built it
             trusted = [loaded.spec.text] if loaded.spec.source == "import" else []
@@ -321,9 +346,11 @@ def _check_policy(
             result["reason"] = mismatch
             return result
         result["status"] = "pass"
+        patchify = sum(r.role == "patchify" and r.status != "patched" for r in report.rows)
         result["reason"] = (
             f"{report.patched} patched"
             + (f", {report.skipped} skipped" if report.skipped else "")
+            + (f", {patchify} patchify conv(s) left alone" if patchify else "")
             + (", nothing to patch" if not report.patched and not report.skipped else "")
         )
     except Exception as exc:
@@ -333,11 +360,13 @@ def _check_policy(
     return result
 
 
-def _scratch() -> str | None:
-    """A RAM-backed directory for the round-trip checkpoints where there is one (disk writes
-    of a large checkpoint, with their fsyncs, take longer than the rest of its check)."""
+def _scratch(nbytes: int) -> str | None:
+    """A RAM-backed directory for a round-trip checkpoint under 1 GiB where there is one (disk
+    writes with their fsyncs take longer than the rest of the check); larger ones go to disk,
+    where they do not count against memory."""
     shm = Path("/dev/shm")
-    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    small = nbytes < 2**30
+    return str(shm) if small and shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
 def _is_surgeon_error(exc: BaseException) -> bool:
@@ -402,6 +431,7 @@ def sweep_model(
         loaded = load_model(job.key)
         record["build_s"] = round(time.perf_counter() - start, 3)
         record["params"] = sum(p.numel() for p in loaded.model.parameters())
+        say(f"built {record['params'] / 1e6:.0f}M parameters")
         default = tuple(loaded.input_size)
         record["default_size"] = list(default)
         tried: list[str] = []
@@ -447,12 +477,12 @@ def sweep_model(
         record["roles"] = dict(Counter(s.role for s in result.sites))
         record["found_by"] = sorted({s.found_by.split(" ")[0] for s in result.sites})
         record["regions"] = sorted({r.method for r in result.regions})
-        outcomes = {
-            name: _check_policy(loaded, loaded.model, args, name, say) for name in names
-        }
+        outcomes = {name: _check_policy(loaded, loaded.model, args, name, say) for name in names}
         record["policies"] = outcomes
         statuses = {o["status"] for o in outcomes.values()}
-        record["status"] = "fail" if "fail" in statuses else "pass" if "pass" in statuses else "skip"
+        record["status"] = (
+            "fail" if "fail" in statuses else "pass" if "pass" in statuses else "skip"
+        )
         failing = [f"{n}: {o['reason']}" for n, o in outcomes.items() if o["status"] == "fail"]
         record["reason"] = "; ".join(failing) if failing else ""
         times = [o["patch_s"] for o in outcomes.values() if "patch_s" in o]
@@ -472,7 +502,7 @@ def sweep_model(
 # The worker subprocess: one process runs models until it is killed or told to stop
 
 
-def worker_main(out_fd: int) -> None:
+def worker_main(out_fd: int, threads: int = 0) -> None:
     """Read jobs (JSON lines) on stdin; write stage and result messages to `out_fd`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     out = os.fdopen(out_fd, "w", buffering=1)
@@ -483,7 +513,11 @@ def worker_main(out_fd: int) -> None:
 
     import warnings
 
+    import torch
+
     warnings.simplefilter("ignore")
+    if threads:
+        torch.set_num_threads(threads)
     send({"ready": True})
     for line in sys.stdin:
         if not line.strip():
@@ -513,10 +547,11 @@ def _rss_gib(pid: int) -> float:
 class Worker:
     """A worker subprocess running `worker_main`; killed and replaced when a model overruns."""
 
-    def __init__(self, nice: int = 0) -> None:
+    def __init__(self, nice: int = 0, threads: int = 0) -> None:
         read_fd, write_fd = os.pipe()
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(write_fd)]
-        self.log = tempfile.TemporaryFile(mode="w+")
+        command += ["--threads", str(threads)]
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the worker)
         self.process = subprocess.Popen(
             command,
             stdin=subprocess.PIPE,
@@ -525,11 +560,17 @@ class Worker:
             pass_fds=(write_fd,),
             text=True,
             cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(
+                    filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+                ),
+            },
             preexec_fn=(lambda: os.nice(nice)) if nice else None,
         )
         os.close(write_fd)
-        self.messages = os.fdopen(read_fd, "r")
+        self.messages = read_fd
+        self.pending = b""  # bytes read past the last complete message
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.messages, selectors.EVENT_READ)
 
@@ -540,12 +581,20 @@ class Worker:
         self.process.stdin.flush()
 
     def receive(self, timeout: float) -> dict[str, Any] | None:
-        """The next message, None on timeout; raises EOFError when the worker died."""
-        if not self.selector.select(timeout):
-            return None
-        line = self.messages.readline()
-        if not line:
-            raise EOFError
+        """The next message, None on timeout; raises EOFError when the worker died.
+
+        Reads the pipe unbuffered: a buffered reader can hold a whole message the selector no
+        longer sees, and the sweep would wait on it until the model's time budget ran out."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            left = deadline - time.monotonic()
+            if left < 0 or not self.selector.select(left):
+                return None
+            chunk = os.read(self.messages, 1 << 16)
+            if not chunk:
+                raise EOFError
+            self.pending += chunk
+        line, _, self.pending = self.pending.partition(b"\n")
         message: dict[str, Any] = json.loads(line)
         return message
 
@@ -559,7 +608,7 @@ class Worker:
             self.process.kill()
         self.process.wait()
         self.selector.close()
-        self.messages.close()
+        os.close(self.messages)
         self.log.close()
 
 
@@ -584,10 +633,17 @@ def run_in_worker(
             message = worker.receive(min(1.0, max(0.0, timeout_s - elapsed)))
         except EOFError:
             code = worker.process.wait()
-            why = f"signal {-code}" if code < 0 else f"exit code {code}"
-            if code == -signal.SIGKILL:
-                why += " (likely the kernel's out-of-memory killer)"
-            return _killed(job, f"the worker died ({why}) during {_last(stages)}", stages), False
+            if code == -signal.SIGKILL:  # we did not send it: the kernel's out-of-memory killer
+                reason = (
+                    f"out of memory: the kernel killed the worker during {_last(stages)} "
+                    f"({_built(stages)}; the machine's memory is shared)"
+                )
+                record = _killed(job, reason, stages, skip=True)
+            else:
+                why = f"signal {-code}" if code < 0 else f"exit code {code}"
+                record = _killed(job, f"the worker died ({why}) during {_last(stages)}", stages)
+            record["worker_log"] = worker.tail()
+            return record, False
         if message is None:
             peak = max(peak, _rss_gib(worker.process.pid))
             if peak > memory_gib:
@@ -598,12 +654,14 @@ def run_in_worker(
                     skip=True,
                 ), False
             if time.monotonic() - started >= timeout_s:
-                return _killed(
+                record = _killed(
                     job,
                     f"over the sweep's {timeout_s:g} s per-model budget during {_last(stages)}",
                     stages,
                     skip=True,
-                ), False
+                )
+                record["worker_log"] = worker.tail()
+                return record, False
             continue
         if "stage" in message:
             stages.append(str(message["stage"]))
@@ -617,6 +675,10 @@ def run_in_worker(
 
 def _last(stages: Sequence[str]) -> str:
     return stages[-1] if stages else "start-up"
+
+
+def _built(stages: Sequence[str]) -> str:
+    return next((s for s in stages if s.startswith("built")), "not built yet")
 
 
 def _killed(job: Job, reason: str, stages: Sequence[str], *, skip: bool = False) -> dict[str, Any]:
@@ -650,7 +712,7 @@ def read_results(path: Path) -> dict[str, dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
             if isinstance(record, dict) and "source" in record and "name" in record:
-                records[Job(record['source'], record['name']).key] = record
+                records[Job(record["source"], record["name"]).key] = record
     return records
 
 
@@ -671,10 +733,25 @@ def compact_results(path: Path) -> int:
     return len(records)
 
 
-def pending_jobs(jobs: Iterable[Job], done: Iterable[str], *, rerun: bool = False) -> list[Job]:
-    """The jobs still to run: those with no record (all of them with `rerun`)."""
-    finished = set(done)
-    return [j for j in jobs if rerun or j.key not in finished]
+def pending_jobs(
+    jobs: Iterable[Job],
+    done: Mapping[str, dict[str, Any]] | Iterable[str],
+    *,
+    policies: Sequence[str] = (),
+    rerun: bool = False,
+) -> list[Job]:
+    """The jobs still to run: those with no record, or whose record ran policies but not all of
+    `policies` (a policy added since); every job with `rerun`."""
+    records = done if isinstance(done, Mapping) else {key: {} for key in done}
+
+    def finished(job: Job) -> bool:
+        record = records.get(job.key)
+        if record is None:
+            return False
+        ran = record.get("policies")
+        return not ran or set(policies) <= set(ran)
+
+    return [j for j in jobs if rerun or not finished(j)]
 
 
 def run_sweep(
@@ -686,6 +763,7 @@ def run_sweep(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     memory_gib: float = DEFAULT_MEMORY_GIB,
     nice: int = 0,
+    threads: int = 0,
     rerun: bool = False,
     quiet: bool = False,
 ) -> int:
@@ -702,10 +780,13 @@ def run_sweep(
     )
     from rich.progress import Progress as RichProgress
 
-    todo = pending_jobs(jobs, read_results(results), rerun=rerun)
+    wanted = list(policies) if policies is not None else builtin_policies()
+    todo = pending_jobs(jobs, read_results(results), policies=wanted, rerun=rerun)
     console = Console(stderr=True, quiet=quiet)
-    console.print(f"{len(jobs)} models selected, {len(jobs) - len(todo)} already recorded, "
-                  f"{len(todo)} to run; results in {results}")
+    console.print(
+        f"{len(jobs)} models selected, {len(jobs) - len(todo)} already recorded, "
+        f"{len(todo)} to run; results in {results}"
+    )
     if not todo:
         return 0
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -719,15 +800,16 @@ def run_sweep(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with results.open("a", encoding="utf-8") as file, RichProgress(
-        *columns, console=console, transient=True
-    ) as bar:
+    with (
+        results.open("a", encoding="utf-8") as file,
+        RichProgress(*columns, console=console, transient=True) as bar,
+    ):
         task = bar.add_task("starting", total=len(todo))
         try:
             for job in todo:
                 bar.update(task, description=f"{job.key}")
                 if worker is None:
-                    worker = Worker(nice)
+                    worker = Worker(nice, threads)
                     ready = worker.receive(120.0)
                     if not ready:
                         raise RuntimeError(f"the sweep worker did not start: {worker.tail()}")
@@ -762,11 +844,16 @@ def run_sweep(
 
 
 def _line(record: dict[str, Any]) -> str:
-    mark = {"pass": "[green]pass[/green]", "fail": "[red]FAIL[/red]", "skip": "[yellow]skip[/yellow]"}
+    mark = {
+        "pass": "[green]pass[/green]",
+        "fail": "[red]FAIL[/red]",
+        "skip": "[yellow]skip[/yellow]",
+    }
     size = "x".join(map(str, record.get("input_size", []))) or "-"
+    seconds = float(record.get("wall_s", record.get("total_s", 0.0)))
     text = (
         f"{mark.get(record['status'], record['status'])} {record['source']}:{record['name']} "
-        f"{size} sites {record.get('sites', '-')} {record.get('wall_s', record.get('total_s', 0)):.1f}s"
+        f"{size} sites {record.get('sites', '-')} {seconds:.1f}s"
     )
     if record["status"] != "pass" and record.get("reason"):
         text += f" [dim]{record['reason'][:160]}[/dim]"
@@ -777,7 +864,9 @@ def _line(record: dict[str, Any]) -> str:
 # docs/coverage.md
 
 
-def _counts(records: Iterable[dict[str, Any]], key: Callable[[dict[str, Any]], str]) -> list[list[Any]]:
+def _counts(
+    records: Iterable[dict[str, Any]], key: Callable[[dict[str, Any]], str]
+) -> list[list[Any]]:
     table: dict[str, Counter[str]] = defaultdict(Counter)
     for record in records:
         table[key(record)][record["status"]] += 1
@@ -825,8 +914,14 @@ def render_coverage(records: Sequence[dict[str, Any]], expected: dict[str, int])
         c = Counter(r["status"] for r in mine)
         total = expected.get(source, len(mine))
         rows.append(
-            [source, c["pass"], c["fail"], c["skip"], f"{len(mine)} of {total}",
-             sum(is_traceback(r) for r in mine)]
+            [
+                source,
+                c["pass"],
+                c["fail"],
+                c["skip"],
+                f"{len(mine)} of {total}",
+                sum(is_traceback(r) for r in mine),
+            ]
         )
     lines += _md_table(["source", "pass", "fail", "skip", "recorded", "tracebacks"], rows)
     wall = sum(float(r.get("wall_s", r.get("total_s", 0.0))) for r in records)
@@ -864,7 +959,9 @@ def render_coverage(records: Sequence[dict[str, Any]], expected: dict[str, int])
     failures = [r for r in records if r["status"] == "fail"]
     lines += ["", f"## Failures ({len(failures)})", ""]
     lines += (
-        _md_table(["model", "reason"], [[f"{r['source']}:{r['name']}", r["reason"]] for r in failures])
+        _md_table(
+            ["model", "reason"], [[f"{r['source']}:{r['name']}", r["reason"]] for r in failures]
+        )
         if failures
         else ["None."]
     )
@@ -898,7 +995,8 @@ def render_coverage(records: Sequence[dict[str, Any]], expected: dict[str, int])
         "## Input sizes",
         "",
         f"{sizes['reduced']} models ran at a reduced size, {sizes['default']} needed their "
-        "default size; each record's `input_size`, `kwargs` and `sizes_rejected` say which and why.",
+        "default size; each record's `input_size`, `kwargs` and `sizes_rejected` say which and "
+        "why.",
         "",
     ]
     return "\n".join(lines)
@@ -916,19 +1014,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--source", choices=("torchvision", "timm"), help="one model source")
     parser.add_argument("--glob", help="model name glob, e.g. 'resnet*'")
-    parser.add_argument("--family", help="model family (defining module), e.g. resnet, vision_transformer")
+    parser.add_argument(
+        "--family", help="model family (defining module), e.g. resnet, vision_transformer"
+    )
     parser.add_argument("--sample", type=int, help="a seeded random sample of N models")
-    parser.add_argument("--seed", type=int, default=0, help="seed for --sample")
-    parser.add_argument("--policy", action="append", help="policy to run (repeatable; default: all built-in)")
+    parser.add_argument("--per-family", type=int, help="a seeded sample of N models per family")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --sample and --per-family")
+    parser.add_argument(
+        "--policy", action="append", help="policy to run (repeatable; default: all built-in)"
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="results JSONL file")
     parser.add_argument("--side", type=int, default=REDUCED_SIDE, help="reduced input side in px")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per model")
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per model"
+    )
     parser.add_argument("--memory", type=float, default=DEFAULT_MEMORY_GIB, help="GiB per model")
     parser.add_argument("--nice", type=int, default=0, help="niceness of the worker process")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads in the worker (0: torch's default)"
+    )
     parser.add_argument("--rerun", action="store_true", help="run models already recorded again")
     parser.add_argument("--rerun-failed", action="store_true", help="run recorded failures again")
     parser.add_argument("--list", action="store_true", help="print the selected models and exit")
-    parser.add_argument("--report", action="store_true", help="write docs/coverage.md from the results")
+    parser.add_argument(
+        "--report", action="store_true", help="write docs/coverage.md from the results"
+    )
     parser.add_argument("--coverage", type=Path, default=COVERAGE, help="where --report writes")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -941,7 +1051,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
-        worker_main(args.worker)
+        worker_main(args.worker, args.threads)
         return 0
     # SIGTERM (and SIGINT, which a background shell job ignores) stop the sweep like Ctrl-C
     signal.signal(signal.SIGTERM, _interrupt)
@@ -953,7 +1063,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {args.coverage} ({len(records)} models)")
         return 0
     jobs = select_jobs(
-        all_jobs(args.source), glob=args.glob, family=args.family, sample=args.sample, seed=args.seed
+        all_jobs(args.source),
+        glob=args.glob,
+        family=args.family,
+        sample=args.sample,
+        per_family=args.per_family,
+        seed=args.seed,
     )
     if args.list:
         print("\n".join(j.key for j in jobs))
@@ -971,6 +1086,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             timeout_s=args.timeout,
             memory_gib=args.memory,
             nice=args.nice,
+            threads=args.threads,
             rerun=args.rerun,
         )
     except KeyboardInterrupt:

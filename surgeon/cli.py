@@ -140,6 +140,12 @@ def patch(
     ] = False,
     plugin: PluginOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for randomly initialised layers.")] = 0,
+    output_stride: Annotated[
+        int | None,
+        typer.Option(
+            "--output-stride", help="Target output stride for the `dilate` action (8, 16)."
+        ),
+    ] = None,
     input_size: InputSizeOpt = None,
     model_kwarg: KwargOpt = None,
     weights: WeightsOpt = None,
@@ -156,6 +162,11 @@ def patch(
     for name in plugin or []:
         load_plugin(name)
     resolved = resolve_policy(policy)
+    if output_stride is not None:
+        from surgeon.rewrites import action_schemas
+
+        schema = action_schemas()["dilate"]
+        resolved = resolved.with_params("dilate", {"output_stride": output_stride}, schema)
     target = out_dir or _default_out(model, policy)
     if not dry_run:
         from surgeon.checkpoint import check_writable
@@ -260,6 +271,153 @@ def load(
         f"loaded {info['spec']} patched with {manifest['policy'].get('name')}: "
         f"{type(model_obj).__name__}, {params:,} parameters, weights verified, forward pass ok"
     )
+
+
+@app.command(name="eval")
+def eval_(
+    targets: Annotated[
+        list[str], typer.Argument(help="Model specs and/or checkpoint directories to compare.")
+    ],
+    data: Annotated[
+        Path | None, typer.Option("--data", help="ImageFolder directory: accuracy on real images.")
+    ] = None,
+    pairs: Annotated[int, typer.Option("--pairs", help="Image pairs for shift consistency.")] = 64,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="Accuracy on at most this many images.")
+    ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch threads.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for shifts and images.")] = 0,
+    input_size: InputSizeOpt = None,
+    trust_import: Annotated[
+        list[str] | None,
+        typer.Option("--trust-import", help="Allow importing this pkg.mod:factory model spec."),
+    ] = None,
+    plugin: PluginOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Compare models side by side: shift consistency, accuracy, latency, params and MACs."""
+    import json as jsonlib
+
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from surgeon.evaluate import EvalOptions, EvalProgress, evaluate
+    from surgeon.models import parse_input_size
+    from surgeon.report import format_count
+
+    options = EvalOptions(
+        pairs=pairs,
+        data=data,
+        limit=limit,
+        threads=threads,
+        seed=seed,
+        input_size=parse_input_size(input_size) if input_size else None,
+        trust_import=tuple(trust_import or ()),
+        plugins=tuple(plugin or ()),
+    )
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("evaluating", total=None)
+
+        def step(p: EvalProgress) -> None:
+            bar.update(
+                task, description=f"{p.model}: {p.stage}", completed=p.completed, total=p.total
+            )
+
+        results = evaluate(targets, options, progress=step)
+    if json:
+        out.print_json(jsonlib.dumps([r.to_dict() for r in results]))
+        return
+    table = Table(header_style="bold")
+    columns = ["model", "policy", "consistency (crop)", "consistency (circular)", "softmax Δ"]
+    columns += ["top-1", "latency ms", "params", "MACs"]
+    for column in columns:
+        table.add_column(column)
+    for r in results:
+        top1 = f"{100 * r.accuracy_top1:.2f}%" if r.accuracy_top1 is not None else "—"
+        table.add_row(
+            r.model,
+            r.policy or "—",
+            f"{100 * r.consistency_crop:.1f}%",
+            f"{100 * r.consistency_circular:.1f}%",
+            f"{r.softmax_change:.4f}",
+            top1,
+            f"{r.latency_ms:.1f}",
+            format_count(r.params),
+            format_count(r.macs),
+        )
+    out.print(table)
+    first = results[0]
+    out.print(
+        f"{first.pairs} pairs, max shift {first.max_shift}px, images: {first.consistency_data}",
+        style="dim",
+    )
+
+
+@app.command()
+def export(
+    directory: Annotated[Path, typer.Argument(help="A checkpoint directory from `surgeon patch`.")],
+    format: Annotated[
+        str, typer.Option("--format", help="torchscript, onnx or exported-program.")
+    ] = "onnx",
+    out_file: Annotated[Path | None, typer.Option("--out", help="Output file.")] = None,
+    fold: Annotated[
+        bool, typer.Option("--fold", help="Fold SPD + conv into one strided conv where faster.")
+    ] = False,
+    input_size: InputSizeOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+    trust_import: Annotated[
+        list[str] | None,
+        typer.Option("--trust-import", help="Allow importing this pkg.mod:factory model spec."),
+    ] = None,
+    plugin: PluginOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Export a patched checkpoint and check it numerically against eager PyTorch."""
+    import json as jsonlib
+
+    from surgeon.export import export as run_export
+    from surgeon.models import parse_input_size
+
+    result = run_export(
+        directory,
+        format,
+        out_file,
+        input_size=parse_input_size(input_size) if input_size else None,
+        fold_layers=fold,
+        force=force,
+        trust_import=trust_import or (),
+        plugins=plugin or (),
+    )
+    if json:
+        out.print_json(jsonlib.dumps(result.to_dict()))
+    else:
+        out.print(result.summary(), highlight=False)
+        for note in result.notes:
+            out.print(f"note: {note}", style="yellow", highlight=False)
+
+
+@app.command()
+def placements(
+    model: ModelArg,
+    count: Annotated[
+        int | None,
+        typer.Option("--count", help="Number of ×2 downsampling steps (default: as now)."),
+    ] = None,
+    list_all: Annotated[bool, typer.Option("--list", help="List every legal placement.")] = False,
+    input_size: InputSizeOpt = None,
+    model_kwarg: KwargOpt = None,
+) -> None:
+    """Count (or list) the legal placements of the downsampling layers of MODEL."""
+    from surgeon.placements import PlacementSpace
+
+    loaded, args = _load(model, input_size, model_kwarg, None, False)
+    space = PlacementSpace.of(loaded.model, args)
+    steps = count if count is not None else space.current.steps
+    out.print(f"current placement ({space.current.steps} steps): {', '.join(space.current.layers)}")
+    out.print(f"{space.count(steps)} legal placements with {steps} downsampling steps")
+    if list_all:
+        for placement in space.placements(steps):
+            out.print("  " + ", ".join(placement.layers), highlight=False)
 
 
 @app.command()

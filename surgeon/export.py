@@ -78,6 +78,25 @@ class ExportResult:
     fold: FoldRecord | None = None
     notes: tuple[str, ...] = field(default=())
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: what `surgeon export --json` prints."""
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "method": self.method,
+            "bytes": self.bytes,
+            "checks": [
+                {
+                    "input_shape": list(c.input_shape),
+                    "max_abs_diff": c.max_abs_diff,
+                    "rel_diff": c.rel_diff,
+                }
+                for c in self.checks
+            ],
+            "fold": self.fold.to_dict() if self.fold else None,
+            "notes": list(self.notes),
+        }
+
     def summary(self) -> str:
         """One line: what was written, and the worst relative difference of the checks."""
         worst = max((c.rel_diff for c in self.checks), default=0.0)
@@ -116,7 +135,7 @@ def export(
     example_input: Tensor | None = None,
     input_size: Sequence[int] | None = None,
     fold_layers: bool | Choice = False,
-    method: Literal["auto", "script", "trace"] = "auto",
+    method: str = "auto",
     tolerance: float = DEFAULT_TOLERANCE,
     force: bool = False,
     trust_import: Collection[str] = (),
@@ -139,22 +158,22 @@ def export(
     choose: Choice | None = None
     if fold_layers:
         choose = "fastest" if fold_layers is True else fold_layers
-    model, example, name, info = _resolve_source(
-        source, example_input, input_size, trust_import=trust_import, plugins=plugins
-    )
     if path is None:
         if not isinstance(source, (str, Path)):
             raise UsageError("pass a path to export an nn.Module to")
         path = default_export_path(source, format, folded=choose is not None)
     target = Path(os.path.abspath(path))
-    _check_target(target, force=force)
+    _check_target(target, force=force)  # before any slow work
+    model, example, name, info = _resolve_source(
+        source, example_input, input_size, trust_import=trust_import, plugins=plugins
+    )
 
     shapes = check_sizes(example.shape)
     generator = torch.Generator().manual_seed(0)
     inputs = [example] + [
         torch.randn(s, generator=generator).to(example.device, example.dtype) for s in shapes[1:]
     ]
-    was_training = model.training
+    source_model, was_training = model, model.training
     model.eval()
     try:
         with torch.no_grad():
@@ -181,7 +200,7 @@ def export(
             size = tmp.stat().st_size
             os.replace(tmp, target)
     finally:
-        model.train(was_training)
+        source_model.train(was_training)
     return ExportResult(Path(path), format, method_used, checks, size, record, tuple(notes))
 
 

@@ -177,11 +177,16 @@ def _default_input_size(spec: ModelSpec, task: Task, model: nn.Module) -> tuple[
         size = cfg.get("input_size")
         if size:
             return tuple(int(s) for s in size)
-    if spec.source == "torchvision" and task == "classification":
+    if spec.source == "torchvision" and task in ("classification", "video"):
         from torchvision.models import get_model_weights
 
         try:
-            crop = get_model_weights(spec.name).DEFAULT.transforms().crop_size
+            weights = get_model_weights(spec.name).DEFAULT
+            crop = weights.transforms().crop_size
+            if task == "video":
+                # MViT and S3D need 224-px crops and at least 14-16 frames; ResNet3Ds use 112
+                frames = max(16, int(weights.meta.get("min_temporal_size", 16)))
+                return (3, frames, int(crop[0]), int(crop[-1]))
             return (3, int(crop[0]), int(crop[-1]))
         except (ValueError, AttributeError, TypeError):
             pass

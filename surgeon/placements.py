@@ -69,10 +69,10 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     return tuple(int(s) for s in shape) if shape is not None else None
 
 
-def _spatial(node: Any) -> bool:
-    """True for a tensor with spatial dims that are not all 1 (1×1 maps broadcast at joins)."""
+def _ranked(node: Any) -> bool:
+    """True for a tensor with spatial dims (N, C, *spatial)."""
     shape = _shape(node)
-    return shape is not None and len(shape) >= 3 and math.prod(shape[2:]) > 1
+    return shape is not None and len(shape) >= 3
 
 
 def _text(stage: Stage) -> str:
@@ -92,9 +92,10 @@ class Layer:
 
 @dataclass(frozen=True)
 class Problem:
-    """Why a change of strides is refused: a join, a flatten or an output would not fit."""
+    """Why a change of strides is refused: a join, a flatten or an output would not fit, or a
+    named layer cannot carry a stride."""
 
-    kind: Literal["join", "flatten", "output"]
+    kind: Literal["join", "flatten", "output", "layer"]
     where: str
     message: str
 
@@ -203,7 +204,7 @@ class StrideGraph:
                     return _Rule("layer", Fraction(stride), layer=name)
             return _Rule("layer", Fraction(stride))
         out, first = _shape(node), _shape(node.args[0] if node.args else None)
-        spatial_in = any(_spatial(i) for i in node.all_input_nodes)
+        spatial_in = any(_ranked(i) for i in node.all_input_nodes)
         target = (
             node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
         )
@@ -233,7 +234,7 @@ class StrideGraph:
         if rule.kind == "output":
             for item in node.all_input_nodes:
                 before, after = self.original.get(item), stage_of(item)
-                if self.original and _spatial(item) and before is not None and after != before:
+                if self.original and _ranked(item) and before is not None and after != before:
                     message = (
                         f"the model's output {item.name} would be at {_text(after)} instead of "
                         f"{before}: its size would change"
@@ -248,7 +249,8 @@ class StrideGraph:
             if rule.kind == "scale":
                 return value * rule.factor, None
             return value * (stride_of(rule.layer, rule.factor) if rule.layer else rule.factor), None
-        seen = {stage_of(i) for i in node.all_input_nodes if _spatial(i)} - {None}
+        # a map broadcast into a product after a global pool has no stage and joins anything
+        seen = {stage_of(i) for i in node.all_input_nodes if _ranked(i)} - {None}
         if len(seen) > 1:
             low, high = sorted(seen)[:2]  # type: ignore[type-var]
             where = self.where(node)
@@ -322,8 +324,9 @@ class PlacementSpace:
     """The legal placements of ×2 downsampling layers in a model (one torch.fx graph).
 
     Candidates are the convolution and max/average pooling modules called once, with stride 1
-    or 2, that see a map of at least 2×2 with a resolution that follows the input (not inside a
-    squeeze-excitation branch after a global pool). Layers with other strides stay as they are.
+    or 2, on a map whose resolution follows the input (not inside a squeeze-excitation branch
+    after a global pool); a candidate only downsamples where its map, in that placement and at
+    the example input's size, is at least 2×2. Layers with other strides stay as they are.
     A placement counts `steps` as the largest number of ×2 steps on any path (output stride
     2**steps); parallel layers of one step (a residual branch and its strided shortcut) are
     listed together.
@@ -338,9 +341,7 @@ class PlacementSpace:
         )
         self._candidate_names = {layer.name for layer in self.candidates}
         current = tuple(layer.name for layer in self.candidates if layer.stride == 2)
-        top = max(
-            (s for n, s in graph.original.items() if s is not None and _spatial(n)), default=1
-        )
+        top = max((s for n, s in graph.original.items() if s is not None and _ranked(n)), default=1)
         self.current = Placement(current, round(math.log2(top)))
 
     @classmethod
@@ -350,10 +351,11 @@ class PlacementSpace:
         return cls(StrideGraph.of(analyse(model, args)))
 
     def _may_downsample(self, layer: Layer) -> bool:
+        # the map must follow the input; whether it is large enough to halve depends on the
+        # placement and is checked per placement (`_min_size`)
         src = self.graph.input_of(layer.node)
-        shape = _shape(src)
         stage = self.graph.original.get(src) if src is not None else None
-        return stage is not None and shape is not None and len(shape) >= 3 and min(shape[2:]) >= 2
+        return stage is not None and _ranked(src)
 
     def _min_size(self, layer: Layer, stage: Fraction) -> float:
         src = self.graph.input_of(layer.node)
@@ -369,7 +371,7 @@ class PlacementSpace:
             where = unknown[0]
             return [
                 Problem(
-                    "join",
+                    "layer",
                     where,
                     f"{where} is not a candidate layer (a conv or pool "
                     "module called once, with stride 1 or 2, on a map that follows the input)",
@@ -437,7 +439,7 @@ class PlacementSpace:
 
                 branches = self._branches(node, stage_of, limit)
                 for value, _ in branches:
-                    new_top = max(top, value) if value is not None and _spatial(node) else top
+                    new_top = max(top, value) if value is not None and _ranked(node) else top
                     kept = tuple((j, s) for j, s in frontier if last[self.graph.nodes[j]] > i)
                     if last[node] > i:
                         kept += ((i, value),)
@@ -475,7 +477,7 @@ class PlacementSpace:
                 following = {n: s for n, s in env.items() if last[n] > i}
                 if last[node] > i:
                     following[node] = value
-                new_top = max(top, value) if value is not None and _spatial(node) else top
+                new_top = max(top, value) if value is not None and _ranked(node) else top
                 name = (self.graph.rules[node].layer,) if down else ()
                 stack.append((i + 1, following, chosen + name, new_top))
 

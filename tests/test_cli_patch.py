@@ -136,3 +136,36 @@ def test_a_plugin_replacement_is_named_in_a_policy_like_a_builtin(
     )
     assert code == 0, err
     assert "AvgPool2d" in stdout
+
+
+def test_eval_and_export_run_from_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "aa"
+    code, _, err = run_cli(
+        capsys, "patch", "resnet18", "--policy", "antialias", "--out", str(out),
+        "--input-size", "3x64x64",
+    )  # fmt: skip
+    assert code == 0, err
+    code, stdout, err = run_cli(
+        capsys, "eval", "resnet18", str(out), "--pairs", "4", "--input-size", "3x64x64", "--json"
+    )
+    assert code == 0, err
+    rows = json.loads(stdout)
+    assert [r["policy"] for r in rows] == [None, "antialias"]
+    assert rows[0]["params"] == rows[1]["params"] and rows[1]["macs"] > rows[0]["macs"]
+    code, stdout, err = run_cli(
+        capsys, "export", str(out), "--format", "torchscript", "--out", str(tmp_path / "m.pt")
+    )
+    assert code == 0, err
+    assert "matches eager PyTorch" in stdout and (tmp_path / "m.pt").exists()
+
+
+def test_dilate_output_stride_option(capsys: pytest.CaptureFixture[str]) -> None:
+    code, stdout, err = run_cli(
+        capsys, "patch", "resnet18", "--policy", "dilate", "--output-stride", "16", "--dry-run",
+        "--input-size", "3x64x64", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["summary"]["patched"] >= 1

@@ -43,7 +43,7 @@ def test_dilated_resnet50_equals_torchvisions_replace_stride_with_dilation(
     original = copy.deepcopy(model)
     reference = torchvision.models.resnet50(replace_stride_with_dilation=replace).eval()
     reference.load_state_dict(model.state_dict())
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(1, 3, 48, 48)  # 48 → 24 → 12 → 6 → 3 → 2: odd sizes on the way
     patched, report = patch(model, _dilate(output_stride), x)
     with torch.no_grad():
         got, want = patched(x), reference(x)
@@ -56,19 +56,19 @@ def test_dilated_resnet50_equals_torchvisions_replace_stride_with_dilation(
                 module.dilation,
                 module.padding,
             ), name
-    # features grow by the expected factor: 64 / 32 = 2 per side at output stride 32
+    # features grow by the expected factor: 48 / 32 → 2 per side at output stride 32
     assert _layer4(original, x).shape[-2:] == (2, 2)
-    assert _layer4(patched, x).shape[-2:] == (64 // output_stride,) * 2
+    assert _layer4(patched, x).shape[-2:] == (48 // output_stride,) * 2
     assert not report.keys_added and not report.keys_removed and not report.keys_renamed
 
 
 def test_dilated_features_equal_the_originals_on_every_fth_position() -> None:
     model = torchvision.models.resnet18().eval()
     original = copy.deepcopy(model)
-    x = torch.randn(1, 3, 80, 80)
+    x = torch.randn(1, 3, 56, 56)
     patch(model, _dilate(8), x)
     dense, sparse = _layer4(model, x), _layer4(original, x)
-    assert (dense.shape[-1], sparse.shape[-1]) == (10, 3)  # 80 / 8 and ceil(80 / 32)
+    assert (dense.shape[-1], sparse.shape[-1]) == (7, 2)  # 56 / 8 and ceil(56 / 32)
     torch.testing.assert_close(dense[..., ::4, ::4], sparse, atol=1e-5, rtol=1e-5)
 
 
@@ -113,14 +113,14 @@ def test_dilate_pads_a_strided_pool_shortcut_so_the_residual_join_still_fits() -
 
 def test_deeplabv3_at_output_stride_8_doubles_the_aspp_rates_and_keeps_the_output_size() -> None:
     loaded = load_model("deeplabv3_mobilenet_v3_large")
-    args = example_inputs(loaded.task, (3, 64, 64))
+    args = example_inputs(loaded.task, (3, 48, 48))
     model, report = patch(loaded.model, _dilate(8), args)
     (row,) = [r for r in report.rows if r.status == "patched"]
-    assert row.site == "backbone.7.block.1.0" and row.out_shape_after == (1, 240, 8, 8)
+    assert row.site == "backbone.7.block.1.0" and row.out_shape_after == (1, 240, 6, 6)
     rates = [branch[0].dilation for branch in model.classifier[0].convs[1:4]]
     assert rates == [(24, 24), (48, 48), (72, 72)], "DeepLab doubles the rates at half the stride"
     with torch.no_grad():
-        assert model(*args)["out"].shape == (1, 21, 64, 64)
+        assert model(*args)["out"].shape == (1, 21, 48, 48)
 
 
 def test_dilate_refuses_a_site_that_would_grow_a_fixed_upsampling_output() -> None:
@@ -154,3 +154,39 @@ def test_deeplabv3_resnet50_at_output_stride_4_dilates_layer2_on() -> None:
     ]
     assert model.backbone.layer4[1].conv2.dilation == (8, 8)
     assert [b[0].dilation for b in model.classifier[0].convs[1:4]] == [(24, 24), (48, 48), (72, 72)]
+
+
+def test_a_parallel_pool_that_reads_as_a_global_pool_is_dilated_with_its_branch() -> None:
+    import timm
+
+    # at 32 px layer4's 2×2 shortcut pool covers its whole 2×2 input: the scan calls it a
+    # global pool, no downsampling rule sees it, and the main path alone would break the join
+    model = timm.create_model("test_resnet").eval()
+    x = torch.randn(1, 3, 32, 32)
+    patched, report = patch(model, _dilate(8), x)
+    rows = {r.site: r for r in report.rows}
+    assert rows["layer4.0.downsample.0"].role == "global_pool"
+    assert "layer4.0.downsample.0 (parallel, not a downsampling site here) also at stride 1" in (
+        rows["layer4.0.conv1"].note
+    )
+    with torch.no_grad():
+        assert patched(x).shape == (1, 1000)
+
+
+def test_a_keep_rule_on_one_branch_fails_verification_with_a_clear_error() -> None:
+    text = """
+name: half
+description: dilate the main path only
+rules:
+  - match: {name: "*downsample*"}
+    action: keep
+  - match: {}
+    action: dilate
+    params: {output_stride: 16}
+"""
+    from surgeon.errors import PatchError
+    from surgeon.policy import parse_policy
+
+    policy = parse_policy(text, "half.yaml", action_schemas())
+    with pytest.raises(PatchError, match="must change the parallel branches of a block alike"):
+        patch(torchvision.models.resnet18().eval(), policy, torch.randn(1, 3, 64, 64))

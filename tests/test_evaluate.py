@@ -194,7 +194,7 @@ def test_evaluate_a_checkpoint_directory_beside_its_source(tmp_path: Path) -> No
     )
     save(tmp_path / "ckpt", patched, loaded, report, policy.to_dict())
 
-    options = EvalOptions(pairs=4, latency_runs=2, warmup=0)
+    options = EvalOptions(pairs=2, latency_runs=1, warmup=0)
     original, surgered = evaluate(["resnet18", tmp_path / "ckpt"], options)
     assert surgered.model == str(tmp_path / "ckpt") and surgered.policy == "spd"
     assert surgered.spec == "torchvision:resnet18"

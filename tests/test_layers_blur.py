@@ -213,11 +213,12 @@ def test_blurpool_equals_pad_then_depthwise_filter(
         ceil_source=ceil_source,
     )
     expected = straightforward(blur, x)
-    blur.border_min_numel = 0  # the large-input path (interior conv + border slabs) on small maps
+    # the large-input path (interior conv + border slabs), forced on small maps
+    blur.border_min_numel = blur.border_min_size = 0
     out = blur(x)
     assert out.shape == expected.shape
     assert torch.allclose(out, expected, atol=1e-6), f"{blur} on {tuple(x.shape)}"
-    del blur.border_min_numel
+    del blur.border_min_numel, blur.border_min_size
     assert torch.allclose(blur(x), expected, atol=1e-6), (
         f"{blur} on {tuple(x.shape)}, small-input path"
     )
@@ -290,19 +291,19 @@ def test_blurpool_works_in_1d_and_3d(dims: int) -> None:
     assert torch.allclose(out, straightforward(blur, x), atol=1e-6)
 
 
-@pytest.mark.parametrize("border_min_numel", [0, 1 << 20])
-def test_blurpool_keeps_channels_last_layout(border_min_numel: int) -> None:
-    blur = BlurPool(8)
-    blur.border_min_numel = border_min_numel
+@pytest.mark.parametrize("threshold", [0, 1 << 20])
+def test_blurpool_keeps_channels_last_layout(threshold: int) -> None:
+    blur = BlurPool(8)  # threshold 0: the large-input path
+    blur.border_min_numel = blur.border_min_size = threshold
     for size in (13, 12):
         x = torch.randn(2, 8, size, 12).contiguous(memory_format=torch.channels_last)
         assert blur(x).is_contiguous(memory_format=torch.channels_last), size
 
 
 def test_blurpool_backpropagates_through_the_border_recomputation() -> None:
-    blur = BlurPool(1, filter_size=4).double()
-    blur.border_min_numel = 0
-    x = torch.randn(1, 1, 7, 6, dtype=torch.float64, requires_grad=True)  # odd: border slabs
+    blur = BlurPool(1, filter_size=3).double()
+    blur.border_min_numel = blur.border_min_size = 0
+    x = torch.randn(1, 1, 7, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(blur, (x,), fast_mode=True)
 
 

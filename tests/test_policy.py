@@ -305,7 +305,7 @@ def test_keep_is_known_even_when_actions_is_empty() -> None:
             "- match: {op: [conv, maxpool]}\n  action: spd\n",
             "p.yaml:4: rules[0].match.op[1]: 'maxpool' is not an operation (did you mean "
             "'max_pool'?); allowed: conv, max_pool, avg_pool, lp_pool, adaptive_avg_pool, "
-            "adaptive_max_pool",
+            "adaptive_max_pool, conv_transpose, interpolate, pixel_shuffle",
         ),
         (
             "- match: {op: []}\n  action: spd\n",

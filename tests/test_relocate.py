@@ -46,14 +46,14 @@ def _tuple(value: object) -> tuple[int, ...]:
 
 def test_moving_resnet50_strides_to_conv1_gives_the_v1_block() -> None:
     model = torchvision.models.resnet50().eval()
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, 32, 32)
     policy = _moves(*((f"layer{i}.0.conv2", {"to": f"layer{i}.0.conv1"}) for i in (2, 3, 4)))
     patched, report = patch(model, policy, x)
     assert report.patched == 3 and not report.skipped
     assert sorted(_strides(patched)) == sorted(_V1)
     row = next(r for r in report.rows if r.site == "layer2.0.conv2")
     assert row.replacement == "stride 2→1; layer2.0.conv1 takes it (stride 2)"
-    assert row.out_shape_after == row.out_shape_before == (1, 128, 8, 8)
+    assert row.out_shape_after == row.out_shape_before == (1, 128, 4, 4)
     with torch.no_grad():
         assert patched(x).shape == (1, 1000)
     assert not report.keys_added and not report.keys_removed

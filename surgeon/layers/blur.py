@@ -75,9 +75,12 @@ class BlurPool(nn.Module):
 
     if TYPE_CHECKING:  # a class-level annotation is a string TorchScript cannot resolve
         filter: Tensor
-    border_min_numel: int = 1 << 20
-    """Eager inputs with fewer elements take the plain pad-then-filter path: on small maps the
-    extra calls of the border recomputation cost more than the input copy they avoid."""
+    # plain class attributes, not annotations: see `filter` above
+    border_min_numel = 1 << 20
+    border_min_size = 48
+    """Eager inputs with fewer elements, or a spatial size below `border_min_size`, take the
+    plain pad-then-filter path: there the border recomputation costs more than the input copy
+    it avoids (measured on a 2-core CPU, see docs/benchmarks.md)."""
 
     def __init__(
         self,
@@ -208,7 +211,8 @@ class BlurPool(nn.Module):
         if f == 1 and not self.ceil_mode:
             index: tuple[Any, ...] = (Ellipsis, *(slice(None, None, s) for s in self.stride))
             return x[index].clone()
-        if x.numel() < self.border_min_numel:
+        small = x.numel() < self.border_min_numel or min(sizes) < self.border_min_size
+        if small:
             return self._reference(x, mode, [(left, r) for r in rights])
         # Interior: the convolution's own (symmetric, zero) padding keeps the alignment and
         # avoids copying the input. Outputs in [low, high) per dim read no padding, or only
@@ -229,39 +233,26 @@ class BlurPool(nn.Module):
                 reach = size - 1 - (max(right, 0) if mode == "reflect" else 0)
                 high = min(high, (reach + left) // s)
             highs.append(high)
-        bottoms_fit = all(
-            h * s >= left for h, s, t in zip(highs, self.stride, lengths, strict=True) if h < t
-        )
-        if not bottoms_fit or any(h <= lo for lo, h in zip(lows, highs, strict=True)):
+        # the interior convolution must already have every output (odd lengths with even
+        # filters, and ceil-mode extras, would need a copy to grow it: not worth it)
+        complete = interior == lengths
+        if not complete or any(h <= lo for lo, h in zip(lows, highs, strict=True)):
             return self._reference(x, mode, [(left, r) for r in rights])
         out = self._conv(x, [left] * self.dims)
-        missing = [t - have for t, have in zip(lengths, interior, strict=True)]
-        if any(missing):
-            out = F.pad(out, [p for m in reversed(missing) for p in (0, m)])
         full = [(left, r) for r in rights]
+        flat = [0] * self.dims
         for i, (size, s, t) in enumerate(zip(sizes, self.stride, lengths, strict=True)):
             low, high = lows[i], highs[i]
-            # k border outputs at each end, from slabs that pad to the same length,
-            # (k-1)*s + f, so both ends share one small convolution
-            k = max(low, t - high)
-            if k == 0:
-                continue
-            start = (t - k) * s - left
-            bottom = self._padded(
-                x.narrow(2 + i, start, size - start),
-                mode,
-                [*full[:i], (0, rights[i]), *full[i + 1 :]],
-            )
-            if low == 0:
-                out.narrow(2 + i, t - k, k).copy_(self._conv(bottom, [0] * self.dims))
-                continue
-            rows = (k - 1) * s - left + f
-            top = self._padded(
-                x.narrow(2 + i, 0, rows), mode, [*full[:i], (left, 0), *full[i + 1 :]]
-            )
-            ends = self._conv(torch.cat([top, bottom]), [0] * self.dims).chunk(2)
-            out.narrow(2 + i, 0, k).copy_(ends[0])
-            out.narrow(2 + i, t - k, k).copy_(ends[1])
+            if low > 0:
+                rows = (low - 1) * s - left + f
+                pads = [*full[:i], (left, 0), *full[i + 1 :]]
+                top = self._padded(x.narrow(2 + i, 0, rows), mode, pads)
+                out.narrow(2 + i, 0, low).copy_(self._conv(top, flat))
+            if high < t:
+                start = high * s - left
+                pads = [*full[:i], (0, rights[i]), *full[i + 1 :]]
+                bottom = self._padded(x.narrow(2 + i, start, size - start), mode, pads)
+                out.narrow(2 + i, high, t - high).copy_(self._conv(bottom, flat))
         return out
 
     @torch.jit.unused

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -564,6 +565,9 @@ def _per_dim(value: int | Sequence[int], dims: int, name: str) -> tuple[int, ...
 
 
 def _timm_types(*names: str) -> tuple[type, ...]:
+    # No module can be an instance of a timm class before timm is imported: skip the import.
+    if "timm" not in sys.modules:
+        return ()
     # timm.layers re-exports a *function* named conv2d_same, so import the modules by path.
     try:
         modules = [

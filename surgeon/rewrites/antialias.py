@@ -63,8 +63,6 @@ class AntialiasRewrite:
     def _blur(
         self, site: Site, params: Mapping[str, Any], channels: int, ceil: bool = False
     ) -> BlurPool:
-        if len(set(site.stride)) != 1:
-            raise SkipSite(f"unequal strides {site.stride} per dimension")
         source: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None
         if ceil:
             if isinstance(site.padding, str):
@@ -74,7 +72,7 @@ class AntialiasRewrite:
             channels,
             dims=site.dims,
             filter_size=int(params["filter_size"]),
-            stride=site.stride[0],
+            stride=site.stride,
             pad_mode=str(params["pad_mode"]),
             ceil_source=source,
         )

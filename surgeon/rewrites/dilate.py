@@ -35,7 +35,7 @@ from surgeon.errors import AnalysisError
 from surgeon.placements import Geometry, StrideGraph, regeometry, resize_layer
 from surgeon.policy import ActionSchema, ParamSpec
 from surgeon.rewrites.base import Edit, ModelEditor, SkipSite
-from surgeon.sites import Site, resampling
+from surgeon.sites import Site, find_sites, resampling
 
 __all__ = ["DilateRewrite", "DilationPlan"]
 
@@ -48,11 +48,29 @@ class DilationPlan:
     strides: dict[str, int] = field(default_factory=dict)  # layer name -> new stride
     geometry: dict[int, Geometry] = field(default_factory=dict)  # id(module) -> as built
     factors: dict[int, int] = field(default_factory=dict)  # id(module) -> current factor
+    sites: frozenset[str] = frozenset()  # layers that are downsampling sites (rules see them)
 
     def __post_init__(self) -> None:
         for _, module in self.graph.modules:
             self.geometry.setdefault(id(module), Geometry.of(module))
             self.factors.setdefault(id(module), 1)
+
+    def partners(self, name: str, stride: int) -> list[str]:
+        """Strided layers parallel to `name` (same input stage and stride) that no downsampling
+        rule sees, e.g. a 2×2 shortcut pool that covers a 2×2 map and so reads as a global pool."""
+        layer = self.graph.layers[name]
+        src = self.graph.input_of(layer.node)
+        stage = self.graph.original.get(src) if src is not None else None
+        return [
+            other.name
+            for other in self.graph.layers.values()
+            if other.name != name
+            and other.name not in self.sites
+            and other.name not in self.strides
+            and other.stride == stride
+            and (i := self.graph.input_of(other.node)) is not None
+            and self.graph.original.get(i) == stage
+        ]
 
     def left_alone(self, stages: Mapping[fx.Node, Fraction | None]) -> list[str]:
         """Layers after a rewritten site that this plan cannot dilate."""
@@ -147,16 +165,27 @@ class DilateRewrite:
             raise SkipSite("needs a torch.fx graph of the layers after the site to dilate them")
         if region.path not in plans:
             try:
-                plans[region.path] = DilationPlan(StrideGraph(region, editor.analysis))
+                graph = StrideGraph(region, editor.analysis)
             except AnalysisError as exc:
                 raise SkipSite(str(exc)) from exc
+            seen = {s.module for s in find_sites(editor.analysis) if s.role == "downsample"}
+            plans[region.path] = DilationPlan(graph, sites=frozenset(seen))
         plan = plans[region.path]
         if site.module not in plan.graph.layers:
             raise SkipSite("not a single-call convolution or pooling module of the graph")
         strides = {**plan.strides, site.module: keep}
         stages, problems = plan.graph.stages(strides)
-        # joins may disagree until the parallel sites (a shortcut) are rewritten too; an output
-        # or a flatten that would change size cannot be fixed by later sites
+        # joins may disagree until the parallel sites (a shortcut) are rewritten too; a parallel
+        # layer that is no downsampling site at this input size goes with this one
+        also = []
+        for partner in plan.partners(site.module, stride):
+            joins = sum(p.kind == "join" for p in problems)
+            trial = {**strides, partner: keep}
+            trial_stages, trial_problems = plan.graph.stages(trial)
+            if sum(p.kind == "join" for p in trial_problems) < joins:
+                strides, stages, problems = trial, trial_stages, trial_problems
+                also.append(partner)
+        # an output or a flatten that would change size cannot be fixed by later sites
         fatal = [p for p in problems if p.kind != "join"]
         if fatal:
             raise SkipSite(f"{fatal[0]}; choose a larger output_stride")
@@ -183,6 +212,8 @@ class DilateRewrite:
         )
         alone = plan.left_alone(stages)
         note = f"the layers after it run {denser}× denser and are dilated to match"
+        if also:
+            note += f"; {', '.join(also)} (parallel, not a downsampling site here) also at stride 1"
         if alone:
             note += f"; not dilated: {', '.join(alone[:4])}" + (" …" if len(alone) > 4 else "")
         return Edit(site.name, "dilate", description, "kept", (path,), path, note=note)
