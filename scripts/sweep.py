@@ -34,6 +34,7 @@ import json
 import os
 import random
 import selectors
+import shutil
 import signal
 import statistics
 import subprocess
@@ -57,7 +58,7 @@ REDUCED_SIDE = 64  # the spatial side tried first; the default size is the last 
 EXACT_TOLERANCE = 1e-4  # relative output difference allowed where every transfer is exact
 MAX_PARAMS = 1_000_000_000  # beyond this a model does not fit the sweep's memory budget
 DEFAULT_TIMEOUT_S = 600.0
-DEFAULT_MEMORY_GIB = 12.0
+DEFAULT_MEMORY_GIB = 8.0
 
 Progress = Callable[[str], None]
 
@@ -361,12 +362,15 @@ def _check_policy(
 
 
 def _scratch(nbytes: int) -> str | None:
-    """A RAM-backed directory for a round-trip checkpoint under 1 GiB where there is one (disk
-    writes with their fsyncs take longer than the rest of the check); larger ones go to disk,
-    where they do not count against memory."""
-    shm = Path("/dev/shm")
-    small = nbytes < 2**30
-    return str(shm) if small and shm.is_dir() and os.access(shm, os.W_OK) else None
+    """Where a round-trip checkpoint goes: RAM-backed for one under 1 GiB where there is such a
+    directory (disk writes with their fsyncs take longer than the rest of the check), disk for
+    larger ones, where they do not count against memory. A worker gets both from its parent,
+    which deletes them with the worker: a killed worker cannot clean up after itself."""
+    if nbytes < 2**30:
+        return os.environ.get(_SHM_ENV) or (
+            str(_SHM) if _SHM.is_dir() and os.access(_SHM, os.W_OK) else None
+        )
+    return os.environ.get(_DISK_ENV) or None
 
 
 def _is_surgeon_error(exc: BaseException) -> bool:
@@ -544,10 +548,19 @@ def _rss_gib(pid: int) -> float:
     return 0.0
 
 
+_SHM = Path("/dev/shm")
+_SHM_ENV, _DISK_ENV = "SURGEON_SWEEP_SHM", "SURGEON_SWEEP_DISK"
+
+
 class Worker:
     """A worker subprocess running `worker_main`; killed and replaced when a model overruns."""
 
     def __init__(self, nice: int = 0, threads: int = 0) -> None:
+        shm = str(_SHM) if _SHM.is_dir() and os.access(_SHM, os.W_OK) else None
+        self.scratch = [
+            tempfile.mkdtemp(prefix="surgeon-sweep-", dir=shm),
+            tempfile.mkdtemp(prefix="surgeon-sweep-"),
+        ]
         read_fd, write_fd = os.pipe()
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(write_fd)]
         command += ["--threads", str(threads)]
@@ -562,6 +575,8 @@ class Worker:
             cwd=ROOT,
             env={
                 **os.environ,
+                _SHM_ENV: self.scratch[0],
+                _DISK_ENV: self.scratch[1],
                 "PYTHONPATH": os.pathsep.join(
                     filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
                 ),
@@ -609,6 +624,8 @@ class Worker:
         self.process.wait()
         self.selector.close()
         os.close(self.messages)
+        for directory in self.scratch:
+            shutil.rmtree(directory, ignore_errors=True)
         self.log.close()
 
 

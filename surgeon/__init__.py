@@ -1,3 +1,19 @@
-"""surgeon: find every strided convolution and pooling layer in a PyTorch model and replace it by policy."""
+"""surgeon: find every strided convolution and pooling layer in a PyTorch model and replace it
+by policy.
+
+    import surgeon
+    result = surgeon.scan(model, example_input)
+    model, report = surgeon.patch(model, "spd", example_input)
+    model = surgeon.load("out/resnet50-spd")
+"""
 
 __version__ = "0.1.0"
+
+# The Python API mirrors the CLI. `patch` and `scan` are also the names of the modules that
+# implement them; binding the functions here (after those modules are imported) makes
+# `surgeon.patch(...)` the call, while `from surgeon.patch import PatchReport` still works.
+from surgeon.api import load, save  # noqa: E402
+from surgeon.patch import patch  # noqa: E402
+from surgeon.scan import scan  # noqa: E402
+
+__all__ = ["__version__", "load", "patch", "save", "scan"]
