@@ -39,7 +39,6 @@ from torch import Tensor
 from surgeon.errors import CheckpointError, OutputError, WeightsError
 
 __all__ = [
-    "check_writable",
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST_FILE",
@@ -47,6 +46,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "WEIGHTS_SUFFIXES",
     "check_state_dict_fits",
+    "check_writable",
     "load_weights_file",
     "read_checkpoint",
     "require_trusted_import",

@@ -138,7 +138,9 @@ def _diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> tuple[float, 
     return worst, (worst / scale if scale else worst)
 
 
-def _run(model: nn.Module, args: tuple[Any, ...], hooks: Mapping[str, Callable[..., None]]) -> tuple[Any, dict[str, int]]:
+def _run(
+    model: nn.Module, args: tuple[Any, ...], hooks: Mapping[str, Callable[..., None]]
+) -> tuple[Any, dict[str, int]]:
     handles = [model.get_submodule(p).register_forward_hook(h) for p, h in hooks.items()]
     # FlopCounterMode's module tracker hooks autograd on every module input that requires
     # grad; a view of a parameter taken under no_grad (timm CaiT's `cls_token.expand(...)`)
@@ -284,7 +286,9 @@ def patch(
     after = patched.state_dict(keep_vars=True)
     after_ids = {id(t): k for k, t in after.items()}
     renamed = tuple(
-        (old, after_ids[i]) for i, old in before_params.items() if i in after_ids and after_ids[i] != old
+        (old, after_ids[i])
+        for i, old in before_params.items()
+        if i in after_ids and after_ids[i] != old
     )
     removed = tuple(old for i, old in before_params.items() if i not in after_ids)
     added = tuple(k for i, k in after_ids.items() if i not in before_params)
@@ -294,11 +298,20 @@ def patch(
         decision = by_site[site.name]
         edit = edits.get(site.name)
         rows.append(
-            _row(site, decision, edit, skipped.get(site.name), patched, captured, site_outputs,
-                 flops_after)
+            _row(
+                site,
+                decision,
+                edit,
+                skipped.get(site.name),
+                patched,
+                captured,
+                site_outputs,
+                flops_after,
+            )
         )
     warnings = [
-        f"{r.label} ({resolved.location(r)}) matched no site" for r in unused_rules(resolved, decisions)
+        f"{r.label} ({resolved.location(r)}) matched no site"
+        for r in unused_rules(resolved, decisions)
     ]
     model.train(was_training)
     if patched is not model:
@@ -339,7 +352,11 @@ def _row(
     site_outputs: Mapping[str, tuple[Any, Any]],
     flops_after: Mapping[str, int],
 ) -> SiteRow:
-    rule = f"{decision.rule_index}" + (f" ({decision.rule_name})" if decision.rule_name else "") if decision.rule_index else None
+    rule = (
+        f"{decision.rule_index}" + (f" ({decision.rule_name})" if decision.rule_name else "")
+        if decision.rule_index
+        else None
+    )
     base = dict(
         site=site.name,
         op=site.type_name,
@@ -354,7 +371,13 @@ def _row(
     )
     if edit is None:
         status = (
-            "skipped" if skip_reason else "kept" if decision.action else "not-a-site" if site.role != "downsample" else "unmatched"
+            "skipped"
+            if skip_reason
+            else "kept"
+            if decision.action
+            else "not-a-site"
+            if site.role != "downsample"
+            else "unmatched"
         )
         return SiteRow(
             **base,  # type: ignore[arg-type]

@@ -101,7 +101,9 @@ class ModelEditor:
         self.pending.clear()
         return self.model
 
-    def _direct_calls(self, graph: fx.Graph, target: Any, owner: str, region_path: str) -> list[fx.Node]:
+    def _direct_calls(
+        self, graph: fx.Graph, target: Any, owner: str, region_path: str
+    ) -> list[fx.Node]:
         """Call nodes of `target` made directly by the owner's own forward, in order."""
         calls = []
         for node in graph.nodes:
@@ -122,7 +124,9 @@ class ModelEditor:
             try:
                 graph = tracer.trace(module)
             except Exception as exc:  # fx failures surface as many types
-                reason = f"{owner or 'the model'} does not trace with torch.fx ({type(exc).__name__})"
+                reason = (
+                    f"{owner or 'the model'} does not trace with torch.fx ({type(exc).__name__})"
+                )
                 raise SkipSite(reason) from exc
         gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
         for item in items:
