@@ -106,6 +106,10 @@ PolicyOpt = Annotated[
         "--policy", "-p", help="Built-in policy name (see `surgeon policies`) or a YAML file."
     ),
 ]
+TrustImportOpt = Annotated[
+    list[str] | None,
+    typer.Option("--trust-import", help="Allow importing this pkg.mod:factory model spec."),
+]
 PluginOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -248,10 +252,7 @@ def load(
     directory: Annotated[
         Path, typer.Argument(help="A checkpoint directory written by `surgeon patch`.")
     ],
-    trust_import: Annotated[
-        list[str] | None,
-        typer.Option("--trust-import", help="Allow importing this pkg.mod:factory model spec."),
-    ] = None,
+    trust_import: TrustImportOpt = None,
     plugin: PluginOpt = None,
 ) -> None:
     """Rebuild the patched model from a checkpoint and check that it runs."""
@@ -288,10 +289,7 @@ def eval_(
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for shifts and images.")] = 0,
     input_size: InputSizeOpt = None,
-    trust_import: Annotated[
-        list[str] | None,
-        typer.Option("--trust-import", help="Allow importing this pkg.mod:factory model spec."),
-    ] = None,
+    trust_import: TrustImportOpt = None,
     plugin: PluginOpt = None,
     json: JsonOpt = False,
 ) -> None:
@@ -365,10 +363,7 @@ def export(
     ] = False,
     input_size: InputSizeOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
-    trust_import: Annotated[
-        list[str] | None,
-        typer.Option("--trust-import", help="Allow importing this pkg.mod:factory model spec."),
-    ] = None,
+    trust_import: TrustImportOpt = None,
     plugin: PluginOpt = None,
     json: JsonOpt = False,
 ) -> None:
