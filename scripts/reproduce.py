@@ -2,7 +2,7 @@
 """A reproduction in miniature: do SPD-Conv and anti-aliasing help a ResNet-18 with small objects?
 
     python scripts/reproduce.py                   # full run: docs/results.md and plots
-    python scripts/reproduce.py --quick --out DIR # smoke run (~15 s on 2 idle cores)
+    python scripts/reproduce.py --quick --out DIR # smoke run (~20 s on an idle core)
 
 The full run trains 9 models (3 variants × 3 seeds, 60k samples each): about 15 min on 2 idle
 cores. On a busy machine pass `--threads 1`: two threads that must wait for each other slow
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -82,7 +83,7 @@ class Config:
 
 
 FULL = Config(train=20_000, test=2_000, epochs=3, batch=128, lr=2e-3, seeds=(0, 1, 2), threads=2)
-QUICK = Config(train=384, test=160, epochs=3, batch=48, lr=2e-3, seeds=(0,), threads=2)
+QUICK = Config(train=384, test=160, epochs=3, batch=48, lr=2e-3, seeds=(0,), threads=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,6 +257,14 @@ def evaluate_variant(model: nn.Module, test: Split, seed: int) -> dict[str, Any]
     }
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none): timings mean little if high."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
+
+
 def run(
     config: Config,
     log: Callable[[str], None] = print,
@@ -297,6 +306,7 @@ def run(
             "torchvision": torchvision.__version__,
             "threads": config.threads,
             "cpu": platform.processor() or platform.machine(),
+            "load_average_at_start": _load_average(),
         },
     }
     for seed in config.seeds:
@@ -710,7 +720,14 @@ def markdown(results: dict[str, Any], plots: Sequence[str], command: str) -> str
         "",
         "## Timings",
         "",
-        f"Data generation {results['data_seconds']:.0f} s; total {results['total_seconds']:.0f} s.",
+        f"Data generation {results['data_seconds']:.0f} s; total {results['total_seconds']:.0f} s. "
+        "Wall-clock times on the machine as it was"
+        + (
+            f" (1-minute load average {load:.1f} at the start on {os.cpu_count()} cores)"
+            if (load := results["versions"].get("load_average_at_start")) is not None
+            else ""
+        )
+        + ": on a shared machine they measure the contention as much as the variants.",
         "",
         "| variant | train time per seed | eval time per seed | final training loss |",
         "|---|---:|---:|---:|",

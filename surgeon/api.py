@@ -25,7 +25,7 @@ from surgeon.checkpoint import (
     write_checkpoint,
 )
 from surgeon.errors import CheckpointError
-from surgeon.models import LoadedModel, ModelSpec, build_model, example_inputs
+from surgeon.models import LoadedModel, ModelSpec, build_model, example_inputs, load_state
 from surgeon.patch import PatchReport, patch
 from surgeon.policy import policy_from_dict
 from surgeon.report import patch_markdown
@@ -160,6 +160,6 @@ def load(
         )
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_state_dict_fits(expected, state, source=Path(directory) / "model.safetensors")
-    model.load_state_dict(state, strict=True)
+    load_state(model, state)
     model.eval()
     return model

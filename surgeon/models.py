@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -26,6 +27,7 @@ __all__ = [
     "build_model",
     "example_inputs",
     "load_model",
+    "load_state",
     "parse_input_size",
     "parse_kwargs",
     "parse_spec",
@@ -259,10 +261,25 @@ def build_model(
         state = load_weights_file(weights)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         check_state_dict_fits(expected, state, source=weights)
-        model.load_state_dict(state, strict=True)
+        load_state(model, state)
         source = str(weights)
     model.eval()
     return LoadedModel(model, spec, task, _default_input_size(spec, task, model), source)
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """`model.load_state_dict(state, strict=True)` for a state dict read from a file.
+
+    safetensors keeps no per-module version metadata (`state_dict()._metadata`), and a module
+    with a versioned `_load_from_state_dict` refuses a state dict without it (torchvision's
+    MNASNet: "version should be set to 1 or 2"); the model's own versions are attached then.
+    """
+    if getattr(state, "_metadata", None) is None:
+        metadata = getattr(model.state_dict(), "_metadata", None)
+        state = OrderedDict(state)
+        if metadata is not None:
+            state._metadata = metadata  # type: ignore[attr-defined]
+    model.load_state_dict(state, strict=True)
 
 
 def load_model(

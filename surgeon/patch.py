@@ -241,11 +241,12 @@ def patch(
         raise PatchError(f"could not rewrite functional sites: {exc}") from exc
 
     site_outputs: dict[str, tuple[Any, Any]] = {}
-    hooks = {
-        e.output_module: _capture(site_outputs, e.output_module)
-        for e in edits.values()
-        if e.output_module
+    # where each edit's output shape can be read: its output module, else its last new module
+    # (antialias's blur after the activation), which keeps the site's output shape
+    probes = {
+        name: e.output_module or (e.modules[-1] if e.modules else None) for name, e in edits.items()
     }
+    hooks = {path: _capture(site_outputs, path) for path in probes.values() if path}
     try:
         output, flops_after = _run(patched, args, hooks)
     except RuntimeError as exc:  # e.g. a residual join whose branches no longer match
@@ -259,16 +260,15 @@ def patch(
         culprit = next(
             (
                 name
-                for name, e in edits.items()
-                if e.output_module in site_outputs
-                and tuple(_tensors(site_outputs[e.output_module][1])[0].shape)
-                != _site(result, name).out_shape
+                for name, path in probes.items()
+                if path in site_outputs
+                and tuple(_tensors(site_outputs[path][1])[0].shape) != _site(result, name).out_shape
             ),
             None,
         )
         # Every patched site kept its output shape, so sizes that differ only in the leading
         # dim come from the values (how many boxes pass the score threshold), not the layers.
-        sites_checked = all(e.output_module in site_outputs for e in edits.values())
+        sites_checked = all(path in site_outputs for path in probes.values())
         if culprit is None and sites_checked and _leading_sizes_differ(reference, output):
             editor.notes.append(
                 "the number of detections changed (the outputs' leading sizes depend on the "

@@ -5,7 +5,6 @@ Renderers take plain records (ScanResult, PatchReport) and never reach back into
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import tempfile
@@ -259,31 +258,10 @@ def patch_json(report: PatchReport) -> str:
     return json.dumps(report.to_dict(), indent=2, sort_keys=True, default=str)
 
 
-def patch_html(report: PatchReport) -> str:
-    """A self-contained HTML page with the diff table."""
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in _PATCH_COLUMNS)
-    body = "".join(
-        "<tr class='{}'>{}</tr>".format(
-            row.status, "".join(f"<td>{html.escape(c)}</td>" for c in cells)
-        )
-        for row, cells in zip(report.rows, _patch_rows(report), strict=True)
-    )
-    totals = "".join(f"<li>{html.escape(line)}</li>" for line in _totals_lines(report))
-    title = html.escape(f"surgeon patch: {report.model} with policy {report.policy}")
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>{title}</title><style>"
-        "body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:left}"
-        "tr.kept,tr.unmatched,tr.not-a-site{color:#888}tr.skipped{color:#a60}"
-        f"</style></head><body><h1>{title}</h1><table><tr>{head}</tr>{body}</table>"
-        f"<ul>{totals}</ul></body></html>\n"
-    )
-
-
 def write_report(report: PatchReport, path: Path) -> None:
     """Write the report as Markdown, JSON or HTML (by suffix), atomically."""
     from surgeon.errors import OutputError
+    from surgeon.report_html import patch_html
 
     renderers = {".md": patch_markdown, ".json": patch_json, ".html": patch_html}
     render = renderers.get(path.suffix.lower())
