@@ -202,6 +202,7 @@ def model_kwargs(job: Job, size: Sequence[int] | None) -> dict[str, Any]:
 
     - torchvision detection: the internal resize (800–1333 px by default) follows the input
       size instead, so the detector runs at the sweep's size; SSDs have one fixed `size`.
+    - torchvision MViT (position embeddings for one clip size): `spatial_size`, `temporal_size`.
     - timm models with a fixed input size: `img_size` set to the size used.
     """
     if size is None:
@@ -211,6 +212,8 @@ def model_kwargs(job: Job, size: Sequence[int] | None) -> dict[str, Any]:
         if job.name.startswith("ssd"):
             return {}  # SSD's transform size is part of its anchors
         return {"min_size": min(height, width), "max_size": max(height, width)}
+    if job.source == "torchvision" and job.name.startswith("mvit"):
+        return {"spatial_size": [height, width], "temporal_size": int(size[1])}
     if fixed_input_size(job.source, job.name):
         return {"img_size": height if height == width else [height, width]}
     return {}

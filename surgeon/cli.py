@@ -361,6 +361,9 @@ def export(
     fold: Annotated[
         bool, typer.Option("--fold", help="Fold SPD + conv into one strided conv where faster.")
     ] = False,
+    method: Annotated[
+        str, typer.Option("--method", help="TorchScript only: script, trace, or auto.")
+    ] = "auto",
     input_size: InputSizeOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
     trust_import: TrustImportOpt = None,
@@ -379,10 +382,13 @@ def export(
         out_file,
         input_size=parse_input_size(input_size) if input_size else None,
         fold_layers=fold,
+        method=method,
         force=force,
         trust_import=trust_import or (),
         plugins=plugin or (),
     )
+    if result.fold is not None:
+        err.print(result.fold.summary(), highlight=False)
     if json:
         out.print_json(jsonlib.dumps(result.to_dict()))
     else:
