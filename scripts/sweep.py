@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import fcntl
 import fnmatch
 import json
 import os
@@ -202,7 +203,6 @@ def model_kwargs(job: Job, size: Sequence[int] | None) -> dict[str, Any]:
 
     - torchvision detection: the internal resize (800–1333 px by default) follows the input
       size instead, so the detector runs at the sweep's size; SSDs have one fixed `size`.
-    - torchvision MViT (position embeddings for one clip size): `spatial_size`, `temporal_size`.
     - timm models with a fixed input size: `img_size` set to the size used.
     """
     if size is None:
@@ -212,8 +212,6 @@ def model_kwargs(job: Job, size: Sequence[int] | None) -> dict[str, Any]:
         if job.name.startswith("ssd"):
             return {}  # SSD's transform size is part of its anchors
         return {"min_size": min(height, width), "max_size": max(height, width)}
-    if job.source == "torchvision" and job.name.startswith("mvit"):
-        return {"spatial_size": [height, width], "temporal_size": int(size[1])}
     if fixed_input_size(job.source, job.name):
         return {"img_size": height if height == width else [height, width]}
     return {}
@@ -742,14 +740,30 @@ def append_result(file: IO[str], record: dict[str, Any]) -> None:
     os.fsync(file.fileno())
 
 
+class ResultsBusy(Exception):
+    """A sweep is appending to the results file."""
+
+
+def _lock(file: IO[str], path: Path) -> None:
+    """Hold an exclusive lock on the results file while a sweep appends to it or it is compacted;
+    compacting replaces the file, and a running sweep would go on appending to the old one."""
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ResultsBusy(f"{path} is in use by a running sweep; wait for it or stop it") from None
+
+
 def compact_results(path: Path) -> int:
-    """Rewrite the results file with one line per model (the latest), atomically."""
-    records = read_results(path)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as file:
-        for key in sorted(records, key=lambda k: (k.split(":")[0] != "torchvision", k)):
-            file.write(json.dumps(records[key], sort_keys=True) + "\n")
-    tmp.replace(path)
+    """Rewrite the results file with one line per model (the latest), atomically; refuses
+    (ResultsBusy) while a sweep is appending to it."""
+    with path.open("a", encoding="utf-8") as held:
+        _lock(held, path)
+        records = read_results(path)
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as file:
+            for key in sorted(records, key=lambda k: (k.split(":")[0] != "torchvision", k)):
+                file.write(json.dumps(records[key], sort_keys=True) + "\n")
+        tmp.replace(path)
     return len(records)
 
 
@@ -824,6 +838,7 @@ def run_sweep(
         results.open("a", encoding="utf-8") as file,
         RichProgress(*columns, console=console, transient=True) as bar,
     ):
+        _lock(file, results)
         task = bar.add_task("starting", total=len(todo))
         try:
             for job in todo:
@@ -909,8 +924,10 @@ def is_traceback(record: dict[str, Any]) -> bool:
     return any("traceback" in p for p in record.get("policies", {}).values())
 
 
-def render_coverage(records: Sequence[dict[str, Any]], expected: dict[str, int]) -> str:
-    """The Markdown coverage report for a set of records."""
+def render_coverage(
+    records: Sequence[dict[str, Any]], expected: dict[str, int], notes: Sequence[str] = ()
+) -> str:
+    """The Markdown coverage report for a set of records; `notes` say how the sweep was run."""
     lines = [
         "# Coverage: every torchvision and timm model",
         "",
@@ -925,7 +942,21 @@ def render_coverage(records: Sequence[dict[str, Any]], expected: dict[str, int])
         f"{REDUCED_SIDE} px, then {REDUCED_SIDE * 2} px, then the default) to the first size "
         "the original model accepts.",
         "",
+        "- **pass**: every policy patched (or had nothing to patch), verified and round-tripped.",
+        "- **fail**: a policy raised, changed an output shape, broke an exact transfer or did not "
+        "reload bit for bit; the reason is that policy's one-line message. A reason starting "
+        "with `traceback:` is an unexpected exception (counted under *tracebacks*).",
+        "- **skip**: the model was not (fully) checked, for the reason given: over the sweep's "
+        "memory or time budget per model, or too many parameters for it.",
+        "",
+        "Model-specific settings live in one place, `model_kwargs` in `scripts/sweep.py`, and are "
+        "recorded with each result: torchvision detectors resize internally to the input size "
+        "(`min_size`/`max_size`; SSDs keep their fixed size), and timm models with a fixed input "
+        "size are built with `img_size` set to the reduced size.",
+        "",
     ]
+    if notes:
+        lines += ["## How this sweep was run", ""] + [f"- {note}" for note in notes] + [""]
     sources = sorted({r["source"] for r in records}, key=lambda s: s != "torchvision")
     lines += ["## Summary", ""]
     rows = []
@@ -1060,6 +1091,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--report", action="store_true", help="write docs/coverage.md from the results"
     )
     parser.add_argument("--coverage", type=Path, default=COVERAGE, help="where --report writes")
+    parser.add_argument(
+        "--compact", action="store_true", help="rewrite the results with one line per model"
+    )
+    parser.add_argument(
+        "--note", action="append", help="a line for --report's 'how it was run' (repeatable)"
+    )
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -1076,10 +1113,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (and SIGINT, which a background shell job ignores) stop the sweep like Ctrl-C
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    if args.compact:
+        try:
+            print(f"{args.results}: {compact_results(args.results)} models")
+        except ResultsBusy as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        return 0
     if args.report:
-        compact_results(args.results)
         records = list(read_results(args.results).values())
-        args.coverage.write_text(render_coverage(records, expected_counts()), encoding="utf-8")
+        page = render_coverage(records, expected_counts(), args.note or ())
+        args.coverage.write_text(page, encoding="utf-8")
         print(f"wrote {args.coverage} ({len(records)} models)")
         return 0
     jobs = select_jobs(
@@ -1109,6 +1153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             threads=args.threads,
             rerun=args.rerun,
         )
+    except ResultsBusy as exc:
+        print(exc, file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

@@ -5,28 +5,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce.py"
-
-
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def reproduce() -> ModuleType:
-    return _load_script()
+    return load_script("reproduce")
 
 
 def test_data_is_deterministic_and_objects_fit_every_shifted_crop(reproduce: ModuleType) -> None:

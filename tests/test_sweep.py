@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sweep.py"
-
-
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("sweep", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sweep"] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def sweep() -> ModuleType:
-    return _load_script()
+    return load_script("sweep")
 
 
 def _check(sweep: ModuleType, source: str, name: str, side: int = 32) -> dict:
