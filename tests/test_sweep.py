@@ -86,6 +86,7 @@ def test_select_jobs_filters_and_samples_deterministically(sweep: ModuleType) ->
     ]
 
 
+@pytest.mark.slow  # spawns worker processes with real budgets: run with `pytest -m slow`
 def test_results_resume_skips_recorded_models_and_survives_a_torn_line(
     sweep: ModuleType, tmp_path: Path
 ) -> None:
