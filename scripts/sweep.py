@@ -2,11 +2,14 @@
 """Coverage sweep: every torchvision and timm model through scan, every built-in policy and a
 checkpoint round trip, with random weights; results in a resumable JSONL file.
 
-    python scripts/sweep.py --source torchvision            # all 121 torchvision models
-    nice -n 5 python scripts/sweep.py --source timm         # all timm architectures (hours)
-    python scripts/sweep.py --source timm --sample 100      # a seeded sample
-    python scripts/sweep.py --glob 'resnet*' --rerun        # run again what is already recorded
-    python scripts/sweep.py --report                        # docs/coverage.md from the results
+    python scripts/sweep.py --source torchvision --threads 1      # all 121 torchvision models
+    python scripts/sweep.py --source timm --nice 5 --threads 1    # all timm architectures (hours)
+    python scripts/sweep.py --source timm --per-family 1          # one seeded pick per family
+    python scripts/sweep.py --source timm --sample 100            # a seeded sample
+    python scripts/sweep.py --rerun-failed                        # run failures and skips again
+    python scripts/sweep.py --glob 'resnet*' --rerun              # run recorded models again
+    python scripts/sweep.py --compact                             # one line per model
+    python scripts/sweep.py --report                              # docs/coverage.md
 
 Per model (`sweep_model`): build with random weights, pick a reduced input size the model
 accepts (see `candidate_sizes`), scan, then for each built-in policy in `configs/`: patch a
@@ -18,10 +21,10 @@ that a policy whose patched sites all transfer exactly reproduces the original o
 and recorded instead of ending the sweep; one line per model is appended and flushed to the
 results file, so an interrupted sweep resumes where it stopped.
 
-Model-specific settings live in one place, `model_kwargs`: detection models are built with a
-smaller internal resize (`min_size`/`max_size`, or SSD's fixed `size`) and fixed-size timm
-models with `img_size` set to the reduced input size; both are recorded with the result and
-replayed by `surgeon.api.load`.
+Model-specific settings live in one place, `model_kwargs`: detection models are built with
+their internal resize at the input size (`min_size`/`max_size`; SSDs keep their fixed size) and
+fixed-size timm models with `img_size` set to the reduced input size; both are recorded with
+the result and replayed by `surgeon.api.load`.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
 import fcntl
 import fnmatch
+import gc
 import json
 import os
 import random
@@ -203,7 +208,8 @@ def model_kwargs(job: Job, size: Sequence[int] | None) -> dict[str, Any]:
 
     - torchvision detection: the internal resize (800–1333 px by default) follows the input
       size instead, so the detector runs at the sweep's size; SSDs have one fixed `size`.
-    - timm models with a fixed input size: `img_size` set to the size used.
+    - torchvision ViTs and timm models with a fixed input size: `image_size` / `img_size`
+      set to the size used.
     """
     if size is None:
         return {}
@@ -212,9 +218,27 @@ def model_kwargs(job: Job, size: Sequence[int] | None) -> dict[str, Any]:
         if job.name.startswith("ssd"):
             return {}  # SSD's transform size is part of its anchors
         return {"min_size": min(height, width), "max_size": max(height, width)}
+    if job.source == "torchvision" and family_of(job.source, job.name) == "vision_transformer":
+        return {"image_size": height} if height == width else {}
     if fixed_input_size(job.source, job.name):
         return {"img_size": height if height == width else [height, width]}
     return {}
+
+
+def size_attempts(
+    job: Job, default: Sequence[int], side: int = REDUCED_SIDE
+) -> list[tuple[tuple[int, ...], dict[str, Any]]]:
+    """(input size, factory kwargs) to try in order: each candidate size with `model_kwargs`;
+    for timm, a reduced size is tried again with `img_size` when the model rejects it as
+    built (position embeddings for its default size that the config does not declare fixed)."""
+    attempts: list[tuple[tuple[int, ...], dict[str, Any]]] = []
+    for size in candidate_sizes(default, side):
+        kwargs = model_kwargs(job, size)
+        attempts.append((size, kwargs))
+        if job.source == "timm" and not kwargs and size != tuple(default):
+            height, width = int(size[-2]), int(size[-1])
+            attempts.append((size, {"img_size": height if height == width else [height, width]}))
+    return attempts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,6 +386,14 @@ def _check_policy(
     return result
 
 
+def _release_memory() -> None:
+    """Free the policy's copies before the next one: collect, then hand freed heap back to the
+    system (glibc keeps it otherwise, and a big model's RSS would creep up policy by policy)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _scratch(nbytes: int) -> str | None:
     """Where a round-trip checkpoint goes: RAM-backed for one under 1 GiB where there is such a
     directory (disk writes with their fsyncs take longer than the rest of the check), disk for
@@ -441,8 +473,7 @@ def sweep_model(
         record["default_size"] = list(default)
         tried: list[str] = []
         chosen: tuple[Any, Any, tuple[int, ...]] | None = None
-        for size in candidate_sizes(default, side):
-            kwargs = model_kwargs(job, size)
+        for size, kwargs in size_attempts(job, default, side):
             say(f"try {'x'.join(map(str, size))}")
             model_at = loaded
             if kwargs:
@@ -457,7 +488,7 @@ def sweep_model(
             try:
                 _forward(model_at.model, args)
             except Exception as exc:  # the original model rejects this size: try the next
-                tried.append(f"{'x'.join(map(str, size))}: {_one_line(exc)}")
+                tried.append(f"{'x'.join(map(str, size))} {kwargs or ''}: {_one_line(exc)}")
                 continue
             chosen = (model_at, args, size)
             break
@@ -482,7 +513,10 @@ def sweep_model(
         record["roles"] = dict(Counter(s.role for s in result.sites))
         record["found_by"] = sorted({s.found_by.split(" ")[0] for s in result.sites})
         record["regions"] = sorted({r.method for r in result.regions})
-        outcomes = {name: _check_policy(loaded, loaded.model, args, name, say) for name in names}
+        outcomes: dict[str, dict[str, Any]] = {}
+        for name in names:
+            outcomes[name] = _check_policy(loaded, loaded.model, args, name, say)
+            _release_memory()  # the policy's copies are gone now: give their memory back
         record["policies"] = outcomes
         statuses = {o["status"] for o in outcomes.values()}
         record["status"] = (
@@ -662,30 +696,33 @@ def run_in_worker(
                 record = _killed(job, f"the worker died ({why}) during {_last(stages)}", stages)
             record["worker_log"] = worker.tail()
             return record, False
-        if message is None:
+        if message is None or "stage" in message:  # budgets are checked between messages
             peak = max(peak, _rss_gib(worker.process.pid))
             if peak > memory_gib:
                 return _killed(
                     job,
-                    f"over the sweep's {memory_gib:g} GiB memory budget during {_last(stages)}",
+                    f"over the sweep's {memory_gib:g} GiB memory budget during {_last(stages)} "
+                    f"({_built(stages)})",
                     stages,
                     skip=True,
                 ), False
             if time.monotonic() - started >= timeout_s:
                 record = _killed(
                     job,
-                    f"over the sweep's {timeout_s:g} s per-model budget during {_last(stages)}",
+                    f"over the sweep's {timeout_s:g} s per-model budget during {_last(stages)} "
+                    f"({_built(stages)})",
                     stages,
                     skip=True,
                 )
                 record["worker_log"] = worker.tail()
                 return record, False
+        if message is None:
             continue
         if "stage" in message:
             stages.append(str(message["stage"]))
             on_stage(str(message["stage"]))
         elif "record" in message:
-            record: dict[str, Any] = message["record"]
+            record = message["record"]
             record["wall_s"] = round(time.monotonic() - started, 3)
             record["peak_rss_gib"] = round(max(peak, _rss_gib(worker.process.pid)), 2)
             return record, True
@@ -839,6 +876,8 @@ def run_sweep(
         RichProgress(*columns, console=console, transient=True) as bar,
     ):
         _lock(file, results)
+        if results.stat().st_size and not results.read_bytes().endswith(b"\n"):
+            file.write("\n")  # end a line torn by an interrupted write, so the next one is whole
         task = bar.add_task("starting", total=len(todo))
         try:
             for job in todo:

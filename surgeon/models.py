@@ -179,6 +179,10 @@ def _default_input_size(spec: ModelSpec, task: Task, model: nn.Module) -> tuple[
         size = cfg.get("input_size")
         if size:
             return tuple(int(s) for s in size)
+    image_size = getattr(model, "image_size", None)  # torchvision ViT: what it was built for
+    if spec.source == "torchvision" and isinstance(image_size, int):
+        # the DEFAULT weights' crop can differ (vit_h_14: 518 px SWAG weights, 224 px model)
+        return (3, image_size, image_size)
     if spec.source == "torchvision" and task in ("classification", "video"):
         from torchvision.models import get_model_weights
 

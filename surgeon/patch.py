@@ -249,12 +249,16 @@ def patch(
     hooks = {path: _capture(site_outputs, path) for path in probes.values() if path}
     try:
         output, flops_after = _run(patched, args, hooks)
-    except RuntimeError as exc:  # e.g. a residual join whose branches no longer match
+    except Exception as exc:  # the model's own code fails: RuntimeError, IndexError, assert
+        # e.g. a residual join whose branches no longer match, or a layer built for the
+        # original map size (relative-position tables, attention windows, fixed reshapes)
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise PatchError(
             f"the patched model fails on the example input ({type(exc).__name__}: {first}); "
             "a policy that moves or removes strides (dilate, relocate) must change the parallel "
-            "branches of a block alike (a keep rule on one of them breaks the join)"
+            "branches of a block alike (a keep rule on one of them breaks the join), and cannot "
+            "apply where later layers are built for the original map sizes (position tables, "
+            "attention windows)"
         ) from exc
     if _structure(output) != _structure(reference):
         culprit = next(

@@ -770,26 +770,43 @@ def _upsamples(src: tuple[int, ...], out: tuple[int, ...]) -> bool:
     return out[-1] > src[-1] > 0 and out[-2] > src[-2] > 0
 
 
-def _join_stage(inputs: list[fx.Node], stage: dict[fx.Node, float]) -> float:
+# A stage is the cumulative stride per spatial dim, aligned to the trailing dims (T, H, W):
+# a 2-d site's stride (s_h, s_w) counts as (1, s_h, s_w). Per dim, because factorised video
+# blocks stride one dim at a time: R(2+1)D's (1,2,2) then (2,1,1) convs reach (2,2,2), the
+# stage of their (2,2,2) shortcut, where a product of per-site maxima would say 4.
+StageVector = tuple[float, float, float]
+_UNIT: StageVector = (1.0, 1.0, 1.0)
+
+
+def _stage_vector(stride: tuple[int, ...]) -> StageVector:
+    padded = (1,) * max(0, 3 - len(stride)) + tuple(stride)
+    return (float(padded[-3]), float(padded[-2]), float(padded[-1]))
+
+
+def _join_stage(inputs: list[fx.Node], stage: dict[fx.Node, StageVector]) -> StageVector:
     """The stage a node inherits: the largest stage among its inputs with the most elements.
     A join keeps the layout of its biggest operand (attention's queries over keys pooled
     8× more, `x * se_scale`, `x + pos_embed`), so a smaller operand's stage does not leak in."""
     if not inputs:
-        return 1.0
+        return _UNIT
     sized = [(math.prod(shape) if (shape := _meta_shape(i)) else 0, stage[i]) for i in inputs]
     top = max(n for n, _ in sized)
-    return max(value for n, value in sized if n == top)
+    tied = [value for n, value in sized if n == top]
+    return (max(v[0] for v in tied), max(v[1] for v in tied), max(v[2] for v in tied))
 
 
-def _stages(view: _GraphView, site_strides: dict[fx.Node, int]) -> dict[fx.Node, float]:
-    """Cumulative stride at each node's output: products of site strides along the graph,
-    divided where the spatial size grows (upsampling); the region's inputs are stage 1."""
-    stage: dict[fx.Node, float] = {}
+def _stages(
+    view: _GraphView, site_strides: dict[fx.Node, tuple[int, ...]]
+) -> dict[fx.Node, StageVector]:
+    """Cumulative stride per spatial dim at each node's output: products of site strides along
+    the graph, divided where the spatial size grows (upsampling); the region's inputs are 1."""
+    stage: dict[fx.Node, StageVector] = {}
     for node in view.nodes:
         inputs = [i for i in node.all_input_nodes if i in stage]
         value = _join_stage(inputs, stage)
         if node in site_strides:
-            value *= site_strides[node]
+            step = _stage_vector(site_strides[node])
+            value = (value[0] * step[0], value[1] * step[1], value[2] * step[2])
         elif inputs and node.op in ("call_function", "call_module", "call_method"):
             out = _meta_shape(node)
             # the largest input: a 1×1 map broadcast into a product (squeeze-excitation's
@@ -797,7 +814,11 @@ def _stages(view: _GraphView, site_strides: dict[fx.Node, int]) -> dict[fx.Node,
             shapes = [s for s in map(_meta_shape, inputs) if s and out and len(s) == len(out)]
             src = max(shapes, key=lambda s: s[-1], default=None)
             if out and src and _upsamples(src, out):
-                value /= out[-1] / src[-1]
+                dims = min(3, len(out) - 2)
+                growth = [1.0, 1.0, 1.0]
+                for k in range(1, dims + 1):
+                    growth[-k] = max(1.0, out[-k] / src[-k])
+                value = (value[0] / growth[0], value[1] / growth[1], value[2] / growth[2])
         stage[node] = value
     return stage
 
@@ -868,6 +889,7 @@ def _make_site(
     before: tuple[Neighbour, ...] = (),
     after: tuple[Neighbour, ...] = (),
     field: tuple[tuple[float, ...], tuple[float, ...]] = ((), ()),
+    stage_out: float | None = None,
 ) -> Site | None:
     call = _settle(call, in_shape, out_shape)
     role = _role(call, in_shape, out_shape)
@@ -886,12 +908,14 @@ def _make_site(
         call = replace(call, stride=stride, kernel=kernel)
     stage = max(1, round(stage_in))
     if role == "upsample":
-        stage_out = max(1, round(stage_in / max(call.scale, default=1.0)))
+        stage_after = max(1, round(stage_in / max(call.scale, default=1.0)))
+    elif stage_out is not None:  # from the graph, per dimension (see StageVector)
+        stage_after = max(1, round(stage_out))
     else:
-        stage_out = stage * max(call.stride, default=1)
+        stage_after = stage * max(call.stride, default=1)
     receptive_field, jump = field
     if not jump and stage_in >= 1:  # no graph: the jump is the stage, per dimension
-        jump = (float(stage_out),) * call.dims
+        jump = (float(stage_after),) * call.dims
     return Site(
         name=name,
         op=call.op,
@@ -911,7 +935,7 @@ def _make_site(
         in_shape=in_shape,
         out_shape=out_shape,
         stage_in=stage,
-        stage_out=stage_out,
+        stage_out=stage_after,
         macs=_macs(call, in_shape, out_shape),
         params=call.params,
         found_by=found_by,
@@ -959,11 +983,7 @@ def _fx_sites(view: _GraphView, seen: Counter[str]) -> tuple[list[Site], set[str
         if call is not None:
             found.append((node, module_path, _owner(node, region), call))
     # upsampling sites are left to _stages, which divides where the map grows
-    strides = {
-        node: max(call.stride, default=1)
-        for node, _, _, call in found
-        if call.op not in UPSAMPLE_OPS
-    }
+    strides = {node: call.stride for node, _, _, call in found if call.op not in UPSAMPLE_OPS}
     stages = _stages(view, strides)
     fields = _fields(view, {node: call for node, _, _, call in found})
     sites: list[Site] = []
@@ -979,7 +999,7 @@ def _fx_sites(view: _GraphView, seen: Counter[str]) -> tuple[list[Site], set[str
             name = module_path if k == 0 else f"{module_path}#{k}"
         else:
             name = f"{owner}:{node.name}" if owner else f":{node.name}"
-        stage_in = max((stages[i] for i in node.all_input_nodes if i in stages), default=1.0)
+        stage_vector = _join_stage([i for i in node.all_input_nodes if i in stages], stages)
         neighbours = region.method == "fx"
         site = _make_site(
             name,
@@ -987,12 +1007,13 @@ def _fx_sites(view: _GraphView, seen: Counter[str]) -> tuple[list[Site], set[str
             call,
             in_shape,
             out_shape,
-            stage_in,
+            max(stage_vector),
             region.label,
             calls=view.module_uses[node.target] if module_path else 1,
             before=view.before(node) if neighbours else (),
             after=view.after(node) if neighbours else (),
             field=fields.get(node, ((), ())),
+            stage_out=None if node not in strides else max(stages[node]),
         )
         if site is not None:
             sites.append(site)

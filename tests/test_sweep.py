@@ -109,8 +109,7 @@ def test_results_resume_skips_recorded_models_and_survives_a_torn_line(
     with results.open("a", encoding="utf-8") as file:
         file.write('{"source": "import", "name": "tests.sweep')
     assert len(sweep.read_results(results)) == 3
-    assert sweep.run_sweep(jobs, results, quiet=True) == 0
-    assert sweep.pending_jobs(jobs, {jobs[0].key}) == jobs[1:]
+    assert sweep.run_sweep(jobs, results, policies=["spd"], quiet=True) == 0
 
     # compaction keeps the latest record per model
     with results.open("a", encoding="utf-8") as file:
@@ -118,6 +117,44 @@ def test_results_resume_skips_recorded_models_and_survives_a_torn_line(
     assert sweep.compact_results(results) == 3
     lines = results.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 3 and sweep.read_results(results)[jobs[0].key]["reason"] == "again"
+
+
+def test_resume_runs_only_models_without_a_complete_record(
+    sweep: ModuleType, tmp_path: Path
+) -> None:
+    results = tmp_path / "results.jsonl"
+    jobs = [sweep.Job("timm", name) for name in ("a", "b", "c", "d")]
+    both = {"spd": {"status": "pass"}, "antialias": {"status": "pass"}}
+    with results.open("w", encoding="utf-8") as file:
+        sweep.append_result(
+            file, {"source": "timm", "name": "a", "status": "pass", "policies": both}
+        )
+        sweep.append_result(
+            file, {"source": "timm", "name": "b", "status": "skip", "reason": "big"}
+        )
+        sweep.append_result(
+            file, {"source": "timm", "name": "c", "status": "pass", "policies": {"spd": {}}}
+        )
+        file.write('{"source": "timm", "name": "d", "sta')  # torn by an interrupted write
+    records = sweep.read_results(results)
+    assert sorted(records) == ["timm:a", "timm:b", "timm:c"], "a torn line must be ignored"
+    # c ran before antialias existed; d has no record
+    todo = sweep.pending_jobs(jobs, records, policies=["spd", "antialias"])
+    assert [j.name for j in todo] == ["c", "d"]
+    assert sweep.pending_jobs(jobs, records, policies=["spd"], rerun=True) == jobs
+    # nothing pending: no worker is started
+    assert sweep.run_sweep(jobs[:2], results, policies=["spd", "antialias"], quiet=True) == 0
+
+    # compaction keeps the latest record per model, and never under a running sweep
+    with results.open("a", encoding="utf-8") as file:
+        file.write("\n" + json.dumps({"source": "timm", "name": "b", "status": "pass"}) + "\n")
+    with results.open("a", encoding="utf-8") as held:
+        sweep._lock(held, results)
+        with pytest.raises(sweep.ResultsBusy):
+            sweep.compact_results(results)
+    assert sweep.compact_results(results) == 3
+    assert len(results.read_text(encoding="utf-8").splitlines()) == 3
+    assert sweep.read_results(results)["timm:b"]["status"] == "pass"
 
 
 def test_coverage_report_counts_and_lists_every_failure(sweep: ModuleType) -> None:
