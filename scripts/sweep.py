@@ -255,7 +255,7 @@ def _reason(exc: BaseException) -> str:
     from surgeon.errors import SurgeonError
 
     if isinstance(exc, SurgeonError):
-        return str(exc).strip().splitlines()[0][:300]
+        return str(exc).strip().splitlines()[0][:500]
     return "traceback: " + _one_line(exc)
 
 
@@ -381,9 +381,29 @@ def _check_policy(
         )
     except Exception as exc:
         result["reason"] = (f"{stage}: " if stage != "patch" else "") + _reason(exc)
-        if not _is_surgeon_error(exc):
+        if _not_applicable(exc, stage, policy_name):
+            result["status"] = "skip"
+        elif not _is_surgeon_error(exc):
             result["traceback"] = traceback.format_exc(limit=-8)
     return result
+
+
+MOVES_STRIDES = ("dilate", "relocate")
+
+
+def _not_applicable(exc: BaseException, stage: str, policy_name: str) -> bool:
+    """A policy that changes map sizes (dilate, relocate) and that patch() refuses because the
+    model cannot run with them (a join whose other branch could not change, a position table
+    built for the original size) does not apply to this model: a skip with patch()'s reason,
+    not a failure. Any other policy keeps every map size, so the same refusal is a bug."""
+    from surgeon.errors import PatchError
+    from surgeon.patch import resolve_policy
+
+    if stage != "patch" or not isinstance(exc, PatchError):
+        return False
+    if not str(exc).startswith("the patched model fails"):
+        return False
+    return any(rule.action in MOVES_STRIDES for rule in resolve_policy(policy_name).rules)
 
 
 def _release_memory() -> None:

@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from surgeon.errors import PatchError
-from surgeon.policy import Decision, Policy, check_strict, decide, load_policy, unused_rules
+from surgeon.policy import KEEP, Decision, Policy, check_strict, decide, load_policy, unused_rules
 from surgeon.rewrites import ModelEditor, SkipSite, action_schemas, get_rewrite
 from surgeon.rewrites.base import Edit
 from surgeon.scan import ScanResult, scan_analysis
@@ -108,6 +108,44 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 def _structure(value: Any) -> list[Any]:
     leaves, spec = tree_flatten(value)
     return [str(spec), [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t) for t in leaves]]
+
+
+def _failing_module(exc: BaseException, model: nn.Module) -> tuple[str, str] | None:
+    """(path, class name) of the innermost module of `model` whose forward was running when
+    `exc` was raised, or None when it came from outside every module."""
+    names = {id(m): n for n, m in model.named_modules()}
+    where = None
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            where = (names[id(owner)], type(owner).__name__)
+        tb = tb.tb_next
+    return where
+
+
+def _failure(exc: BaseException, model: nn.Module, unchanged: Mapping[str, str]) -> str:
+    """One line: where the patched model fails, why, and the sites inside that module the
+    policy left unchanged (a policy that moves or removes strides must change every branch of
+    a join alike, so one skipped branch breaks the join)."""
+    first = (str(exc).strip().splitlines() or [""])[0][:160]
+    where = _failing_module(exc, model)
+    text = "the patched model fails"
+    if where is not None:
+        path, cls = where
+        text += f" in {path or '<model>'} ({cls})"
+        inside = [
+            f"{name} ({why})"
+            for name, why in unchanged.items()
+            if not path or name == path or name.startswith((f"{path}.", f"{path}:"))
+        ]
+        if inside:
+            text += f", where {'; '.join(inside[:2])} stayed unchanged"
+    return (
+        f"{text}: {type(exc).__name__}: {first}; strides moved or removed must change every "
+        "branch of a join alike, and layers built for the original map sizes (position tables, "
+        "attention windows) cannot follow them"
+    )
 
 
 def _leading_sizes_differ(reference: Any, output: Any) -> bool:
@@ -250,16 +288,8 @@ def patch(
     try:
         output, flops_after = _run(patched, args, hooks)
     except Exception as exc:  # the model's own code fails: RuntimeError, IndexError, assert
-        # e.g. a residual join whose branches no longer match, or a layer built for the
-        # original map size (relative-position tables, attention windows, fixed reshapes)
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise PatchError(
-            f"the patched model fails on the example input ({type(exc).__name__}: {first}); "
-            "a policy that moves or removes strides (dilate, relocate) must change the parallel "
-            "branches of a block alike (a keep rule on one of them breaks the join), and cannot "
-            "apply where later layers are built for the original map sizes (position tables, "
-            "attention windows)"
-        ) from exc
+        unchanged = {d.site: d.reason for d in decisions if d.action == KEEP} | skipped
+        raise PatchError(_failure(exc, patched, unchanged)) from exc
     if _structure(output) != _structure(reference):
         culprit = next(
             (

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.nn import functional as F
 
 from surgeon.errors import PolicyError
 from surgeon.models import example_inputs, load_model
@@ -188,5 +189,35 @@ rules:
     from surgeon.policy import parse_policy
 
     policy = parse_policy(text, "half.yaml", action_schemas())
-    with pytest.raises(PatchError, match="must change the parallel branches of a block alike"):
+    with pytest.raises(PatchError) as info:
         patch(torchvision.models.resnet18().eval(), policy, torch.randn(1, 3, 64, 64))
+    message = str(info.value)
+    # names the block that broke and the branch the keep rule held back
+    assert message.startswith("the patched model fails in layer4.0 (BasicBlock), where ")
+    assert "layer4.0.downsample.0 (keep rule 1 wins over rule 2)" in message, message
+    assert "must change every branch of a join alike" in message and "\n" not in message
+
+
+class _TwoBranches(nn.Module):
+    """An Inception-style reduction: a strided conv beside a functional max pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.head = nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.cat([self.conv(x), F.max_pool2d(x, 3, stride=2, padding=1)], 1)
+        return self.head(x).mean((2, 3))
+
+
+def test_a_branch_dilate_cannot_change_is_named_in_the_error() -> None:
+    from surgeon.errors import PatchError
+
+    with pytest.raises(PatchError) as info:
+        patch(_TwoBranches().eval(), _dilate(2), torch.randn(1, 3, 32, 32))
+    message = str(info.value)
+    assert message.startswith("the patched model fails in <model> (_TwoBranches), where "), message
+    assert ":max_pool2d (functional call: its stride is not a module attribute)" in message

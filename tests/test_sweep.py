@@ -199,3 +199,16 @@ def test_coverage_report_counts_and_lists_every_failure(sweep: ModuleType) -> No
     assert "| timm:c | 1.24B parameters: too big |" in page
     assert "| timm / vit | 0 | 1 | 1 | 2 |" in page
     assert "2.0 min for 3 models" in page
+
+
+def test_a_refusal_is_a_skip_only_for_policies_that_change_map_sizes(sweep: ModuleType) -> None:
+    from surgeon.errors import PatchError
+
+    refused = PatchError("the patched model fails in layer4.0 (BasicBlock): RuntimeError: …")
+    assert sweep._not_applicable(refused, "patch", "dilate")
+    # spd, antialias and allconv keep every map size: the same refusal is a bug
+    assert not sweep._not_applicable(refused, "patch", "spd")
+    assert not sweep._not_applicable(refused, "save", "dilate")
+    bug = PatchError("the patched model's output shapes differ from the original's")
+    assert not sweep._not_applicable(bug, "patch", "dilate")
+    assert not sweep._not_applicable(RuntimeError("boom"), "patch", "dilate")
