@@ -26,6 +26,8 @@ from surgeon.checkpoint import (
 )
 from surgeon.errors import CheckpointError
 from surgeon.models import LoadedModel, ModelSpec, build_model, example_inputs, load_state
+from surgeon.fold import FoldRecord
+from surgeon.fold import fold as fold_model
 from surgeon.patch import PatchReport, patch
 from surgeon.policy import policy_from_dict
 from surgeon.report import patch_markdown
@@ -56,9 +58,10 @@ def build_manifest(
     seed: int = 0,
     plugins: Sequence[str] = (),
     created: str | None = None,
+    fold: FoldRecord | None = None,
 ) -> dict[str, Any]:
     """The surgery.json content: enough to rebuild the patched model without unpickling."""
-    return {
+    manifest: dict[str, Any] = {
         "model": {
             **loaded.spec.to_dict(),
             "input_size": list(loaded.input_size),
@@ -92,6 +95,9 @@ def build_manifest(
         "versions": versions(),
         "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if fold is not None:  # replayed by `load` with the same form per layer
+        manifest["fold"] = fold.to_dict()
+    return manifest
 
 
 def save(
@@ -105,9 +111,15 @@ def save(
     plugins: Sequence[str] = (),
     force: bool = False,
     created: str | None = None,
+    fold: FoldRecord | None = None,
 ) -> Path:
-    """Write model.safetensors, surgery.json and report.md atomically into `directory`."""
-    manifest = build_manifest(loaded, report, policy, seed=seed, plugins=plugins, created=created)
+    """Write model.safetensors, surgery.json and report.md atomically into `directory`.
+
+    `fold` is the record of `surgeon.fold.fold` when `model` was folded after patching: the
+    manifest keeps it, so `load` folds the same layers before loading the weights."""
+    manifest = build_manifest(
+        loaded, report, policy, seed=seed, plugins=plugins, created=created, fold=fold
+    )
     return write_checkpoint(
         Path(directory),
         model.state_dict(),
@@ -143,12 +155,9 @@ def load(
     policy = policy_from_dict(
         manifest["policy"], action_schemas(), source_name=f"{directory}/surgery.json"
     )
+    example = example_inputs(loaded.task, input_size)
     model, report = patch(
-        loaded.model,
-        policy,
-        example_inputs(loaded.task, input_size),
-        seed=int(manifest.get("seed", 0)),
-        model_name=spec.text,
+        loaded.model, policy, example, seed=int(manifest.get("seed", 0)), model_name=spec.text
     )
     recorded = [(e["site"], e["status"]) for e in manifest.get("edits", [])]
     replayed = [(r.site, r.status) for r in report.rows]
@@ -158,8 +167,26 @@ def load(
             f"(recorded with {manifest['versions']}, running {versions()}); "
             "use the recorded versions or re-create the checkpoint"
         )
+    if "fold" in manifest:
+        model, _ = fold_model(model, example, forms=_fold_forms(manifest["fold"], directory))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_state_dict_fits(expected, state, source=Path(directory) / "model.safetensors")
     load_state(model, state)
     model.eval()
     return model
+
+
+def _fold_forms(record: Any, directory: str | Path) -> dict[str, str]:
+    """{layer: form} from a manifest's fold record, or a CheckpointError naming what is wrong."""
+    layers = record.get("layers") if isinstance(record, dict) else None
+    if not isinstance(layers, list) or not all(
+        isinstance(layer, dict)
+        and isinstance(layer.get("name"), str)
+        and layer.get("form") in ("folded", "kept")
+        for layer in layers
+    ):
+        raise CheckpointError(
+            f"{directory}/surgery.json: field 'fold.layers' must be a list of "
+            "{name, form: folded|kept} objects; re-create the checkpoint"
+        )
+    return {layer["name"]: layer["form"] for layer in layers}

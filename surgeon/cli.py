@@ -154,6 +154,12 @@ def patch(
     model_kwarg: KwargOpt = None,
     weights: WeightsOpt = None,
     pretrained: PretrainedOpt = False,
+    fold: Annotated[
+        bool,
+        typer.Option(
+            "--fold", help="Fold SPD + conv into one strided conv where faster (recorded)."
+        ),
+    ] = False,
     json: JsonOpt = False,
 ) -> None:
     """Rewrite MODEL by POLICY, print the layer-by-layer diff and write the patched checkpoint."""
@@ -189,6 +195,12 @@ def patch(
         return
     if report_file is not None:
         write_report(report, report_file)
+    record = None
+    if fold:
+        from surgeon.fold import fold as fold_layers
+
+        patched, record = fold_layers(patched, args)
+        err.print(record.summary(), highlight=False)
     written = save(
         target,
         patched,
@@ -198,6 +210,7 @@ def patch(
         seed=seed,
         plugins=plugin or [],
         force=force,
+        fold=record,
     )
     err.print(f"wrote {written}")
 

@@ -169,3 +169,37 @@ def test_dilate_output_stride_option(capsys: pytest.CaptureFixture[str]) -> None
     assert code == 0, err
     report = json.loads(stdout)
     assert report["summary"]["patched"] >= 1
+
+
+def test_patch_fold_records_the_fold_and_load_replays_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from surgeon.fold import FoldedSpaceToDepthConv
+    from surgeon.layers.spd import SpaceToDepthConv
+
+    plain, folded = tmp_path / "plain", tmp_path / "folded"
+    common = ["resnet18", "--policy", "spd", "--input-size", "3x48x48"]
+    assert run_cli(capsys, "patch", *common, "--out", str(plain))[0] == 0
+    code, _, err = run_cli(capsys, "patch", *common, "--out", str(folded), "--fold")
+    assert code == 0, err
+    assert "SPD layers folded" in err
+    record = json.loads((folded / "surgery.json").read_text())["fold"]
+    forms = {layer["name"]: layer["form"] for layer in record["layers"]}
+    assert len(forms) == 8 and set(forms.values()) <= {"folded", "kept"}
+
+    model = surgeon.api.load(folded)
+    for name, form in forms.items():
+        kind = FoldedSpaceToDepthConv if form == "folded" else SpaceToDepthConv
+        assert isinstance(model.get_submodule(name), kind), name
+    # the folded checkpoint computes what the unfolded one does
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        want, got = surgeon.api.load(plain)(x), model(x)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
+
+    # a fold record that names a form surgeon does not know is refused, nothing is built
+    manifest = json.loads((folded / "surgery.json").read_text())
+    manifest["fold"]["layers"][0]["form"] = "squashed"
+    (folded / "surgery.json").write_text(json.dumps(manifest))
+    code, _, err = run_cli(capsys, "load", str(folded))
+    assert code != 0 and "fold.layers" in err and "\n" not in err.strip()
