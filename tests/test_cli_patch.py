@@ -35,7 +35,7 @@ def test_patch_writes_a_checkpoint_that_reloads_bit_identically(
     assert "SPD b2 + conv k3" in stdout and f"wrote {out}" in err
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "surgery.json", "report.md"}
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["summary"]["patched"] == 8
+    assert report["summary"]["patched"] == 7
 
     loaded_a = surgeon.api.load(out)
     loaded_b = surgeon.api.load(out)
@@ -51,7 +51,7 @@ def test_patch_writes_a_checkpoint_that_reloads_bit_identically(
         assert torch.equal(model(x), loaded_a(x))
 
     code, stdout, _ = run_cli(capsys, "info", str(out))
-    assert code == 0 and "8 sites patched" in stdout and "policy spd" in stdout
+    assert code == 0 and "7 sites patched" in stdout and "policy spd" in stdout
     code, stdout, _ = run_cli(capsys, "load", str(out))
     assert code == 0 and "weights verified" in stdout
 
@@ -68,7 +68,7 @@ def test_spd_exact_with_weights_keeps_the_function_through_the_cli(
         "patch",
         "mobilenet_v3_large",
         "--policy",
-        "spd-exact",
+        "spd",
         "--weights",
         str(weights),
         "--out",
@@ -185,7 +185,7 @@ def test_patch_fold_records_the_fold_and_load_replays_it(
     assert "SPD layers folded" in err
     record = json.loads((folded / "surgery.json").read_text())["fold"]
     forms = {layer["name"]: layer["form"] for layer in record["layers"]}
-    assert len(forms) == 8 and set(forms.values()) <= {"folded", "kept"}
+    assert len(forms) == 7 and set(forms.values()) <= {"folded", "kept"}
 
     model = surgeon.api.load(folded)
     for name, form in forms.items():

@@ -110,13 +110,13 @@ def test_export_from_a_checkpoint_directory_folds_and_records_the_fold(tmp_path:
     directory = save(tmp_path / "r18-spd", model, loaded, report, resolve_policy("spd").to_dict())
     result = export(directory, "onnx", fold_layers="folded")
     assert result.path == directory / "model-folded.onnx" and result.path.is_file()
-    assert result.fold is not None and result.fold.folded == 8
+    assert result.fold is not None and result.fold.folded == 7
     _assert_checked(result)
     import onnx
 
     props = {p.key: p.value for p in onnx.load(str(result.path)).metadata_props}
     metadata = json.loads(props[METADATA_FILE])
-    assert metadata["fold"]["folded"] == 8 and metadata["source"]["policy"] == "spd"
+    assert metadata["fold"]["folded"] == 7 and metadata["source"]["policy"] == "spd"
     assert {layer["form"] for layer in metadata["fold"]["layers"]} == {"folded"}
 
 

@@ -101,9 +101,9 @@ def test_fold_replaces_every_spd_layer_and_keeps_the_model_function() -> None:
     with torch.no_grad():
         before = model(torch.randn(2, 3, 71, 45, generator=torch.Generator().manual_seed(1)))
     model, record = fold(model, x, choose="folded")
-    assert record.folded == len(record.layers) == 8
+    assert record.folded == len(record.layers) == 7
     assert not any(isinstance(m, SpaceToDepthConv) for m in model.modules())
-    assert sum(isinstance(m, FoldedSpaceToDepthConv) for m in model.modules()) == 8
+    assert sum(isinstance(m, FoldedSpaceToDepthConv) for m in model.modules()) == 7
     with torch.no_grad():
         after = model(torch.randn(2, 3, 71, 45, generator=torch.Generator().manual_seed(1)))
     assert _rel(before, after) < 1e-5

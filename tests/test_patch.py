@@ -24,7 +24,7 @@ def _exact_case(spec: str, size: int) -> None:
     model = load_model(spec).model
     original = copy.deepcopy(model)
     x = torch.randn(2, 3, size, size)
-    patched, report = patch(model, "spd-exact", x)
+    patched, report = patch(model, "spd", x)
     assert patched is model and type(patched) is type(original)
     with torch.no_grad():
         assert _rel(original(x), patched(x)) <= 1e-5
@@ -37,15 +37,23 @@ def _exact_case(spec: str, size: int) -> None:
 @pytest.mark.parametrize(
     "spec", ["resnet50", "mobilenet_v3_large", "efficientnet_b0", "timm:tf_efficientnet_b0"]
 )
-def test_spd_exact_reproduces_the_original_outputs(spec: str, size: int) -> None:
+def test_spd_reproduces_the_original_outputs(spec: str, size: int) -> None:
     _exact_case(spec, size)
 
 
-def test_spd_marks_resnet50_max_pool_approximate_and_the_rest_exact() -> None:
-    _, report = patch(load_model("resnet50").model, "spd", torch.randn(1, 3, 64, 64))
+def test_spd_all_marks_resnet50_max_pool_approximate_and_the_rest_exact() -> None:
+    _, report = patch(load_model("resnet50").model, "spd-all", torch.randn(1, 3, 64, 64))
     transfers = {r.site: r.transfer for r in report.rows if r.status == "patched"}
     assert transfers.pop("maxpool") == "approximate"
     assert len(transfers) == 7 and set(transfers.values()) == {"exact"}
+
+
+def test_spd_keeps_max_pools_and_says_which_rule_did() -> None:
+    _, report = patch(load_model("resnet50").model, "spd", torch.randn(1, 3, 64, 64))
+    rows = {r.site: r for r in report.rows}
+    assert rows["maxpool"].status == "kept" and rows["maxpool"].rule == "1 (keep-max-pools)"
+    patched = [r for r in report.rows if r.status == "patched"]
+    assert len(patched) == 7 and {r.transfer for r in patched} == {"exact"}
 
 
 def test_spd_replaces_modules_in_place_and_keeps_the_class_and_methods() -> None:
@@ -139,7 +147,7 @@ def test_init_random_reinitialises_and_says_so() -> None:
 
 
 def test_report_renders_every_site_deterministically(console) -> None:  # type: ignore[no-untyped-def]
-    _, report = patch(load_model("resnet18").model, "spd", torch.randn(1, 3, 64, 64))
+    _, report = patch(load_model("resnet18").model, "spd-all", torch.randn(1, 3, 64, 64))
     render_patch(report, console)
     text = rendered(console)
     for row in report.rows:

@@ -28,7 +28,6 @@ def test_data_is_deterministic_and_objects_fit_every_shifted_crop(reproduce: Mod
     assert first.crops(slice(None)).shape == (16, 3, reproduce.SIZE, reproduce.SIZE)
 
 
-@pytest.mark.slow  # about 2 CPU-minutes: run with `pytest -m slow`
 def test_quick_run_trains_and_evaluates_every_variant(
     reproduce: ModuleType, tmp_path: Path
 ) -> None:
