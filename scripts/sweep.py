@@ -1198,7 +1198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.rerun_failed:
         recorded = read_results(args.results)
-        jobs = [j for j in jobs if recorded.get(j.key, {}).get("status", "fail") != "pass"]
+        jobs = [j for j in jobs if j.key in recorded and recorded[j.key]["status"] != "pass"]
         args.rerun = True
     try:
         run_sweep(

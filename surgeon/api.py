@@ -25,9 +25,9 @@ from surgeon.checkpoint import (
     write_checkpoint,
 )
 from surgeon.errors import CheckpointError
-from surgeon.models import LoadedModel, ModelSpec, build_model, example_inputs, load_state
 from surgeon.fold import FoldRecord
 from surgeon.fold import fold as fold_model
+from surgeon.models import LoadedModel, ModelSpec, build_model, example_inputs, load_state
 from surgeon.patch import PatchReport, patch
 from surgeon.policy import policy_from_dict
 from surgeon.report import patch_markdown
