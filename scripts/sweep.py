@@ -323,8 +323,13 @@ def _check_policy(
     args: tuple[Any, ...],
     policy_name: str,
     progress: Progress,
+    checked: dict[tuple[Any, ...], str] | None = None,
 ) -> dict[str, Any]:
-    """Patch a fresh copy with one policy, verify, save, reload, compare; one result dict."""
+    """Patch a fresh copy with one policy, verify, save, reload, compare; one result dict.
+
+    `checked` maps the edits of policies already round-tripped on this model to their name: a
+    policy whose edits are the same (spd and spd-all on a model without max pools; any two
+    that patch nothing) would save the same checkpoint, so its round trip is not repeated."""
     from surgeon.api import load, save
     from surgeon.patch import patch, resolve_policy
 
@@ -352,6 +357,10 @@ def _check_policy(
         if inexact is not None:
             result["reason"] = inexact
             return result
+        edits = tuple((r.site, r.status, r.replacement, r.transfer) for r in report.rows)
+        if checked is not None and edits in checked:
+            result["roundtrip"] = f"as {checked[edits]} (the same edits)"
+            return _passed(result, report)
         stage = "save"
         progress(f"{policy_name}: save + load")
         start = time.perf_counter()
@@ -371,20 +380,27 @@ def _check_policy(
         if mismatch is not None:
             result["reason"] = mismatch
             return result
-        result["status"] = "pass"
-        patchify = sum(r.role == "patchify" and r.status != "patched" for r in report.rows)
-        result["reason"] = (
-            f"{report.patched} patched"
-            + (f", {report.skipped} skipped" if report.skipped else "")
-            + (f", {patchify} patchify conv(s) left alone" if patchify else "")
-            + (", nothing to patch" if not report.patched and not report.skipped else "")
-        )
+        if checked is not None:
+            checked[edits] = policy_name
+        return _passed(result, report)
     except Exception as exc:
         result["reason"] = (f"{stage}: " if stage != "patch" else "") + _reason(exc)
         if _not_applicable(exc, stage, policy_name):
             result["status"] = "skip"
         elif not _is_surgeon_error(exc):
             result["traceback"] = traceback.format_exc(limit=-8)
+    return result
+
+
+def _passed(result: dict[str, Any], report: Any) -> dict[str, Any]:
+    result["status"] = "pass"
+    patchify = sum(r.role == "patchify" and r.status != "patched" for r in report.rows)
+    result["reason"] = (
+        f"{report.patched} patched"
+        + (f", {report.skipped} skipped" if report.skipped else "")
+        + (f", {patchify} patchify conv(s) left alone" if patchify else "")
+        + (", nothing to patch" if not report.patched and not report.skipped else "")
+    )
     return result
 
 
@@ -534,8 +550,9 @@ def sweep_model(
         record["found_by"] = sorted({s.found_by.split(" ")[0] for s in result.sites})
         record["regions"] = sorted({r.method for r in result.regions})
         outcomes: dict[str, dict[str, Any]] = {}
+        checked: dict[tuple[Any, ...], str] = {}
         for name in names:
-            outcomes[name] = _check_policy(loaded, loaded.model, args, name, say)
+            outcomes[name] = _check_policy(loaded, loaded.model, args, name, say, checked)
             _release_memory()  # the policy's copies are gone now: give their memory back
         record["policies"] = outcomes
         statuses = {o["status"] for o in outcomes.values()}
