@@ -1024,6 +1024,12 @@ def render_coverage(
         "with `traceback:` is an unexpected exception (counted under *tracebacks*).",
         "- **skip**: the model was not (fully) checked, for the reason given: over the sweep's "
         "memory or time budget per model, or too many parameters for it.",
+        "- A policy that moves or removes strides (`dilate`) is *skipped* on a model that cannot "
+        "run with them, with `patch()`'s one-line refusal naming the module that fails and the "
+        "sites left unchanged in it (a join whose other branch is a functional pool or a "
+        "factorised conv, a position table or attention window built for the original map "
+        "size); the model still passes when every other policy does. The same refusal from a "
+        "policy that keeps map sizes is a failure.",
         "",
         "Model-specific settings live in one place, `model_kwargs` in `scripts/sweep.py`, and are "
         "recorded with each result: torchvision detectors resize internally to the input size "

@@ -221,3 +221,33 @@ def test_a_branch_dilate_cannot_change_is_named_in_the_error() -> None:
     message = str(info.value)
     assert message.startswith("the patched model fails in <model> (_TwoBranches), where "), message
     assert ":max_pool2d (functional call: its stride is not a module attribute)" in message
+
+
+class _BlockThenFlatten(nn.Module):
+    """A strided residual block, then a head that flattens a map of a fixed size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.main = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.shortcut = nn.Conv2d(8, 8, 1, stride=2)
+        self.head = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.main(x) + self.shortcut(x)
+        return self.head(x.flatten(1))
+
+
+def test_a_block_whose_shortcut_cannot_follow_is_left_alone_whole() -> None:
+    model = _BlockThenFlatten().eval()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+    patched, report = patch(model, _dilate(2), x)
+    rows = {r.site: r for r in report.rows}
+    for name, other in (("main", "shortcut"), ("shortcut", "main")):
+        assert rows[name].status == "skipped"
+        assert f"its parallel branch {other} could not follow" in rows[name].note
+    with torch.no_grad():
+        assert torch.equal(patched(x), before)

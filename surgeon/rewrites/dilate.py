@@ -55,9 +55,10 @@ class DilationPlan:
             self.geometry.setdefault(id(module), Geometry.of(module))
             self.factors.setdefault(id(module), 1)
 
-    def partners(self, name: str, stride: int) -> list[str]:
-        """Strided layers parallel to `name` (same input stage and stride) that no downsampling
-        rule sees, e.g. a 2×2 shortcut pool that covers a 2×2 map and so reads as a global pool."""
+    def partners(self, name: str, stride: int, *, sites: bool = False) -> list[str]:
+        """Strided layers parallel to `name` (same input stage and stride) not changed yet: by
+        default those no downsampling rule sees (a 2×2 shortcut pool that covers a 2×2 map
+        reads as a global pool), with `sites` the downsampling sites (a block's shortcut)."""
         layer = self.graph.layers[name]
         src = self.graph.input_of(layer.node)
         stage = self.graph.original.get(src) if src is not None else None
@@ -65,7 +66,7 @@ class DilationPlan:
             other.name
             for other in self.graph.layers.values()
             if other.name != name
-            and other.name not in self.sites
+            and (other.name in self.sites) == sites
             and other.name not in self.strides
             and other.stride == stride
             and (i := self.graph.input_of(other.node)) is not None
@@ -189,6 +190,17 @@ class DilateRewrite:
         fatal = [p for p in problems if p.kind != "join"]
         if fatal:
             raise SkipSite(f"{fatal[0]}; choose a larger output_stride")
+        # the parallel sites (a block's shortcut) come later and must be able to follow: if
+        # changing them too would break a flatten or an output, leave the whole block alone
+        siblings = plan.partners(site.module, stride, sites=True)
+        if siblings:
+            _, together = plan.graph.stages({**strides, **dict.fromkeys(siblings, keep)})
+            fatal = [p for p in together if p.kind != "join"]
+            if fatal:
+                raise SkipSite(
+                    f"its parallel branch {siblings[0]} could not follow ({fatal[0]}); "
+                    "choose a larger output_stride"
+                )
         node = plan.graph.layers[site.module].node
         module = plan.graph.layers[site.module].module
         before = plan.factors[id(module)]
