@@ -791,6 +791,12 @@ def markdown(results: dict[str, Any], plots: Sequence[str], command: str) -> str
         f"nice -n 10 {command}",
         "```",
         "",
+        "The raw results behind this page are in `docs/reproduce/` (`results.json` and one file "
+        "per extra run); `python scripts/reproduce.py --render docs/reproduce/results.json "
+        "--extra docs/reproduce/spd-all.json docs/reproduce/avgpool.json` rewrites the page and "
+        "the plots from them without training. The extra runs: `python scripts/reproduce.py "
+        "--threads 1 --variants spd-all --json FILE` (and `avgpool`).",
+        "",
     ]
     return "\n".join(lines)
 
