@@ -736,7 +736,7 @@ def markdown(results: dict[str, Any], plots: Sequence[str], command: str) -> str
         "max pool and the original BN; `spd-all` also rewrites the max pool.",
         f"- Cost. `spd`: parameters {_ratio(costs, 'spd', 'params')}, MACs "
         f"{_ratio(costs, 'spd', 'macs')} here (the paper's YOLOv5s → SPD-s: ×1.21 parameters, "
-        "×2.05 FLOPs at 640 px); every stride-2 layer becomes a stride-1 convolution on "
+        "×2.05 FLOPs at 640 px); every strided convolution becomes a stride-1 convolution on "
         "stride² × the channels. `antialias`: parameters "
         f"{_ratio(costs, 'antialias', 'params')}, MACs {_ratio(costs, 'antialias', 'macs')} "
         "(Zhang's ResNet-50: unchanged parameters, ×1.26 FLOPs at 224 px).",
