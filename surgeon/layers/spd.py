@@ -656,11 +656,14 @@ def _build(
         keep_op_padding=keep_op_padding,
         groups=groups,
         bias=bias,
-        device=weight.device,
+        # a transferred kernel overwrites the default init: skip it (kaiming on a big kernel
+        # costs as much as the rest of the rewrite)
+        device=weight.device if init == "random" else "meta",
         dtype=weight.dtype,
     )
     if init == "random":
         return module, "random"
+    module = module.to_empty(device=weight.device)
     with torch.no_grad():
         module.conv.weight.copy_(_rearrange_kernel(weight.detach(), block, dilation, inner, shift))
         if module.conv.bias is not None:
