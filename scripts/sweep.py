@@ -1062,7 +1062,7 @@ def render_coverage(
     lines += [
         "",
         f"- Sweep wall time: {wall / 60:.1f} min for {len(records)} models (sum of per-model "
-        "wall times, one worker process, 2 shared CPU cores).",
+        "wall times, in worker processes on 2 shared CPU cores).",
     ]
     if patch_times:
         lines.append(
