@@ -49,8 +49,12 @@ __all__ = [
     "unused_rules",
 ]
 
-BUILTIN_POLICY_DIR = Path(__file__).resolve().parent.parent / "configs"
-"""Where built-in policies live: `<repo>/configs/<stem>.yaml`."""
+_PACKAGE = Path(__file__).resolve().parent
+BUILTIN_POLICY_DIR = (
+    _PACKAGE / "configs" if (_PACKAGE / "configs").is_dir() else _PACKAGE.parent / "configs"
+)
+"""Where built-in policies live: `<repo>/configs/<stem>.yaml`, installed as `surgeon/configs/`
+(pyproject.toml maps the one onto the other; a source checkout reads the repository's)."""
 
 KEEP = "keep"
 """The action that leaves a site unchanged; always known, takes no parameters, always wins."""

@@ -947,3 +947,16 @@ def test_check_strict_without_line_numbers_names_the_source() -> None:
         "<dict>: rule 1 decided no site; strict mode treats unused rules as errors "
         "(fix its match or remove it)"
     )
+
+
+def test_the_built_in_policies_ship_inside_the_package() -> None:
+    """A wheel puts configs/ at surgeon/configs/, where BUILTIN_POLICY_DIR looks first."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "surgeon.configs" in setuptools["packages"]
+    assert setuptools["package-dir"]["surgeon.configs"] == "configs"
+    assert setuptools["package-data"]["surgeon.configs"] == ["*.yaml"]
+    shipped = sorted(p.stem for p in (root / "configs").glob("*.yaml"))
+    assert [name for name, _ in list_builtin_policies()] == shipped
