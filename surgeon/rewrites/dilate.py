@@ -49,6 +49,7 @@ class DilationPlan:
     geometry: dict[int, Geometry] = field(default_factory=dict)  # id(module) -> as built
     factors: dict[int, int] = field(default_factory=dict)  # id(module) -> current factor
     sites: frozenset[str] = frozenset()  # layers that are downsampling sites (rules see them)
+    pending: dict[str, int] = field(default_factory=dict)  # site layer -> stride dilate gives it
 
     def __post_init__(self) -> None:
         for _, module in self.graph.modules:
@@ -115,6 +116,67 @@ class DilationPlan:
         self.strides = dict(strides)
 
 
+def _plan_strides(
+    plan: DilationPlan, site: Site, keep: int, stride: int
+) -> tuple[dict[str, int], dict[fx.Node, Fraction | None], list[str]]:
+    """The plan's strides with `site` at `keep` (and the parallel layers that must go with it),
+    their stages and those parallel layers; SkipSite if the model could not run that way."""
+    if site.module not in plan.graph.layers:
+        raise SkipSite("not a single-call convolution or pooling module of the graph")
+    src = plan.graph.input_of(plan.graph.layers[site.module].node)
+    if src is None or plan.graph.original.get(src) is None:
+        raise SkipSite(
+            "the stride graph cannot follow the map sizes before it (a join of branches "
+            "with unequal strides per dimension, or an op it does not model)"
+        )
+    strides = {**plan.strides, site.module: keep}
+    stages, problems = plan.graph.stages(strides)
+    # joins may disagree until the parallel sites (a shortcut) are rewritten too; a parallel
+    # layer that is no downsampling site at this input size goes with this one
+    also = []
+    for partner in plan.partners(site.module, stride):
+        joins = sum(p.kind == "join" for p in problems)
+        trial = {**strides, partner: keep}
+        trial_stages, trial_problems = plan.graph.stages(trial)
+        if sum(p.kind == "join" for p in trial_problems) < joins:
+            strides, stages, problems = trial, trial_stages, trial_problems
+            also.append(partner)
+    # an output or a flatten that would change size cannot be fixed by later sites
+    fatal = [p for p in problems if p.kind != "join"]
+    if fatal:
+        raise SkipSite(f"{fatal[0]}; choose a larger output_stride")
+    # the parallel sites (a block's shortcut) come later and must be able to follow: if
+    # changing them too would break a flatten or an output, leave the whole block alone
+    siblings = plan.partners(site.module, stride, sites=True)
+    if siblings:
+        _, together = plan.graph.stages({**strides, **dict.fromkeys(siblings, keep)})
+        fatal = [p for p in together if p.kind != "join"]
+        if fatal:
+            raise SkipSite(
+                f"its parallel branch {siblings[0]} could not follow ({fatal[0]}); "
+                "choose a larger output_stride"
+            )
+    # a join this change breaks must be mended by the sites dilate will change later (a
+    # block's shortcut); a branch it cannot change (a functional call, unequal strides per
+    # dimension) would leave the join broken: then the whole block keeps its strides
+    _, earlier = plan.graph.stages(plan.strides)
+    known = {p.where for p in earlier if p.kind == "join"}
+    later = {name: k for name, k in plan.pending.items() if name not in strides}
+    _, everything = plan.graph.stages({**strides, **later})
+    stuck = [p for p in everything if p.kind == "join" and p.where not in known]
+    if stuck:
+        raise SkipSite(
+            f"{stuck[0]} whatever the later sites do: one of its branches keeps its stride (a "
+            "functional call, unequal strides per dimension, or a site skipped above)"
+        )
+    return strides, stages, also
+
+
+def _kept_stride(site: Site, target: int) -> int:
+    """The stride a site runs at once dilated: what reaches `target` exactly, else 1."""
+    return max(1, target // site.stage_in) if site.stage_in < target else 1
+
+
 def _current_stride(module: nn.Module) -> int:
     stride = getattr(module, "stride", 1)
     return int(stride[0]) if isinstance(stride, tuple) else int(stride)
@@ -155,7 +217,7 @@ class DilateRewrite:
         if len(set(site.stride)) != 1:
             raise SkipSite(f"unequal strides {site.stride} per dimension")
         stride = site.stride[0]
-        keep = max(1, target // site.stage_in) if site.stage_in < target else 1
+        keep = _kept_stride(site, target)
         if site.stage_in < target and (stride % keep or site.stage_in * keep != target):
             raise SkipSite(
                 f"stride {stride} from output stride {site.stage_in} cannot stop at {target}"
@@ -169,38 +231,21 @@ class DilateRewrite:
                 graph = StrideGraph(region, editor.analysis)
             except AnalysisError as exc:
                 raise SkipSite(str(exc)) from exc
-            seen = {s.module for s in find_sites(editor.analysis) if s.role == "downsample"}
-            plans[region.path] = DilationPlan(graph, sites=frozenset(seen))
+            found = [s for s in find_sites(editor.analysis) if s.role == "downsample"]
+            pending = {
+                s.module: _kept_stride(s, target)
+                for s in found
+                if s.module in graph.layers and s.stage_out > target and len(set(s.stride)) == 1
+            }
+            plans[region.path] = DilationPlan(
+                graph, sites=frozenset(s.module for s in found), pending=pending
+            )
         plan = plans[region.path]
-        if site.module not in plan.graph.layers:
-            raise SkipSite("not a single-call convolution or pooling module of the graph")
-        strides = {**plan.strides, site.module: keep}
-        stages, problems = plan.graph.stages(strides)
-        # joins may disagree until the parallel sites (a shortcut) are rewritten too; a parallel
-        # layer that is no downsampling site at this input size goes with this one
-        also = []
-        for partner in plan.partners(site.module, stride):
-            joins = sum(p.kind == "join" for p in problems)
-            trial = {**strides, partner: keep}
-            trial_stages, trial_problems = plan.graph.stages(trial)
-            if sum(p.kind == "join" for p in trial_problems) < joins:
-                strides, stages, problems = trial, trial_stages, trial_problems
-                also.append(partner)
-        # an output or a flatten that would change size cannot be fixed by later sites
-        fatal = [p for p in problems if p.kind != "join"]
-        if fatal:
-            raise SkipSite(f"{fatal[0]}; choose a larger output_stride")
-        # the parallel sites (a block's shortcut) come later and must be able to follow: if
-        # changing them too would break a flatten or an output, leave the whole block alone
-        siblings = plan.partners(site.module, stride, sites=True)
-        if siblings:
-            _, together = plan.graph.stages({**strides, **dict.fromkeys(siblings, keep)})
-            fatal = [p for p in together if p.kind != "join"]
-            if fatal:
-                raise SkipSite(
-                    f"its parallel branch {siblings[0]} could not follow ({fatal[0]}); "
-                    "choose a larger output_stride"
-                )
+        try:
+            strides, stages, also = _plan_strides(plan, site, keep, stride)
+        except SkipSite:
+            plan.pending.pop(site.module, None)  # it keeps its stride: later checks must know
+            raise
         node = plan.graph.layers[site.module].node
         module = plan.graph.layers[site.module].module
         before = plan.factors[id(module)]
