@@ -446,7 +446,7 @@ def policies() -> None:
 def main() -> None:
     """Entry point: run the app; SurgeonErrors become one line on stderr and an exit code."""
     try:
-        app(standalone_mode=False)
+        app(standalone_mode=False, prog_name="surgeon")
     except SurgeonError as exc:
         if _state["debug"]:
             raise
@@ -457,14 +457,17 @@ def main() -> None:
         sys.exit(ExitCode.INTERRUPTED)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(ExitCode.INTERRUPTED)
     except Exception as exc:  # the CLI's last line of defence: never a raw traceback
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(ExitCode.INTERRUPTED)
+        # typer vendors click: a usage error (unknown option, bad value) is a TyperException
+        # with click's format_message/exit_code
+        if isinstance(exc, typer.TyperException) and hasattr(exc, "format_message"):
+            ctx = getattr(exc, "ctx", None)
+            see = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+            message = exc.format_message().rstrip(".")
+            err.print(f"[bold red]error:[/bold red] {message}{see}", highlight=False)
+            sys.exit(getattr(exc, "exit_code", ExitCode.USAGE_ERROR))
         if _state["debug"]:
             raise
         err.print(

@@ -46,6 +46,13 @@ def test_scan_json_has_the_same_sites(capsys: pytest.CaptureFixture[str]) -> Non
         ),
         (["scan", "resnet18", "--weights", "/nonexistent/w.pt"], 1, "error:"),
         (["patch", "resnet18", "--policy", "no-such-policy", "--dry-run"], 1, "error:"),
+        (
+            ["scan", "resnet18", "--bogus"],
+            2,
+            "error: No such option: --bogus; see `surgeon scan --help`",
+        ),
+        (["patch", "resnet18", "--policy"], 2, "error: Option '--policy' requires an argument"),
+        (["bogus"], 2, "error: No such command 'bogus'; see `surgeon --help`"),
     ],
 )
 def test_bad_input_gets_one_line_and_an_exit_code(
