@@ -241,6 +241,28 @@ def _children(module: nn.Module, path: str) -> Iterator[tuple[str, nn.Module]]:
         yield (f"{path}.{name}" if path else name), child
 
 
+def _refuse_quantized(model: nn.Module) -> None:
+    """Quantized layers keep packed integer weights that no replacement can take over, and their
+    strides are invisible to the walker: say so instead of reporting a model without sites."""
+    keys = [k for k, v in model.state_dict().items() if getattr(v, "is_quantized", False)]
+    if not keys:
+        return
+    modules = dict(model.named_modules())
+
+    def owner(key: str) -> str:
+        while key and key not in modules:
+            key = key.rpartition(".")[0]
+        return key
+
+    layers = list(dict.fromkeys(map(owner, keys)))
+    more = f" and {len(layers) - 1} more" if len(layers) > 1 else ""
+    raise AnalysisError(
+        f"the model is quantized ({layers[0] or 'the model'}: "
+        f"{type(modules[layers[0]]).__name__}{more}); surgeon rewrites float models: patch the "
+        "float model (torchvision: quantize=False), then quantize it"
+    )
+
+
 def _param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -251,7 +273,9 @@ def analyse(
     """Run the model once with hooks, then cover it with graph regions (see module docstring).
 
     The model is put in eval mode for the analysis and left in the mode it came in.
+    AnalysisError for a quantized model (see `_refuse_quantized`).
     """
+    _refuse_quantized(model)
     was_training = model.training
     model.eval()
     recorder = _Recorder(model)

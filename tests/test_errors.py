@@ -105,3 +105,24 @@ def test_tampered_weights_are_refused(tmp_path: Path, capsys: pytest.CaptureFixt
     (path / "model.safetensors").write_bytes(bytes(data))
     code, _, err = run_cli(capsys, "load", str(path))
     assert code == 1 and "checksum" in err
+
+
+def test_a_quantized_model_is_refused_with_the_layer_and_the_fix() -> None:
+    import torchvision
+
+    from surgeon.errors import AnalysisError
+    from surgeon.scan import scan
+
+    model = torchvision.models.quantization.resnet18(weights=None, quantize=False).eval()
+    model.fuse_model()
+    model.qconfig = torch.ao.quantization.get_default_qconfig("fbgemm")
+    torch.ao.quantization.prepare(model, inplace=True)
+    model(torch.randn(2, 3, 32, 32))
+    torch.ao.quantization.convert(model, inplace=True)
+    x = torch.randn(1, 3, 32, 32)
+    for run in (lambda: scan(model, x), lambda: patch(model, "spd", x)):
+        with pytest.raises(AnalysisError) as info:
+            run()
+        message = str(info.value)
+        assert message.startswith("the model is quantized (conv1: ConvReLU2d and ")
+        assert "patch the float model" in message and "\n" not in message
