@@ -27,13 +27,17 @@ from surgeon.checkpoint import (
 from surgeon.errors import CheckpointError
 from surgeon.fold import FoldRecord
 from surgeon.fold import fold as fold_model
+from surgeon.layers.spd import SpaceToDepthConv, phase_major_kernel
 from surgeon.models import LoadedModel, ModelSpec, build_model, example_inputs, load_state
 from surgeon.patch import PatchReport, patch
 from surgeon.policy import policy_from_dict
 from surgeon.report import patch_markdown
 from surgeon.rewrites import action_schemas, load_plugin
 
-__all__ = ["build_manifest", "load", "save", "versions"]
+__all__ = ["SPD_CHANNEL_ORDER", "build_manifest", "load", "save", "versions"]
+
+SPD_CHANNEL_ORDER = "phase-major where groups=1, else channel-major"
+"""What surgery.json's `spd_channel_order` says: the input-channel order of SPD-Conv kernels."""
 
 
 def versions() -> dict[str, str]:
@@ -94,6 +98,9 @@ def build_manifest(
         },
         "versions": versions(),
         "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # SPD-Conv kernels of ungrouped convs take input channels phase-major (phase * C + c);
+        # checkpoints without this field hold them channel-major, and `load` converts them
+        "spd_channel_order": SPD_CHANNEL_ORDER,
     }
     if fold is not None:  # replayed by `load` with the same form per layer
         manifest["fold"] = fold.to_dict()
@@ -169,11 +176,23 @@ def load(
         )
     if "fold" in manifest:
         model, _ = fold_model(model, example, forms=_fold_forms(manifest["fold"], directory))
+    if manifest.get("spd_channel_order") != SPD_CHANNEL_ORDER:
+        state = _phase_major_spd(model, state)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_state_dict_fits(expected, state, source=Path(directory) / "model.safetensors")
     load_state(model, state)
     model.eval()
     return model
+
+
+def _phase_major_spd(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights saved before SPD-Conv of ungrouped convs went phase-major, made phase-major."""
+    state = dict(state)
+    for name, module in model.named_modules():
+        key = f"{name}.conv.weight" if name else "conv.weight"
+        if isinstance(module, SpaceToDepthConv) and module.phase_major and key in state:
+            state[key] = phase_major_kernel(state[key], module.block)
+    return state
 
 
 def _fold_forms(record: Any, directory: str | Path) -> dict[str, str]:

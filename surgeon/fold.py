@@ -36,7 +36,12 @@ from torch import Tensor, nn
 
 from surgeon.arithmetic import conv_output_size
 from surgeon.errors import PatchError
-from surgeon.layers.spd import SpaceToDepthConv, _output_length, _same_total
+from surgeon.layers.spd import (
+    SpaceToDepthConv,
+    _output_length,
+    _same_total,
+    channel_major_kernel,
+)
 
 __all__ = ["FoldRecord", "FoldedSpaceToDepthConv", "LayerFold", "fold", "fold_space_to_depth"]
 
@@ -175,6 +180,8 @@ def fold_space_to_depth(layer: SpaceToDepthConv, *, trim: bool = True) -> Folded
     by their count and must stay >= 0 for every input size).
     """
     inner = layer.conv.weight.detach()
+    if layer.phase_major:
+        inner = channel_major_kernel(inner, layer.block)
     dims = layer.dims
     block = layer.block
     kernel = tuple(inner.shape[2:])

@@ -695,3 +695,29 @@ def test_docs_describe_every_manifest_field() -> None:
     docs = (REPO / "docs" / "checkpoint.md").read_text()
     undocumented = [p for p in schema_paths(MANIFEST_SCHEMA) if f"`{p}`" not in docs]
     assert not undocumented, f"docs/checkpoint.md does not describe: {undocumented}"
+
+
+def test_a_checkpoint_with_channel_major_spd_kernels_loads_converted(tmp_path: Path) -> None:
+    """Checkpoints written before SPD-Conv of ungrouped convs went phase-major (no
+    `spd_channel_order` in surgery.json) hold channel-major kernels: `load` converts them."""
+    from dataclasses import replace
+
+    from surgeon.api import build_manifest, load
+    from surgeon.layers.spd import SpaceToDepthConv, channel_major_kernel
+    from surgeon.models import example_inputs, load_model
+    from surgeon.patch import patch, resolve_policy
+
+    loaded = replace(load_model("resnet18"), input_size=(3, 32, 32))
+    model, report = patch(loaded.model, "spd", example_inputs(loaded.task, (3, 32, 32)))
+    state = dict(model.state_dict())
+    dense = [n for n, m in model.named_modules() if isinstance(m, SpaceToDepthConv)]
+    assert dense and all(model.get_submodule(n).phase_major for n in dense)
+    for name in dense:
+        block = model.get_submodule(name).block
+        state[f"{name}.conv.weight"] = channel_major_kernel(state[f"{name}.conv.weight"], block)
+    manifest = build_manifest(loaded, report, resolve_policy("spd").to_dict())
+    del manifest["spd_channel_order"]
+    write_checkpoint(tmp_path / "old", state, manifest)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "old")(x), model.eval()(x))

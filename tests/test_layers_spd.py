@@ -52,15 +52,23 @@ def maybe_channels_last(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 # --------------------------------------------------------------------------- space_to_depth
 
 
-def explicit_space_to_depth(x: torch.Tensor, block: tuple[int, ...]) -> torch.Tensor:
-    """out[n, c * P + offset, *i] = x[n, c, *(i * block + phase)], written as index arithmetic."""
+def explicit_space_to_depth(
+    x: torch.Tensor, block: tuple[int, ...], order: str = "channel"
+) -> torch.Tensor:
+    """out[n, c * P + offset, *i] = x[n, c, *(i * block + phase)] (order "channel"), or
+    out[n, offset * C + c, *i] (order "phase"), written as index arithmetic."""
     n, c = x.shape[:2]
     reduced = [size // b for size, b in zip(x.shape[2:], block, strict=True)]
     phases = list(itertools.product(*(range(b) for b in block)))
     out = x.new_empty((n, c * len(phases), *reduced))
     for offset, phase in enumerate(phases):
         index = tuple(slice(r, None, b) for r, b in zip(phase, block, strict=True))
-        out[:, offset :: len(phases)] = x[(slice(None), slice(None), *index)]
+        where = (
+            slice(offset, None, len(phases))
+            if order == "channel"
+            else slice(offset * c, (offset + 1) * c)
+        )
+        out[:, where] = x[(slice(None), slice(None), *index)]
     return out
 
 
@@ -75,12 +83,18 @@ def test_space_to_depth_uses_pixel_unshuffle_channel_order() -> None:
 @given(
     dims=st.integers(1, 3),
     data=st.data(),
-    channels=st.integers(1, 5),
+    channels=st.integers(1, 12),
     channels_last=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.int32]),
+    order=st.sampled_from(["channel", "phase"]),
 )
-def test_space_to_depth_is_the_channel_major_permutation(
-    dims: int, data: st.DataObject, channels: int, channels_last: bool, dtype: torch.dtype
+def test_space_to_depth_is_the_permutation_of_its_order(
+    dims: int,
+    data: st.DataObject,
+    channels: int,
+    channels_last: bool,
+    dtype: torch.dtype,
+    order: str,
 ) -> None:
     block = tuple(
         data.draw(st.lists(st.integers(1, 4), min_size=dims, max_size=dims), label="block")
@@ -90,9 +104,9 @@ def test_space_to_depth_is_the_channel_major_permutation(
         -1000, 1000, (2, channels, *(r * b for r, b in zip(reduced, block, strict=True)))
     ).to(dtype)
     x = maybe_channels_last(x, channels_last)
-    out = space_to_depth(x, block)
-    assert torch.equal(out, explicit_space_to_depth(x, block)), (
-        f"block {block} on {tuple(x.shape)} {dtype}"
+    out = space_to_depth(x, block, order)
+    assert torch.equal(out, explicit_space_to_depth(x, block, order)), (
+        f"block {block} on {tuple(x.shape)} {dtype} {order}"
     )
 
 
@@ -126,6 +140,34 @@ def test_space_to_depth_backpropagates_in_both_layouts() -> None:
         (space_to_depth(x, (2, 2)) * weights).sum().backward()
         assert x.grad is not None
         assert torch.equal(x.grad, F.pixel_shuffle(weights, 2).expand_as(x)), memory_format
+
+
+def test_phase_major_is_slicing_and_cat_in_both_layouts() -> None:
+    # SPD-Conv's reference is phase-major too (its phases in another order)
+    x = torch.randn(2, 16, 6, 8)
+    slices = [x[..., a::2, b::2] for a in range(2) for b in range(2)]
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        out = space_to_depth(x.contiguous(memory_format=memory_format), (2, 2), "phase")
+        assert torch.equal(out, torch.cat(slices, 1)), memory_format
+        assert out.is_contiguous(memory_format=memory_format)
+
+
+def test_spd_conv_is_phase_major_for_dense_convs_and_channel_major_for_grouped() -> None:
+    dense, _ = SpaceToDepthConv.from_conv(nn.Conv2d(16, 8, 3, 2, 1))
+    depthwise, _ = SpaceToDepthConv.from_conv(nn.Conv2d(16, 16, 3, 2, 1, groups=16))
+    pool, _ = SpaceToDepthConv.from_pool("avg", 16, 2, 3, 2, 1)
+    assert dense.phase_major and not depthwise.phase_major and not pool.phase_major
+    x = torch.randn(2, 16, 13, 10)
+    conv = nn.Conv2d(16, 8, 3, 2, 1)
+    spd, _ = SpaceToDepthConv.from_conv(conv)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        got = spd(x.contiguous(memory_format=memory_format))
+        assert torch.allclose(got, conv(x), atol=1e-5, rtol=1e-5), memory_format
+    with pytest.raises(ValueError, match="order='phase' needs groups=1"):
+        SpaceToDepthConv(
+            4, 4, dims=2, block=(2, 2), kernel_size=(2, 2), op_kernel=(3, 3),
+            op_stride=(2, 2), groups=2, order="phase",
+        )  # fmt: skip
 
 
 def test_space_to_depth_rejects_sizes_not_divisible_by_block() -> None:
@@ -273,7 +315,7 @@ def test_spd_paper_form_pads_even_inputs_symmetrically() -> None:
     # SPD then a 3x3 "same" conv: for even sizes the only padding is the conv's one block
     spd, _ = SpaceToDepthConv.from_conv(nn.Conv2d(3, 5, 3, 2, 1), kernel_size=3, init="random")
     x = torch.randn(1, 3, 8, 8)
-    manual = spd.conv(F.pad(space_to_depth(x, (2, 2)), (1, 1, 1, 1)))
+    manual = spd.conv(F.pad(space_to_depth(x, (2, 2), order="phase"), (1, 1, 1, 1)))
     assert torch.allclose(spd(x), manual)
 
 

@@ -40,19 +40,24 @@ _INITS = ("transfer", "random")
 # --------------------------------------------------------------------------- space-to-depth
 
 
-def space_to_depth(x: Tensor, block: tuple[int, ...]) -> Tensor:
+def space_to_depth(x: Tensor, block: tuple[int, ...], order: str = "channel") -> Tensor:
     """The input with each block of spatial positions moved into channels.
 
     `x` is (N, C, *spatial) with 1 to 3 spatial dims, each divisible by its entry of `block`.
-    The result is (N, C * prod(block), *(spatial // block)) with
+    The result is (N, C * prod(block), *(spatial // block)) with, for order="channel",
 
         out[n, c * prod(block) + offset, *i] = x[n, c, *(i * block + phase)]
 
-    where `offset` is the row-major index of `phase` within the block: channel-major order, as
+    where `offset` is the row-major index of `phase` within the block: the order
     `F.pixel_unshuffle` uses in 2d, so a grouped or depthwise convolution over the result keeps
-    its `groups`. It is a permutation of the input (exact for every dtype). The output is
-    channels-last when the input is, contiguous otherwise.
+    its `groups`. order="phase" puts the phase first, `out[n, offset * C + c, *i]`, as SPD-Conv's
+    slicing + cat does (up to the order of the phases): in channels-last memory every phase is
+    then a run of whole channel vectors, a plain copy instead of an interleave. It is a
+    permutation of the input (exact for every dtype). The output is channels-last when the input
+    is, contiguous otherwise.
     """
+    if order not in ("channel", "phase"):
+        raise ValueError(f"order must be 'channel' or 'phase', got {order!r}")
     blk = tuple(int(b) for b in block)
     if x.dim() < 3 or x.dim() > 5:
         raise ValueError(
@@ -70,30 +75,47 @@ def space_to_depth(x: Tensor, block: tuple[int, ...]) -> Tensor:
             f"spatial size {spatial} is not divisible by block {blk}; pad the input first "
             "(SpaceToDepthConv does this for you)"
         )
-    return _rearrange(x, list(blk), [size // b for size, b in zip(spatial, blk, strict=True)])
+    return _rearrange(
+        x,
+        list(blk),
+        [size // b for size, b in zip(spatial, blk, strict=True)],
+        order == "phase",
+    )
 
 
-def _rearrange(x: Tensor, block: list[int], reduced: list[int]) -> Tensor:
+def _rearrange(x: Tensor, block: list[int], reduced: list[int], phase_major: bool) -> Tensor:
     """Space-to-depth dispatch: a layout-aware copy in eager mode, plain views when exported.
 
     `reduced` is the output's spatial size (input size // block), passed in rather than divided
     out so that torch.export sees sizes that match by construction, not a divisibility guard.
     """
     if torch.jit.is_scripting():
-        return _space_to_depth_view(x, block, reduced)
+        return _space_to_depth_view(x, block, reduced, phase_major)
     if torch.compiler.is_compiling():
-        return _space_to_depth_slices(x, block)
+        return _space_to_depth_slices(x, block, phase_major)
     if torch.jit.is_tracing():
-        return _space_to_depth_view(x, block, reduced)
+        return _space_to_depth_view(x, block, reduced, phase_major)
     if _is_channels_last(x):
-        return _space_to_depth_channels_last(x, block)
-    return _space_to_depth_view(x, block, reduced)
+        if not phase_major:
+            return _space_to_depth_channels_last(x, block)
+        if x.shape[1] >= _NARROW:
+            return _space_to_depth_channels_last_phase_major(x, block, reduced)
+        return _space_to_depth_slices(x, block, phase_major)
+    return _space_to_depth_view(x, block, reduced, phase_major)
 
 
-def _space_to_depth_view(x: Tensor, block: list[int], reduced: list[int]) -> Tensor:
-    # (N, C, S0, S1) -> (N, C, S0/b0, b0, S1/b1, b1) -> (N, C, b0, b1, S0/b0, S1/b1): one copy,
-    # whose inner loop runs along the output rows. Shapes are read once, outside any loop:
-    # TorchScript's profiling executor mis-handles tensor shape reads inside loops.
+# Below this many channels a channels-last phase-major copy moves runs too short to beat one
+# strided copy per phase (an RGB stem: 1×3×224×224 in docs/benchmarks.md).
+_NARROW = 8
+
+
+def _space_to_depth_view(
+    x: Tensor, block: list[int], reduced: list[int], phase_major: bool
+) -> Tensor:
+    # (N, C, S0, S1) -> (N, C, S0/b0, b0, S1/b1, b1) -> (N, C, b0, b1, S0/b0, S1/b1), or
+    # (N, b0, b1, C, ...) phase-major: one copy, whose inner loop runs along the output rows.
+    # Shapes are read once, outside any loop: TorchScript's profiling executor mis-handles
+    # tensor shape reads inside loops.
     sz = x.shape
     dims = len(block)
     # TorchScript compiles this function: lists grow by append and +, never by unpacking
@@ -103,21 +125,43 @@ def _space_to_depth_view(x: Tensor, block: list[int], reduced: list[int]) -> Ten
         split.append(reduced[i])
         split.append(block[i])
         phases = phases * block[i]
-    perm = [0, 1] + [3 + 2 * i for i in range(dims)] + [2 + 2 * i for i in range(dims)]
+    inner = [3 + 2 * i for i in range(dims)]
+    outer = [2 + 2 * i for i in range(dims)]
+    perm = [0] + inner + [1] + outer if phase_major else [0, 1] + inner + outer  # noqa: RUF005
     return x.reshape(split).permute(perm).reshape([sz[0], sz[1] * phases] + reduced)  # noqa: RUF005
 
 
-def _space_to_depth_slices(x: Tensor, block: list[int]) -> Tensor:
-    # The same permutation as strided slices, one per phase, stacked after the channels. Used
-    # under torch.export/torch.compile: splitting a padded dim of symbolic length b*M by
-    # reshape makes the symbolic-shape engine prove (b*M) % M == 0, which it cannot always do
-    # for the sums M is made of; slice lengths only divide by the constant b.
+def _space_to_depth_slices(x: Tensor, block: list[int], phase_major: bool) -> Tensor:
+    # The same permutation as strided slices, one per phase: concatenated (phase-major) or
+    # stacked after the channels. Used under torch.export/torch.compile: splitting a padded dim
+    # of symbolic length b*M by reshape makes the symbolic-shape engine prove (b*M) % M == 0,
+    # which it cannot always do for the sums M is made of; slice lengths only divide by b.
     phases: list[Tensor] = []
     for phase in itertools.product(*(range(b) for b in block)):
         index: list[Any] = [slice(None), slice(None)]
         index += [slice(r, None, b) for r, b in zip(phase, block, strict=True)]
         phases.append(x[tuple(index)])
+    if phase_major:
+        return torch.cat(phases, dim=1)
     return torch.stack(phases, dim=2).flatten(1, 2)  # (N, C, P, *reduced) -> (N, C * P, ...)
+
+
+@torch.jit.unused
+def _space_to_depth_channels_last_phase_major(
+    x: Tensor, block: list[int], reduced: list[int]
+) -> Tensor:
+    # Channels-last memory is (N, S0, S1, C): split each spatial dim into (position, phase) and
+    # move the phases next to the channels, (N, S0/b0, S1/b1, b0, b1, C). The last block dim
+    # and the channels stay one contiguous run (b1·C values) on both sides of the copy.
+    n, c, dims = x.shape[0], x.shape[1], len(block)
+    split = [n]
+    for size, b in zip(reduced, block, strict=True):
+        split += [size, b]
+    src = x.permute([0, *range(2, dims + 2), 1]).view([*split, c])  # (n, s0, b0, s1, b1, ..., c)
+    positions = [1 + 2 * i for i in range(dims)]
+    staged = src.permute([0, *positions, *(p + 1 for p in positions), 2 * dims + 1])
+    flat = staged.reshape([n, *reduced, math.prod(block) * c])
+    return flat.permute([0, dims + 1, *range(1, dims + 1)])
 
 
 def _is_channels_last(x: Tensor) -> bool:
@@ -235,6 +279,11 @@ class SpaceToDepthConv(nn.Module):
     (`nn.Conv{1,2,3}d`, stride 1, no padding) therefore returns exactly `T` positions, for
     every input size the original op accepts, odd sizes included.
 
+    `order` is `space_to_depth`'s channel order, which `conv.weight`'s input channels follow:
+    "phase" (phase p of channel c at p*C + c; `from_conv` uses it for groups=1, where it is the
+    faster copy in channels-last memory) or "channel" (c*P + p; grouped and depthwise convs,
+    which need each group's channels together, and pools).
+
     Build it with `from_conv` or `from_pool`, which also say whether the weights reproduce the
     original op ("exact"), approximate it ("approximate") or are freshly initialised ("random").
     Forward uses integer arithmetic on shapes only, so the module scripts, traces and exports
@@ -258,13 +307,22 @@ class SpaceToDepthConv(nn.Module):
         keep_op_padding: bool = True,
         groups: int = 1,
         bias: bool = True,
+        order: str = "channel",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if dims not in (1, 2, 3):
             raise ValueError(f"dims must be 1, 2 or 3, got {dims}")
+        if order not in ("channel", "phase"):
+            raise ValueError(f"order must be 'channel' or 'phase', got {order!r}")
+        if order == "phase" and groups != 1:
+            raise ValueError(
+                f"order='phase' needs groups=1 (got {groups}): a grouped conv reads each "
+                "group's channels with all their phases, the channel-major order"
+            )
         self.dims = dims
+        self.phase_major = order == "phase"
         self.block = _per_dim(block, dims, "block")
         self.kernel = _per_dim(op_kernel, dims, "op_kernel")
         self.stride = _per_dim(op_stride, dims, "op_stride")
@@ -319,7 +377,7 @@ class SpaceToDepthConv(nn.Module):
             blocks = length + self.conv.kernel_size[i] - 1
             pads = [left, self.block[i] * blocks - size - left] + pads  # noqa: RUF005 (TorchScript)
             reduced.append(blocks)
-        return self.conv(_rearrange(F.pad(x, pads), list(self.block), reduced))
+        return self.conv(_rearrange(F.pad(x, pads), list(self.block), reduced, self.phase_major))
 
     def extra_repr(self) -> str:
         padding = "'same'" if self.same else str(self.padding)
@@ -333,6 +391,8 @@ class SpaceToDepthConv(nn.Module):
             text += f", offset={self.offset}"
         if not self.keep_op_padding:
             text += ", keep_op_padding=False"
+        if self.phase_major:
+            text += ", order='phase'"
         return text
 
     # ----------------------------------------------------------------------- constructors
@@ -353,7 +413,8 @@ class SpaceToDepthConv(nn.Module):
 
         init="transfer", kernel_size=None: exact. Tap j of the original kernel reads offset
         j*d, i.e. phase (j*d) mod s of block position (j*d) // s, so the inner kernel has
-        K = ceil(((k-1)d + 1) / s) taps per dim, input channel c*prod(s) + phase, and zeros
+        K = ceil(((k-1)d + 1) / s) taps per dim, input channel phase*C + c (c*prod(s) + phase
+        when the conv is grouped, see `order`), and zeros
         where no tap lands; the left pad is the conv's own. Bias is copied. Returns "exact".
 
         init="transfer", kernel_size=K' >= K: the exact kernel placed inside a K'-tap kernel
@@ -402,6 +463,7 @@ class SpaceToDepthConv(nn.Module):
             init=init,
             weight=conv.weight,
             what=f"{type(conv).__name__}(kernel={kernel}, stride={stride}, dilation={dilation})",
+            order="phase" if conv.groups == 1 else "channel",
         )
         if verdict == "exact" and conv.bias is not None:
             with torch.no_grad():
@@ -618,6 +680,7 @@ def _build(
     init: str,
     weight: Tensor,
     what: str,
+    order: str = "channel",
 ) -> tuple[SpaceToDepthConv, Transfer]:
     block = stride
     effective = tuple(di * (ki - 1) + 1 for ki, di in zip(kernel, dilation, strict=True))
@@ -656,6 +719,7 @@ def _build(
         keep_op_padding=keep_op_padding,
         groups=groups,
         bias=bias,
+        order=order,
         # a transferred kernel overwrites the default init: skip it (kaiming on a big kernel
         # costs as much as the rest of the rewrite)
         device=weight.device if init == "random" else "meta",
@@ -664,11 +728,26 @@ def _build(
     if init == "random":
         return module, "random"
     module = module.to_empty(device=weight.device)
+    kernel_cm = _rearrange_kernel(weight.detach(), block, dilation, inner, shift)
     with torch.no_grad():
-        module.conv.weight.copy_(_rearrange_kernel(weight.detach(), block, dilation, inner, shift))
+        module.conv.weight.copy_(
+            phase_major_kernel(kernel_cm, block) if order == "phase" else kernel_cm
+        )
         if module.conv.bias is not None:
             module.conv.bias.zero_()
     return module, "exact"
+
+
+def phase_major_kernel(weight: Tensor, block: Sequence[int]) -> Tensor:
+    """A channel-major inner kernel (O, C*P, *k) in phase-major input order (O, P*C, *k)."""
+    phases = math.prod(block)
+    return weight.unflatten(1, (-1, phases)).transpose(1, 2).flatten(1, 2)
+
+
+def channel_major_kernel(weight: Tensor, block: Sequence[int]) -> Tensor:
+    """The inverse of `phase_major_kernel`."""
+    phases = math.prod(block)
+    return weight.unflatten(1, (phases, -1)).transpose(1, 2).flatten(1, 2)
 
 
 def _rearrange_kernel(
