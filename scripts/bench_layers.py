@@ -61,13 +61,25 @@ def slicing_cat(x: torch.Tensor) -> torch.Tensor:
     )
 
 
-def spd_candidates() -> dict[str, tuple[Candidate, bool]]:
+# surgeon's two channel orders: phase-major feeds SPD-Conv of ungrouped convs (nearly all),
+# channel-major (pixel_unshuffle's) grouped and depthwise convs and pools
+SPD_ORDERS = {
+    "space_to_depth phase-major": "phase",
+    "space_to_depth channel-major": "channel",
+}
+
+
+def spd_candidates(order: str) -> dict[str, tuple[Candidate, bool]]:
     return {
-        "surgeon space_to_depth": (lambda x: space_to_depth(x, (2, 2)), True),
+        f"surgeon space_to_depth ({order})": (lambda x: space_to_depth(x, (2, 2), order), True),
         "slicing + cat (SPD-Conv)": (slicing_cat, False),
         "F.pixel_unshuffle": (lambda x: F.pixel_unshuffle(x, 2), False),
         "x.clone() (copy floor)": (lambda x: x.clone(), False),
     }
+
+
+def explicit_phase_major(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x[..., a::2, b::2] for a in range(2) for b in range(2)], dim=1)
 
 
 def blur_candidates(channels: int, filter_size: int) -> dict[str, tuple[Candidate, bool, str]]:
@@ -121,20 +133,17 @@ def time_each(candidates: dict[str, Candidate], x: torch.Tensor, repeats: int) -
 
 def bench_spd(repeats: int) -> list[Row]:
     rows = []
-    for shape in SPD_SHAPES:
-        for layout, memory_format in LAYOUTS.items():
-            x = torch.randn(shape).contiguous(memory_format=memory_format)
-            candidates = spd_candidates()
-            ours = candidates["surgeon space_to_depth"][0](x)
-            if not torch.equal(ours, F.pixel_unshuffle(x, 2)):
-                raise AssertionError(
-                    f"space_to_depth differs from pixel_unshuffle on {shape} {layout}"
-                )
-            times = time_each({n: c for n, (c, _) in candidates.items()}, x, repeats)
-            rows += [
-                Row("space_to_depth", shape, layout, n, times[n], candidates[n][1])
-                for n in candidates
-            ]
+    for op, order in SPD_ORDERS.items():
+        expected = explicit_phase_major if order == "phase" else lambda x: F.pixel_unshuffle(x, 2)
+        for shape in SPD_SHAPES:
+            for layout, memory_format in LAYOUTS.items():
+                x = torch.randn(shape).contiguous(memory_format=memory_format)
+                candidates = spd_candidates(order)
+                ours = candidates[f"surgeon space_to_depth ({order})"][0](x)
+                if not torch.equal(ours, expected(x)):
+                    raise AssertionError(f"{op} is not the permutation on {shape} {layout}")
+                times = time_each({n: c for n, (c, _) in candidates.items()}, x, repeats)
+                rows += [Row(op, shape, layout, n, times[n], candidates[n][1]) for n in candidates]
     return rows
 
 
@@ -240,9 +249,12 @@ def section(rows: list[Row], repeats: int, load: tuple[float, float]) -> str:
         "(other work on this machine shows up here; above ~0.5 treat small differences "
         "as noise)",
         "",
-        "Candidates. `space_to_depth`: surgeon's channel-major space-to-depth (block 2) "
-        "against SPD-Conv's slicing + cat (phase-major order), `F.pixel_unshuffle` (same "
-        "order as surgeon) and a plain copy of the input. `BlurPool` (filter 4, stride 2, "
+        "Candidates. `space_to_depth` (block 2) in surgeon's two channel orders: phase-major "
+        "(phase p of channel c at p·C + c), which SPD-Conv layers of ungrouped convolutions "
+        "use, and channel-major (c·4 + p, `F.pixel_unshuffle`'s), which grouped and depthwise "
+        "convolutions and pools need; each against SPD-Conv's slicing + cat (phase-major, its "
+        "phases in another order), `F.pixel_unshuffle` and a plain copy of the input. "
+        "`BlurPool` (filter 4, stride 2, "
         "reflect): surgeon's against reflect padding + one 4x4 depthwise convolution "
         "(antialiased-cnns' formulation), timm's `BlurPool2d`, and padding + two 1-d "
         "depthwise convolutions; all but timm's give the same output.",
@@ -254,12 +266,13 @@ def section(rows: list[Row], repeats: int, load: tuple[float, float]) -> str:
         *summary(rows),
         "",
         "How surgeon's versions work. `space_to_depth` on a contiguous input is one "
-        "view/permute/reshape copy whose inner loop runs along output rows. Channel-major "
-        "order on a channels-last input means interleaving the phases of every channel, "
-        "which no plain copy does fast; surgeon writes float pairs as complex numbers "
-        "(bit-exact) so that the interleave runs in a vectorised kernel. Slicing + cat keeps "
-        "contiguous channel runs because its order is phase-major, which is why it is the "
-        "faster copy in channels-last. `BlurPool` on large maps (at least 2^20 elements, "
+        "view/permute/reshape copy whose inner loop runs along output rows. Phase-major order "
+        "on a channels-last input is one reshape copy that moves runs of (last block dim × "
+        "channels) values, whole channel vectors, with no interleave (below 8 channels, one "
+        "strided copy per phase). Channel-major order on a channels-last input means "
+        "interleaving the phases of every channel, which no plain copy does fast; surgeon "
+        "writes float pairs as complex numbers (bit-exact) so that the interleave runs in a "
+        "vectorised kernel. `BlurPool` on large maps (at least 2^20 elements, "
         "every spatial size >= 48, and an output count the convolution's own padding already "
         "gives, e.g. even sizes for filter 4) filters with the convolution's own zero padding, "
         "so no padded copy of the input is made, and recomputes only the border outputs from "
