@@ -18,7 +18,7 @@ from torch import nn
 
 from surgeon.arithmetic import pool_output_size, same_padding
 from surgeon.layers import SpaceToDepthConv, pool_arguments, space_to_depth
-from surgeon.layers.spd import _output_length, _same_total
+from surgeon.layers.spd import _output_length, _padded_space_to_depth, _rearrange, _same_total
 
 FAST = settings(
     max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
@@ -591,3 +591,37 @@ def test_spd_exports_to_onnx_with_dynamic_axes(name: str) -> None:
     for x in inputs:
         (out,) = session.run(None, {"x": x.numpy()})
         assert torch.allclose(torch.from_numpy(out), spd(x), atol=1e-5), (name, tuple(x.shape))
+
+
+@FAST
+@given(
+    dims=st.integers(1, 3),
+    data=st.data(),
+    channels=st.integers(1, 10),
+    channels_last=st.booleans(),
+    phase_major=st.booleans(),
+)
+def test_one_pass_padded_space_to_depth_equals_pad_then_rearrange(
+    dims: int, data: st.DataObject, channels: int, channels_last: bool, phase_major: bool
+) -> None:
+    # eager SPD-Conv pads and rearranges in one pass: every left pad, and right ends that
+    # pad or crop, must give what F.pad + space_to_depth give
+    draw = data.draw
+    block = [draw(st.integers(1, 3), label="block") for _ in range(dims)]
+    size = [draw(st.integers(1, 9), label="size") for _ in range(dims)]
+    lefts = [draw(st.integers(0, 3), label="left") for _ in range(dims)]
+    reduced = [
+        draw(st.integers(max(1, -(-left // b)), (s + left) // b + 2), label="blocks")
+        for s, left, b in zip(size, lefts, block, strict=True)
+    ]
+    x = maybe_channels_last(torch.randn(2, channels, *size), channels_last).requires_grad_()
+    pads: list[int] = []
+    for s, left, b, r in zip(size, lefts, block, reduced, strict=True):
+        pads = [left, b * r - s - left, *pads]
+    expected = _rearrange(F.pad(x, pads), block, reduced, phase_major)
+    got = _padded_space_to_depth(x, lefts, block, reduced, phase_major)
+    assert torch.equal(got, expected)
+    weights = torch.randn(expected.shape)
+    (grad_expected,) = torch.autograd.grad((expected * weights).sum(), x)
+    (grad_got,) = torch.autograd.grad((got * weights).sum(), x)
+    assert torch.equal(grad_got, grad_expected)

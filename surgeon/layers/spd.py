@@ -167,7 +167,11 @@ def _space_to_depth_channels_last_phase_major(
 def _is_channels_last(x: Tensor) -> bool:
     if x.dim() < 3 or x.shape[1] == 1:
         return False
-    return x.permute([0, *range(2, x.dim()), 1]).is_contiguous()
+    perm = [0]  # built by append: TorchScript compiles this (it cannot unpack a range)
+    for dim in range(2, x.dim()):
+        perm.append(dim)
+    perm.append(1)
+    return x.permute(perm).is_contiguous()
 
 
 @torch.jit.unused
@@ -211,6 +215,61 @@ def _space_to_depth_channels_last(x: Tensor, block: list[int]) -> Tensor:
             .reshape([n, *reduced, c * phases])
         )
     return flat.permute([0, dims + 1, *range(1, dims + 1)])
+
+
+def _pad_rearrange(
+    x: Tensor,
+    pads: list[int],
+    lefts: list[int],
+    block: list[int],
+    reduced: list[int],
+    phase_major: bool,
+) -> Tensor:
+    """Zero padding then space-to-depth: in eager mode in one pass (except channel-major into
+    channels-last memory, an interleave that `_rearrange` does faster); for exports, which want
+    plain ops, `F.pad` and `_rearrange`."""
+    if (
+        torch.jit.is_scripting()
+        or torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or (not phase_major and _is_channels_last(x))
+    ):
+        return _rearrange(F.pad(x, pads), block, reduced, phase_major)
+    return _padded_space_to_depth(x, lefts, block, reduced, phase_major)
+
+
+@torch.jit.unused
+def _padded_space_to_depth(
+    x: Tensor, lefts: list[int], block: list[int], reduced: list[int], phase_major: bool = True
+) -> Tensor:
+    """Space-to-depth of `x` zero-padded by `lefts` on the left and to `reduced` blocks per dim
+    (cropped if that is shorter), without the padded copy: each phase is one strided copy into
+    a zeroed output laid out like `x` (channels-last in, channels-last out). Equal to
+    `_rearrange(F.pad(x, pads), ...)`; eager mode only."""
+    n, c, dims = x.shape[0], x.shape[1], len(block)
+    phases = math.prod(block)
+    channels_last = _is_channels_last(x)
+    spatial = list(range(1, dims + 1))
+    if channels_last:
+        out = x.new_zeros([n, *reduced, phases, c] if phase_major else [n, *reduced, c, phases])
+        order = [dims + 1, dims + 2] if phase_major else [dims + 2, dims + 1]
+        view = out.permute([0, *order, *spatial])  # (n, P, c, *reduced)
+    else:
+        out = x.new_zeros([n, phases, c, *reduced] if phase_major else [n, c, phases, *reduced])
+        view = out if phase_major else out.transpose(1, 2)
+    for index, phase in enumerate(itertools.product(*(range(b) for b in block))):
+        src: list[Any] = [slice(None), slice(None)]
+        dst: list[Any] = [slice(None), index, slice(None)]
+        for size, b, left, r, blocks in zip(x.shape[2:], block, lefts, phase, reduced, strict=True):
+            first = (r - left) % b  # the first input position that lands on phase r
+            start = (first + left) // b  # ... in this block
+            count = min(-(-(size - first) // b), blocks - start)
+            src.append(slice(first, first + max(count - 1, 0) * b + 1, b))
+            dst.append(slice(start, start + max(count, 0)))
+        view[tuple(dst)].copy_(x[tuple(src)])
+    if channels_last:
+        return out.view([n, *reduced, phases * c]).permute([0, dims + 1, *spatial])
+    return out.view([n, phases * c, *reduced])
 
 
 # --------------------------------------------------------------------------- shape arithmetic
@@ -353,6 +412,7 @@ class SpaceToDepthConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         spatial = x.shape[2:]
         pads: list[int] = []
+        lefts: list[int] = []
         reduced: list[int] = []
         for i in range(self.dims):
             size = spatial[i]
@@ -376,8 +436,11 @@ class SpaceToDepthConv(nn.Module):
                 left = left + op_left
             blocks = length + self.conv.kernel_size[i] - 1
             pads = [left, self.block[i] * blocks - size - left] + pads  # noqa: RUF005 (TorchScript)
+            lefts.append(left)
             reduced.append(blocks)
-        return self.conv(_rearrange(F.pad(x, pads), list(self.block), reduced, self.phase_major))
+        return self.conv(
+            _pad_rearrange(x, pads, lefts, list(self.block), reduced, self.phase_major)
+        )
 
     def extra_repr(self) -> str:
         padding = "'same'" if self.same else str(self.padding)
