@@ -107,6 +107,7 @@ def test_tampered_weights_are_refused(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == 1 and "checksum" in err
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 def test_a_quantized_model_is_refused_with_the_layer_and_the_fix() -> None:
     import torchvision
 
