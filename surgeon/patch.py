@@ -13,7 +13,16 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from surgeon.errors import PatchError
-from surgeon.policy import KEEP, Decision, Policy, check_strict, decide, load_policy, unused_rules
+from surgeon.policy import (
+    BUILTIN_POLICY_DIR,
+    KEEP,
+    Decision,
+    Policy,
+    check_strict,
+    decide,
+    load_policy,
+    unused_rules,
+)
 from surgeon.rewrites import ModelEditor, SkipSite, action_schemas, get_rewrite
 from surgeon.rewrites.base import Edit
 from surgeon.scan import ScanResult, scan_analysis
@@ -343,9 +352,13 @@ def patch(
                 flops_after,
             )
         )
+    # an unused rule of the user's own policy is a likely mistake; a built-in policy's rules
+    # are written for every kind of model, and most models leave some of them unused
+    builtin = Path(resolved.source).parent == BUILTIN_POLICY_DIR
     warnings = [
         f"{r.label} ({resolved.location(r)}) matched no site"
         for r in unused_rules(resolved, decisions)
+        if not builtin
     ]
     model.train(was_training)
     if patched is not model:
