@@ -614,6 +614,25 @@ def test_one_pass_padded_space_to_depth_equals_pad_then_rearrange(
         draw(st.integers(max(1, -(-left // b)), (s + left) // b + 2), label="blocks")
         for s, left, b in zip(size, lefts, block, strict=True)
     ]
+    check_padded_space_to_depth(size, lefts, block, reduced, channels, channels_last, phase_major)
+
+
+@pytest.mark.parametrize("phase_major", [True, False])
+def test_one_pass_padded_space_to_depth_when_a_phase_sees_only_padding(phase_major: bool) -> None:
+    # left 3 with block 2 and 2 blocks: phase 0 starts at block 2, past the end
+    check_padded_space_to_depth([4, 5], [3, 0], [2, 2], [2, 3], 3, False, phase_major)
+    check_padded_space_to_depth([1, 5], [0, 0], [3, 2], [1, 3], 9, True, phase_major)
+
+
+def check_padded_space_to_depth(
+    size: list[int],
+    lefts: list[int],
+    block: list[int],
+    reduced: list[int],
+    channels: int,
+    channels_last: bool,
+    phase_major: bool,
+) -> None:
     x = maybe_channels_last(torch.randn(2, channels, *size), channels_last).requires_grad_()
     pads: list[int] = []
     for s, left, b, r in zip(size, lefts, block, reduced, strict=True):
@@ -623,5 +642,8 @@ def test_one_pass_padded_space_to_depth_equals_pad_then_rearrange(
     assert torch.equal(got, expected)
     weights = torch.randn(expected.shape)
     (grad_expected,) = torch.autograd.grad((expected * weights).sum(), x)
+    if not got.requires_grad:  # every phase is padding: nothing of x reaches the output
+        assert not grad_expected.any()
+        return
     (grad_got,) = torch.autograd.grad((got * weights).sum(), x)
     assert torch.equal(grad_got, grad_expected)

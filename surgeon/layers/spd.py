@@ -264,9 +264,12 @@ def _padded_space_to_depth(
             first = (r - left) % b  # the first input position that lands on phase r
             start = (first + left) // b  # ... in this block
             count = min(-(-(size - first) // b), blocks - start)
-            src.append(slice(first, first + max(count - 1, 0) * b + 1, b))
-            dst.append(slice(start, start + max(count, 0)))
-        view[tuple(dst)].copy_(x[tuple(src)])
+            if count <= 0:  # this phase only sees padding (or what the right end crops)
+                break
+            src.append(slice(first, first + (count - 1) * b + 1, b))
+            dst.append(slice(start, start + count))
+        else:
+            view[tuple(dst)].copy_(x[tuple(src)])
     if channels_last:
         return out.view([n, *reduced, phases * c]).permute([0, dims + 1, *spatial])
     return out.view([n, phases * c, *reduced])
