@@ -257,6 +257,14 @@ def info(
             out.print(
                 f"  {edit['site']}: {edit['replacement']} [{edit['transfer']}]", highlight=False
             )
+    fold = manifest.get("fold")
+    if isinstance(fold, dict) and isinstance(fold.get("layers"), list):
+        folded = [layer.get("name") for layer in fold["layers"] if layer.get("form") == "folded"]
+        out.print(
+            f"  folded (patch --fold): {len(folded)} of {len(fold['layers'])} SPD layers, "
+            f"each now one strided conv: {', '.join(map(str, folded)) or 'none'}",
+            highlight=False,
+        )
     out.print(f"  written {manifest['created']} with {manifest['versions']}", style="dim")
 
 

@@ -197,6 +197,12 @@ def test_patch_fold_records_the_fold_and_load_replays_it(
         want, got = surgeon.api.load(plain)(x), model(x)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
 
+    code, stdout, _ = run_cli(capsys, "info", str(folded))
+    assert (
+        code == 0
+        and f"folded (patch --fold): {sum(f == 'folded' for f in forms.values())} of 7" in stdout
+    )
+
     # a fold record that names a form surgeon does not know is refused, nothing is built
     manifest = json.loads((folded / "surgery.json").read_text())
     manifest["fold"]["layers"][0]["form"] = "squashed"
