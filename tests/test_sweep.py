@@ -52,7 +52,9 @@ def test_vit_patchify_conv_is_left_alone_and_said_so(sweep: ModuleType) -> None:
         assert "1 patchify conv(s) left alone" in outcome["reason"], outcome["reason"]
 
 
-SLOW = [
+# One per task (detection, segmentation, video, optical flow, quantizable) and two odd timm
+# families: about 40 s on 2 cores, in the default suite.
+TASKS = [
     ("torchvision", "fasterrcnn_mobilenet_v3_large_320_fpn"),
     ("torchvision", "lraspp_mobilenet_v3_large"),
     ("torchvision", "r3d_18"),
@@ -63,8 +65,7 @@ SLOW = [
 ]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("source", "name"), SLOW)
+@pytest.mark.parametrize(("source", "name"), TASKS)
 def test_each_task_patches_and_round_trips(sweep: ModuleType, source: str, name: str) -> None:
     _check(sweep, source, name)
 
