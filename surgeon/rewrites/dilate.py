@@ -166,8 +166,9 @@ def _plan_strides(
     stuck = [p for p in everything if p.kind == "join" and p.where not in known]
     if stuck:
         raise SkipSite(
-            f"{stuck[0]} whatever the later sites do: one of its branches keeps its stride (a "
-            "functional call, unequal strides per dimension, or a site skipped above)"
+            f"{stuck[0]} whatever the later sites do: one of its branches cannot follow (a "
+            "functional call, unequal strides per dimension, a fixed-factor upsampling, or a "
+            "site skipped above)"
         )
     return strides, stages, also
 
