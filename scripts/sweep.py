@@ -841,6 +841,12 @@ def compact_results(path: Path) -> int:
     return len(records)
 
 
+def not_passed(jobs: Iterable[Job], records: Mapping[str, dict[str, Any]]) -> list[Job]:
+    """The jobs whose recorded result is a failure or a skip (`--rerun-failed`); models with
+    no record yet are left to a normal run."""
+    return [j for j in jobs if j.key in records and records[j.key]["status"] != "pass"]
+
+
 def pending_jobs(
     jobs: Iterable[Job],
     done: Mapping[str, dict[str, Any]] | Iterable[str],
@@ -1220,8 +1226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(j.key for j in jobs))
         return 0
     if args.rerun_failed:
-        recorded = read_results(args.results)
-        jobs = [j for j in jobs if j.key in recorded and recorded[j.key]["status"] != "pass"]
+        jobs = not_passed(jobs, read_results(args.results))
         args.rerun = True
     try:
         run_sweep(

@@ -213,3 +213,13 @@ def test_a_refusal_is_a_skip_only_for_policies_that_change_map_sizes(sweep: Modu
     bug = PatchError("the patched model's output shapes differ from the original's")
     assert not sweep._not_applicable(bug, "patch", "dilate")
     assert not sweep._not_applicable(RuntimeError("boom"), "patch", "dilate")
+
+
+def test_rerun_failed_selects_recorded_non_passes_only(sweep: ModuleType) -> None:
+    jobs = [sweep.Job("timm", name) for name in ("a", "b", "c", "d")]
+    records = {
+        "timm:a": {"status": "pass"},
+        "timm:b": {"status": "fail"},
+        "timm:c": {"status": "skip"},
+    }
+    assert [j.name for j in sweep.not_passed(jobs, records)] == ["b", "c"]
