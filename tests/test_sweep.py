@@ -50,6 +50,10 @@ def test_vit_patchify_conv_is_left_alone_and_said_so(sweep: ModuleType) -> None:
     for name, outcome in record["policies"].items():
         assert outcome["patched"] == 0, f"{name} patched a ViT's patch embedding"
         assert "1 patchify conv(s) left alone" in outcome["reason"], outcome["reason"]
+    # every policy leaves the model as it is: one checkpoint round trip checks them all
+    first, *others = record["policies"].values()
+    assert "roundtrip_s" in first and "roundtrip" not in first
+    assert all(o["roundtrip"].endswith("(the same edits)") for o in others)
 
 
 # One per task (detection, segmentation, video, optical flow, quantizable) and two odd timm
