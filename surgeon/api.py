@@ -12,7 +12,7 @@ import platform
 from collections.abc import Collection, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,14 +25,15 @@ from surgeon.checkpoint import (
     write_checkpoint,
 )
 from surgeon.errors import CheckpointError
-from surgeon.fold import FoldRecord
-from surgeon.fold import fold as fold_model
 from surgeon.layers.spd import SpaceToDepthConv, phase_major_kernel
 from surgeon.models import LoadedModel, ModelSpec, build_model, example_inputs, load_state
 from surgeon.patch import PatchReport, patch
 from surgeon.policy import policy_from_dict
 from surgeon.report import patch_markdown
 from surgeon.rewrites import action_schemas, load_plugin
+
+if TYPE_CHECKING:  # surgeon.fold is imported by `load` only for folded checkpoints
+    from surgeon.fold import FoldRecord
 
 __all__ = ["SPD_CHANNEL_ORDER", "build_manifest", "load", "save", "versions"]
 
@@ -175,6 +176,8 @@ def load(
             "use the recorded versions or re-create the checkpoint"
         )
     if "fold" in manifest:
+        from surgeon.fold import fold as fold_model
+
         model, _ = fold_model(model, example, forms=_fold_forms(manifest["fold"], directory))
     if manifest.get("spd_channel_order") != SPD_CHANNEL_ORDER:
         state = _phase_major_spd(model, state)
