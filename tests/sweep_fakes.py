@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from torch import nn
 
 
@@ -28,3 +29,22 @@ def hang() -> nn.Module:
 def broken() -> nn.Module:
     """Fails to build."""
     raise RuntimeError("this factory is broken on purpose")
+
+
+class _Logistic(nn.Module):
+    """60 steps of the logistic map at r = 3.99: a difference in the last float bit of its
+    input grows to order one, as in deep random-init nets that amplify rounding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.sigmoid(x.double())
+        for _ in range(60):
+            x = 3.99 * x * (1 - x)
+        return x.float()
+
+
+def chaotic() -> nn.Module:
+    """A strided conv followed by a chaotic map: every SPD transfer is exact, yet the output
+    moves, and so does the original's under the same per-site rounding."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), _Logistic(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )

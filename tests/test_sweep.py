@@ -227,3 +227,32 @@ def test_rerun_failed_selects_recorded_non_passes_only(sweep: ModuleType) -> Non
         "timm:c": {"status": "skip"},
     }
     assert [j.name for j in sweep.not_passed(jobs, records)] == ["b", "c"]
+
+
+def test_exact_transfers_in_a_model_that_amplifies_rounding_pass_with_a_note(
+    sweep: ModuleType,
+) -> None:
+    record = sweep.sweep_model(sweep.Job("import", "tests.sweep_fakes:chaotic"), side=16)
+    spd = record["policies"]["spd"]
+    assert spd["status"] == "pass", spd["reason"]
+    assert spd["output_rel_diff"] > sweep.EXACT_TOLERANCE  # the output did move ...
+    assert "amplifies rounding" in spd["rounding"]  # ... and the record says why that is fine
+
+
+def test_a_model_level_difference_the_original_cannot_explain_fails(sweep: ModuleType) -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from tests.sweep_fakes import tiny
+
+    model = tiny().eval()
+    row = SimpleNamespace(status="patched", transfer="exact", rel_diff=1e-7, site="0")
+    report = SimpleNamespace(rows=[row], output_rel_diff=0.3)
+    reason, note = sweep._exactness(report, model, (torch.randn(1, 3, 16, 16),))
+    assert note is None
+    assert reason is not None and "the original moves only" in reason
+    # a site that is not exact fails on its own, before any calibration
+    row.rel_diff = 1e-2
+    reason, _ = sweep._exactness(report, model, (torch.randn(1, 3, 16, 16),))
+    assert reason is not None and reason.startswith("site 0:")
