@@ -1189,6 +1189,26 @@ def render_coverage(
             ["model", "policy", "reason"],
             [[f"{r['source']}:{r['name']}", n, o["reason"]] for r, n, o in partial],
         )
+    amplified = [
+        (r, n, o)
+        for r in records
+        for n, o in r.get("policies", {}).items()
+        if o["status"] == "pass" and "rounding" in o
+    ]
+    if amplified:
+        lines += ["", "## Exact transfers in models that amplify rounding", ""]
+        lines += [
+            "Every site of these transfers exactly, yet the model output moved: at random "
+            "initialisation these networks amplify a change in the last float32 bit of one "
+            "layer to an output change of this size, and the original model moves as much "
+            "under the same per-site rounding (measured on the original, see `rounding` in "
+            "the results).",
+            "",
+        ]
+        lines += _md_table(
+            ["model", "policy", "what was measured"],
+            [[f"{r['source']}:{r['name']}", n, o["rounding"]] for r, n, o in amplified],
+        )
     sizes = Counter(
         "default" if r.get("input_size") == r.get("default_size") else "reduced"
         for r in records

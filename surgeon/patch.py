@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
-from torch.utils.flop_counter import FlopCounterMode
 
 from surgeon.errors import PatchError
 from surgeon.policy import (
@@ -27,7 +26,7 @@ from surgeon.rewrites import ModelEditor, SkipSite, action_schemas, get_rewrite
 from surgeon.rewrites.base import Edit
 from surgeon.scan import ScanResult, scan_analysis
 from surgeon.sites import Site
-from surgeon.trace import analyse
+from surgeon.trace import analyse, counted_forward
 
 __all__ = ["PatchReport", "SiteRow", "patch", "resolve_policy"]
 
@@ -189,28 +188,11 @@ def _run(
     model: nn.Module, args: tuple[Any, ...], hooks: Mapping[str, Callable[..., None]]
 ) -> tuple[Any, dict[str, int]]:
     handles = [model.get_submodule(p).register_forward_hook(h) for p, h in hooks.items()]
-    # FlopCounterMode's module tracker hooks autograd on every module input that requires
-    # grad; a view of a parameter taken under no_grad (timm CaiT's `cls_token.expand(...)`)
-    # requires grad but has no grad_fn and breaks it. Counting needs no gradients: turn them off.
-    grads = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        for p, _ in grads:
-            p.requires_grad_(False)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            output = model(*args)
+        return counted_forward(model, args)
     finally:
         for handle in handles:
             handle.remove()
-        for p, flag in grads:
-            p.requires_grad_(flag)
-    prefix = type(model).__name__ + "."
-    flops = {
-        key[len(prefix) :]: sum(ops.values())
-        for key, ops in counter.get_flop_counts().items()
-        if key.startswith(prefix)
-    }
-    flops[""] = counter.get_total_flops()
-    return output, flops
 
 
 def _clone(value: Any) -> Any:
@@ -249,7 +231,7 @@ def patch(
     args = _as_args(example_input)
     was_training = model.training
     model.eval()
-    analysis = analyse(model, args)
+    analysis = analyse(model, args, reference=True)
     result: ScanResult = scan_analysis(analysis, args)
     decisions = decide(resolved, result.sites)
     if strict:
@@ -257,10 +239,14 @@ def patch(
     by_site = {d.site: d for d in decisions}
     targets = [s for s in result.sites if by_site[s.name].changes_site and s.module]
 
-    captured: dict[str, tuple[Any, Any]] = {}
-    reference, flops_before = _run(
-        model, args, {s.module: _capture(captured, s.module) for s in targets}
-    )
+    kept = analysis.reference
+    if kept is not None and all(s.module in kept.captured for s in targets):
+        reference, flops_before, captured = kept.output, kept.flops, kept.captured
+    else:  # a target the analysis run did not copy (a module site with children): run again
+        captured = {}
+        reference, flops_before = _run(
+            model, args, {s.module: _capture(captured, s.module) for s in targets}
+        )
     before_params = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
     params_before = _params(model)
 

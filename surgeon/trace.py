@@ -23,11 +23,21 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils.flop_counter import FlopCounterMode
 
 from surgeon.errors import AnalysisError
 
-__all__ = ["Analysis", "CallRecord", "Region", "SurgeonTracer", "analyse", "default_leaves"]
+__all__ = [
+    "Analysis",
+    "CallRecord",
+    "Reference",
+    "Region",
+    "SurgeonTracer",
+    "analyse",
+    "counted_forward",
+    "default_leaves",
+]
 
 Method = Literal["fx", "export", "hooks"]
 
@@ -143,6 +153,7 @@ class Analysis:
     calls: dict[str, list[CallRecord]]
     order: list[str]  # module names in the order of their first call
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (path, method, reason)
+    reference: Reference | None = None  # the hook run's results, when asked for (patch)
 
     def region_of(self, name: str) -> Region | None:
         """The graph region covering a qualified module name, if any."""
@@ -156,6 +167,46 @@ class Analysis:
         return best
 
 
+@dataclass
+class Reference:
+    """The original model's hook run, kept so that patch() need not run the model again: its
+    output, FLOPs per module path ("" for the total), and copies of the first (args, output) of
+    every leaf module whose output has another shape than its first input (resolution changes)."""
+
+    output: Any
+    flops: dict[str, int]
+    captured: dict[str, tuple[Any, Any]]
+
+
+def counted_forward(model: nn.Module, args: tuple[Any, ...]) -> tuple[Any, dict[str, int]]:
+    """Run `model` without gradients under FlopCounterMode: (output, FLOPs per module path, with
+    "" for the total)."""
+    # FlopCounterMode's module tracker hooks autograd on every module input that requires
+    # grad; a view of a parameter taken under no_grad (timm CaiT's `cls_token.expand(...)`)
+    # requires grad but has no grad_fn and breaks it. Counting needs no gradients: turn them off.
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in grads:
+            p.requires_grad_(False)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            output = model(*args)
+    finally:
+        for p, flag in grads:
+            p.requires_grad_(flag)
+    prefix = type(model).__name__ + "."
+    flops = {
+        key[len(prefix) :]: sum(ops.values())
+        for key, ops in counter.get_flop_counts().items()
+        if key.startswith(prefix)
+    }
+    flops[""] = counter.get_total_flops()
+    return output, flops
+
+
+def _clone(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
 def _shapes(value: Any) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(t.shape) for t in tree_leaves(value) if isinstance(t, torch.Tensor))
 
@@ -166,12 +217,15 @@ def _one_line(exc: BaseException) -> str:
 
 
 class _Recorder:
-    """Forward hooks on every module: call records, and the first inputs of container modules."""
+    """Forward hooks on every module: call records, the first inputs of container modules and,
+    with `capture`, copies of the first (args, output) of resolution-changing leaf modules."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, capture: bool = False) -> None:
         self.calls: dict[str, list[CallRecord]] = {}
         self.inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self.order: list[str] = []
+        self.capture = capture
+        self.captured: dict[str, tuple[Any, Any]] = {}
         self._handles = [
             module.register_forward_hook(self._hook(name), with_kwargs=True)
             for name, module in model.named_modules()
@@ -182,9 +236,20 @@ class _Recorder:
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
         ) -> None:
             records = self.calls.setdefault(name, [])
-            records.append(CallRecord(_shapes((args, kwargs)), _shapes(output)))
+            record = CallRecord(_shapes((args, kwargs)), _shapes(output))
+            records.append(record)
             if len(records) == 1:
                 self.order.append(name)
+                # copies: an in-place activation after the module (ReLU(inplace=True)) would
+                # change them; only where the resolution changes (the candidate sites), as
+                # copying every activation would double the run's memory
+                if (
+                    self.capture
+                    and not kwargs
+                    and next(module.children(), None) is None
+                    and record.in_shapes[:1] != record.out_shapes[:1]
+                ):
+                    self.captured[name] = (tree_map(_clone, args), tree_map(_clone, output))
                 # inputs of the modules the chain may trace on their own (not torch.nn's leaves)
                 if isinstance(module, _CONTAINERS) or not type(module).__module__.startswith(
                     "torch.nn."
@@ -198,9 +263,12 @@ class _Recorder:
             handle.remove()
 
 
-def _run(model: nn.Module, args: tuple[Any, ...]) -> None:
+def _run(model: nn.Module, args: tuple[Any, ...], *, count: bool) -> Any:
     try:
-        model(*args)
+        if count:
+            return counted_forward(model, args)
+        with torch.no_grad():
+            return model(*args), None
     except Exception as exc:
         raise AnalysisError(
             f"the model failed on the example input ({_one_line(exc)}); "
@@ -268,20 +336,25 @@ def _param_count(module: nn.Module) -> int:
 
 
 def analyse(
-    model: nn.Module, example_args: tuple[Any, ...], *, use_export: bool = True
+    model: nn.Module,
+    example_args: tuple[Any, ...],
+    *,
+    use_export: bool = True,
+    reference: bool = False,
 ) -> Analysis:
     """Run the model once with hooks, then cover it with graph regions (see module docstring).
 
+    With `reference`, that run also counts FLOPs and keeps what patch() verifies against
+    (`Analysis.reference`), so patching runs the original model once, not twice.
     The model is put in eval mode for the analysis and left in the mode it came in.
     AnalysisError for a quantized model (see `_refuse_quantized`).
     """
     _refuse_quantized(model)
     was_training = model.training
     model.eval()
-    recorder = _Recorder(model)
+    recorder = _Recorder(model, capture=reference)
     try:
-        with torch.no_grad():
-            _run(model, example_args)
+        output, flops = _run(model, example_args, count=reference)
     finally:
         recorder.close()
     regions: list[Region] = []
@@ -320,4 +393,5 @@ def analyse(
         # that sit beside traced children are still visible to hooks.
         if "" not in covered:
             regions.append(Region("", "hooks", model, note="modules outside traced regions"))
-    return Analysis(model, regions, recorder.calls, recorder.order, failures)
+    kept = Reference(output, flops, recorder.captured) if flops is not None else None
+    return Analysis(model, regions, recorder.calls, recorder.order, failures, kept)

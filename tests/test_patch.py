@@ -13,6 +13,7 @@ from surgeon.layers.spd import SpaceToDepthConv
 from surgeon.models import load_model
 from surgeon.patch import patch
 from surgeon.report import patch_json, patch_markdown, render_patch
+from surgeon.trace import counted_forward
 from tests.conftest import rendered
 
 
@@ -179,3 +180,21 @@ def test_strict_turns_unused_rules_into_errors() -> None:
     assert not report.warnings
     with pytest.raises(PolicyError, match="decided no site"):
         patch(load_model("resnet18").model, policy, torch.randn(1, 3, 32, 32), strict=True)
+
+
+def test_patch_runs_the_original_model_once_and_the_patched_model_once() -> None:
+    # the analysis run doubles as the reference for verification and MAC counts
+    model = load_model("resnet18").model
+    calls: list[str] = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(type(m.conv1).__name__))
+    x = torch.randn(1, 3, 64, 64)
+    original = copy.deepcopy(model)
+    _, report = patch(model, "spd", x)
+    assert calls == ["Conv2d", "SpaceToDepthConv"]
+    # and it still compares against the original: the per-site and output checks are exact
+    assert all(
+        r.rel_diff is not None and r.rel_diff <= 1e-5 for r in report.rows if r.status == "patched"
+    )
+    with torch.no_grad():
+        assert _rel(original(x), model(x)) <= 1e-5
+    assert report.macs_before == counted_forward(original, (x,))[1][""] // 2 > 0

@@ -173,7 +173,9 @@ def test_coverage_report_counts_and_lists_every_failure(sweep: ModuleType) -> No
             "reason": "",
             "wall_s": 60.0,
             "patch_median_s": 1.0,
-            "policies": {"spd": {"status": "pass", "reason": "3 patched"}},
+            "policies": {
+                "spd": {"status": "pass", "reason": "3 patched", "rounding": "amplifies it"}
+            },
         },
         {
             "source": "timm",
@@ -203,6 +205,7 @@ def test_coverage_report_counts_and_lists_every_failure(sweep: ModuleType) -> No
     assert "| timm:b | spd: traceback: KeyError: 'x' |" in page
     assert "| timm:c | 1.24B parameters: too big |" in page
     assert "| timm / vit | 0 | 1 | 1 | 2 |" in page
+    assert "| torchvision:a | spd | amplifies it |" in page
     assert "2.0 min for 3 models" in page
 
 
