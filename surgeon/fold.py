@@ -40,7 +40,8 @@ from surgeon.layers.spd import (
     SpaceToDepthConv,
     _output_length,
     _same_total,
-    channel_major_kernel,
+    spatial_kernel,
+    strided_conv,
 )
 
 __all__ = ["FoldRecord", "FoldedSpaceToDepthConv", "LayerFold", "fold", "fold_space_to_depth"]
@@ -159,16 +160,9 @@ class FoldedSpaceToDepthConv(nn.Module):
 
     @torch.jit.unused
     def _eager(self, x: Tensor) -> Tensor:
-        sizes = list(x.shape[2:])
-        lefts, rights, lengths = self._pads(sizes)
-        extra = [max(r - lo, 0) for lo, r in zip(lefts, rights, strict=True)]
-        if any(extra):
-            x = F.pad(x, [p for e in reversed(extra) for p in (0, e)])
-        out = self._conv(x, lefts)
-        for i, length in enumerate(lengths):
-            if out.shape[2 + i] != length:
-                out = out.narrow(2 + i, 0, length)
-        return out
+        lefts, rights, _ = self._pads(list(x.shape[2:]))
+        conv = self.conv
+        return strided_conv(x, conv.weight, conv.bias, conv.stride, lefts, rights, conv.groups)
 
 
 def fold_space_to_depth(layer: SpaceToDepthConv, *, trim: bool = True) -> FoldedSpaceToDepthConv:
@@ -179,19 +173,8 @@ def fold_space_to_depth(layer: SpaceToDepthConv, *, trim: bool = True) -> Folded
     spatial dim are dropped, and leading ones as far as the left padding allows (it is reduced
     by their count and must stay >= 0 for every input size).
     """
-    inner = layer.conv.weight.detach()
-    if layer.phase_major:
-        inner = channel_major_kernel(inner, layer.block)
     dims = layer.dims
-    block = layer.block
-    kernel = tuple(inner.shape[2:])
-    out_channels, phase_channels = inner.shape[:2]
-    channels = phase_channels // math.prod(block)
-    split = inner.reshape(out_channels, channels, *block, *kernel)
-    order = [0, 1] + [p for i in range(dims) for p in (2 + dims + i, 2 + i)]
-    weight = split.permute(order).reshape(
-        out_channels, channels, *(b * k for b, k in zip(block, kernel, strict=True))
-    )
+    weight = spatial_kernel(layer.conv.weight.detach(), layer.block, layer.phase_major)
     lows = [0] * dims
     if trim:
         for i in range(dims):

@@ -401,6 +401,9 @@ class SpaceToDepthConv(nn.Module):
         self.keep_op_padding = bool(keep_op_padding)
         inner = _per_dim(kernel_size, dims, "kernel_size")
         phases = math.prod(self.block)
+        # eager mode runs grouped layers, and layers of fewer than _NARROW input channels (the
+        # stem), as one strided convolution: see `_strided`
+        self.eager_strided = groups > 1 or in_channels < _NARROW
         conv_type: Any = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
         self.conv = conv_type(
             in_channels * phases,
@@ -441,9 +444,26 @@ class SpaceToDepthConv(nn.Module):
             pads = [left, self.block[i] * blocks - size - left] + pads  # noqa: RUF005 (TorchScript)
             lefts.append(left)
             reduced.append(blocks)
+        if self.eager_strided and not (
+            torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+        ):
+            return self._strided(x, pads)
         return self.conv(
             _pad_rearrange(x, pads, lefts, list(self.block), reduced, self.phase_major)
         )
+
+    @torch.jit.unused
+    def _strided(self, x: Tensor, pads: list[int]) -> Tensor:
+        """The same outputs as one strided convolution with the kernel's phases moved back into
+        space (what `surgeon.fold` makes permanent), rebuilt from `conv.weight` on each call so
+        that gradients still reach it. Grouped and depthwise layers take this path in eager
+        mode, as a convolution with a few channels per group runs 4-10x slower per MAC on CPU
+        than the strided depthwise one; so do narrow inputs (a 3-channel stem), where the
+        space-to-depth copy and a 12-channel convolution cost 15-30% more than a strided
+        convolution on 3 channels (docs/benchmarks.md)."""
+        weight = spatial_kernel(self.conv.weight, self.block, self.phase_major)
+        lefts, rights = pads[-2::-2], pads[-1::-2]  # F.pad order: last dim first
+        return strided_conv(x, weight, self.conv.bias, self.block, lefts, rights, self.conv.groups)
 
     def extra_repr(self) -> str:
         padding = "'same'" if self.same else str(self.padding)
@@ -802,6 +822,48 @@ def _build(
         if module.conv.bias is not None:
             module.conv.bias.zero_()
     return module, "exact"
+
+
+def spatial_kernel(weight: Tensor, block: Sequence[int], phase_major: bool = False) -> Tensor:
+    """An SPD-Conv inner kernel (O, I*P, *K) as the kernel (O, I, *(b*K)) of the equivalent
+    stride-`block` convolution on the input before space-to-depth: tap `b*q + r` of channel `c`
+    is inner tap `q` of the phase-`r` channel of `c`. Differentiable (views and one copy)."""
+    dims = len(block)
+    if phase_major:
+        weight = channel_major_kernel(weight, block)
+    kernel = weight.shape[2:]
+    split = weight.unflatten(1, (-1, *block))  # (O, I, *b, *K)
+    order = [0, 1] + [d for i in range(dims) for d in (2 + dims + i, 2 + i)]
+    return split.permute(order).reshape(
+        weight.shape[0], -1, *(b * k for b, k in zip(block, kernel, strict=True))
+    )
+
+
+@torch.jit.unused
+def strided_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: Sequence[int],
+    lefts: Sequence[int],
+    rights: Sequence[int],
+    groups: int,
+) -> Tensor:
+    """Convolution of `x` zero-padded by `lefts`/`rights` per dim (a negative right crops),
+    without the padded copy where it can: the convolution's own symmetric padding covers the
+    left, and only a right pad beyond it is padded explicitly; surplus outputs are cut off."""
+    dims = len(stride)
+    sizes = x.shape[2:]
+    extra = [max(r - lo, 0) for lo, r in zip(lefts, rights, strict=True)]
+    if any(extra):
+        x = F.pad(x, [p for e in reversed(extra) for p in (0, e)])
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    out = conv(x, weight, bias, list(stride), list(lefts), 1, groups)
+    for i in range(dims):
+        length = (sizes[i] + lefts[i] + rights[i] - weight.shape[2 + i]) // stride[i] + 1
+        if out.shape[2 + i] != length:
+            out = out.narrow(2 + i, 0, length)
+    return out
 
 
 def phase_major_kernel(weight: Tensor, block: Sequence[int]) -> Tensor:
