@@ -272,15 +272,17 @@ def section(rows: list[Row], repeats: int, load: tuple[float, float]) -> str:
         "strided copy per phase). Channel-major order on a channels-last input means "
         "interleaving the phases of every channel, which no plain copy does fast; surgeon "
         "writes float pairs as complex numbers (bit-exact) so that the interleave runs in a "
-        "vectorised kernel. `BlurPool` on large maps (at least 2^20 elements, "
-        "every spatial size >= 48, and an output count the convolution's own padding already "
-        "gives, e.g. even sizes for filter 4) filters with the convolution's own zero padding, "
-        "so no padded copy of the input is made, and recomputes only the border outputs from "
-        "small padded slabs; other inputs take pad + depthwise conv, the reference's own "
-        "formulation. Contiguous (NCHW) depthwise convolutions go through oneDNN layout "
-        "reorders, and a padded copy plus a reordered copy of a 25 MB input can miss the "
-        "allocator's cache and page-fault every call (the 20+ ms reference rows); those rows "
-        "vary most between runs.",
+        "vectorised kernel. `BlurPool` on large maps (at least 2^20 elements and every "
+        "spatial size >= 48) filters with the convolution's own zero padding, so no padded "
+        "copy of the input is made, and recomputes only the border outputs from small padded "
+        "slabs (where the convolution is an output short, odd sizes with filter 4, the output "
+        "is grown: a copy a quarter of the input's size); smaller inputs take pad + depthwise "
+        "conv, the reference's own formulation. Contiguous (NCHW) depthwise convolutions go "
+        "through oneDNN layout reorders: each border slab pays them, so in contiguous memory "
+        "surgeon's version costs about as much as the reference or more, except when the "
+        "reference's padded copy of a 25 MB input misses the allocator's cache and "
+        "page-faults every call (20+ ms reference rows, which some runs show and others do "
+        "not); those rows vary most between runs.",
         "",
     ]
     return "\n".join(text)

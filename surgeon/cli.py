@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -484,3 +486,26 @@ def main() -> None:
             highlight=False,
         )
         sys.exit(ExitCode.USER_ERROR)
+
+
+def entry() -> None:
+    """The `surgeon` console script: `main`, then exit without the interpreter's teardown.
+
+    With torch imported, Python's shutdown (releasing every module, tensor and cached kernel)
+    takes about 0.7 s of CPU on a 2-core machine: a fifth of `surgeon patch resnet50`. Every
+    file a command writes is closed (and fsynced) before it returns, so only the standard
+    streams are left to flush. `--debug` tracebacks still propagate the usual way."""
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:  # a message, as sys.exit("...") gives
+            print(exc.code, file=sys.stderr)
+            code = 1
+    for stream in (sys.stdout, sys.stderr):
+        # a closed pipe (`surgeon scan m | head`) has nothing more to take
+        with contextlib.suppress(OSError):
+            stream.flush()
+    os._exit(code)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -209,3 +211,27 @@ def test_patch_fold_records_the_fold_and_load_replays_it(
     (folded / "surgery.json").write_text(json.dumps(manifest))
     code, _, err = run_cli(capsys, "load", str(folded))
     assert code != 0 and "fold.layers" in err and "\n" not in err.strip()
+
+
+def test_the_console_script_writes_a_complete_checkpoint_and_exits_with_the_code(
+    tmp_path: Path,
+) -> None:
+    # `surgeon` (surgeon.cli:entry) skips the interpreter's teardown: its output and files
+    # must still be complete, and its exit codes the same as main()'s
+    script = Path(sys.executable).parent / "surgeon"
+    out = tmp_path / "ckpt"
+    args = ["patch", "resnet18", "--policy", "spd", "--input-size", "3x64x64", "--json"]
+    done = subprocess.run(
+        [str(script), *args, "--out", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["summary"]["patched"] == 7  # the whole document arrived
+    model = surgeon.api.load(out)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert model(x).shape == (1, 1000)
+    refused = subprocess.run(
+        [str(script), *args, "--out", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("error: ") and "--force" in refused.stderr
