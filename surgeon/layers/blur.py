@@ -48,18 +48,6 @@ def binomial_filter(size: int, dims: int) -> Tensor:
     return (full / full.sum()).to(torch.float32)
 
 
-def _grown(out: Tensor, lengths: list[int]) -> Tensor:
-    """`out` copied into the leading corner of a tensor with spatial sizes `lengths`, in the same
-    memory layout (channels-last stays channels-last); the rest is left for the caller."""
-    order = sorted(range(out.dim()), key=out.stride, reverse=True)
-    shape = [*out.shape[:2], *lengths]
-    grown = out.new_empty([shape[d] for d in order]).permute(
-        [order.index(d) for d in range(out.dim())]
-    )
-    grown[tuple(slice(0, n) for n in out.shape)].copy_(out)
-    return grown
-
-
 class BlurPool(nn.Module):
     """Depthwise binomial blur, then subsampling by `stride`: anti-aliased downsampling.
 
@@ -245,14 +233,13 @@ class BlurPool(nn.Module):
                 reach = size - 1 - (max(right, 0) if mode == "reflect" else 0)
                 high = min(high, (reach + left) // s)
             highs.append(high)
-        if any(h <= lo for lo, h in zip(lows, highs, strict=True)):
+        # the interior convolution must already have every output (odd lengths with even
+        # filters, and ceil-mode extras, would need a copy to grow it: measured slower than
+        # padding the input in 5 of 6 shape/layout pairs)
+        complete = interior == lengths
+        if not complete or any(h <= lo for lo, h in zip(lows, highs, strict=True)):
             return self._reference(x, mode, [(left, r) for r in rights])
         out = self._conv(x, [left] * self.dims)
-        if interior != lengths:
-            # odd lengths with even filters, ceil-mode extras: the convolution is short of the
-            # last outputs, which the bottom slabs below compute. Growing the output copies
-            # it (1/s^d of the input) where padding the input would copy all of it.
-            out = _grown(out, lengths)
         full = [(left, r) for r in rights]
         flat = [0] * self.dims
         for i, (size, s, t) in enumerate(zip(sizes, self.stride, lengths, strict=True)):
