@@ -138,18 +138,22 @@ def write_checkpoint(
     except OSError as err:
         raise _output_error(err, target, needed=0) from err
 
-    weights = _serialise_tensors(state_dict)
-    full = _complete_manifest(manifest, weights)
-    validate_manifest(full)
-    contents = {WEIGHTS_FILE: weights}
-    contents.update({name: text.encode("utf-8") for name, text in sorted(files.items())})
-    contents[MANIFEST_FILE] = _manifest_bytes(full)
+    tensors = _contiguous_tensors(state_dict)
+    # everything but the weights' checksum is known now: refuse a bad manifest before writing
+    validate_manifest(_complete_manifest(manifest, "0" * 64, 0))
+    texts = {name: text.encode("utf-8") for name, text in sorted(files.items())}
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
 
     created_parents = _make_parents(target)
     tmp: Path | None = None
     try:
         tmp = _make_tmp_sibling(target)
-        for name, data in contents.items():  # surgery.json last: it vouches for the rest
+        # the weights are streamed to disk (no in-memory copy of a large model) and hashed
+        # from the file; surgery.json comes last: it vouches for the rest
+        weights = tmp / WEIGHTS_FILE
+        _write_weights(weights, tensors)
+        full = _complete_manifest(manifest, sha256_file(weights), weights.stat().st_size)
+        for name, data in [*texts.items(), (MANIFEST_FILE, _manifest_bytes(full))]:
             _write_file(tmp / name, data)
         _fsync_dir(tmp)
         _move_into_place(tmp, target, replace=replace)
@@ -158,14 +162,15 @@ def write_checkpoint(
         for parent in reversed(created_parents):
             _rmdir_quietly(parent)
         if isinstance(err, OSError):
-            raise _output_error(err, target, needed=sum(map(len, contents.values()))) from err
+            raise _output_error(err, target, needed=needed) from err
         raise
     _discard(tmp)  # after an exchange it holds the previous checkpoint
     return Path(directory)
 
 
-def _serialise_tensors(state_dict: Mapping[str, Tensor]) -> bytes:
-    """safetensors bytes of contiguous CPU copies, sorted by key, shared storage cloned apart."""
+def _contiguous_tensors(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous CPU tensors by key, sorted, shared storage cloned apart (safetensors refuses
+    tensors that share memory: tied weights, views of one buffer)."""
     tensors: dict[str, Tensor] = {}
     seen_storage: set[tuple[str, int]] = set()
     for key in sorted(state_dict):
@@ -177,26 +182,33 @@ def _serialise_tensors(state_dict: Mapping[str, Tensor]) -> bytes:
             )
         tensor = value.detach().to("cpu").contiguous()
         storage = (str(tensor.device), tensor.untyped_storage().data_ptr())
-        # safetensors refuses tensors that share memory (tied weights, views of one buffer).
         if storage[1] != 0 and storage in seen_storage:
             tensor = tensor.clone()
         seen_storage.add((str(tensor.device), tensor.untyped_storage().data_ptr()))
         tensors[key] = tensor
-    return safetensors.torch.save(tensors, metadata={"format": "pt"})
+    return tensors
 
 
-def _complete_manifest(manifest: Mapping[str, Any], weights: bytes) -> dict[str, Any]:
+def _write_weights(path: Path, tensors: Mapping[str, Tensor]) -> None:
+    """safetensors straight to `path`, then fsync. Its I/O errors come back as OSError with
+    the errno the Rust side reports, so they get the same one-line messages as any write."""
+    try:
+        safetensors.torch.save_file(dict(tensors), str(path), metadata={"format": "pt"})
+    except safetensors.SafetensorError as err:
+        code = re.search(r"code: (\d+)", str(err))
+        raise OSError(int(code.group(1)) if code else errno.EIO, str(err), str(path)) from err
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _complete_manifest(manifest: Mapping[str, Any], sha256: str, size: int) -> dict[str, Any]:
     try:
         full: dict[str, Any] = json.loads(json.dumps(dict(manifest), allow_nan=False))
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"the manifest cannot be written as JSON: {err}") from err
     full["format"] = FORMAT
     full["format_version"] = FORMAT_VERSION
-    full["weights"] = {
-        "file": WEIGHTS_FILE,
-        "sha256": hashlib.sha256(weights).hexdigest(),
-        "bytes": len(weights),
-    }
+    full["weights"] = {"file": WEIGHTS_FILE, "sha256": sha256, "bytes": size}
     full.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return full
 
@@ -444,8 +456,9 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, Tensor]]
 
     Checks, in order: the directory and both files exist; surgery.json is a JSON object of a
     known format and version that matches `MANIFEST_SCHEMA`; model.safetensors has the size and
-    SHA-256 the manifest records; its safetensors header parses. Tensors are loaded with
-    safetensors from the bytes that were checked; nothing is unpickled or imported.
+    SHA-256 the manifest records (hashed in chunks, so a large model is not held twice); its
+    safetensors header parses. Tensors are loaded with safetensors; nothing is unpickled or
+    imported.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -462,18 +475,21 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, Tensor]]
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise CheckpointError(f"{weights_path} is missing; {_FIX_MANIFEST}")
-    try:
-        data = weights_path.read_bytes()
+    recorded = manifest["weights"]
+    try:  # hashed in chunks and then loaded: never two copies of a large model in memory
+        matches = (
+            weights_path.stat().st_size == recorded["bytes"]
+            and sha256_file(weights_path) == recorded["sha256"]
+        )
     except OSError as err:
         raise CheckpointError(f"cannot read {weights_path}: {err.strerror or err}") from err
-    recorded = manifest["weights"]
-    if len(data) != recorded["bytes"] or hashlib.sha256(data).hexdigest() != recorded["sha256"]:
+    if not matches:
         raise CheckpointError(
             f"{weights_path} does not match the checksum in {MANIFEST_FILE} "
             f"(modified or corrupt); {_FIX_MANIFEST}"
         )
     try:
-        tensors = safetensors.torch.load(data)
+        tensors = safetensors.torch.load_file(weights_path)
     except safetensors.SafetensorError as err:
         raise CheckpointError(
             f"{weights_path} is not a valid safetensors file ({err}); {_FIX_MANIFEST}"

@@ -288,6 +288,48 @@ def test_disk_full_while_replacing_keeps_the_previous_checkpoint(
     assert siblings(target) == []
 
 
+def test_disk_full_inside_safetensors_is_an_output_error_and_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the weights are streamed by safetensors' Rust writer, which reports I/O errors its own way
+    def full(tensors: dict, path: str, metadata: dict) -> None:
+        Path(path).write_bytes(b"partial")
+        raise safetensors.SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+            'space left on device" })'
+        )
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    target = tmp_path / "new" / "ckpt"
+    with pytest.raises(OutputError, match=r"not enough disk space to write .*ckpt"):
+        write_checkpoint(target, make_state_dict(), make_manifest())
+    assert list(tmp_path.iterdir()) == [], "a failed write left files or directories behind"
+
+
+_PEAK = textwrap.dedent(
+    """
+    import json, resource, sys
+    import torch
+    from surgeon.checkpoint import read_checkpoint, write_checkpoint
+    state = {"w": torch.ones(100 * 2**20)}  # 400 MiB
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    write_checkpoint(sys.argv[1], state, json.loads(sys.argv[2]))
+    growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start
+    _, loaded = read_checkpoint(sys.argv[1])
+    assert torch.equal(loaded["w"], state["w"])
+    print(growth)
+    """
+)
+
+
+def test_saving_streams_the_weights_without_a_second_copy_in_memory(tmp_path: Path) -> None:
+    # a 400 MiB state dict: serialising it to bytes first would double the peak; streaming it
+    # to the file (and hashing the file in chunks) adds next to nothing
+    command = [sys.executable, "-c", _PEAK, str(tmp_path / "ckpt"), json.dumps(make_manifest())]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    assert int(done.stdout) < 0.25 * 400 * 2**20, done.stdout
+
+
 # --- crashes -------------------------------------------------------------------------------
 
 _WRITER = textwrap.dedent(
