@@ -1083,7 +1083,10 @@ def render_coverage(
         "",
         "Each model is built with random weights, scanned, patched with every built-in policy "
         "(each on a fresh copy), checked (output shapes unchanged; where every patched site "
-        f"transfers exactly, outputs equal to a relative {EXACT_TOLERANCE:g}), saved with "
+        f"transfers exactly, outputs equal to a relative {EXACT_TOLERANCE:g}, unless the "
+        "original model itself moves at least a tenth as much when the same sites' outputs "
+        "are perturbed by rounding-sized noise: see the section on models that amplify "
+        "rounding), saved with "
         "`surgeon.api.save`, reloaded with `surgeon.api.load` and compared bit for bit. A model "
         "passes when every policy passes. Inputs are reduced (smaller side "
         f"{REDUCED_SIDE} px, then {REDUCED_SIDE * 2} px, then the default) to the first size "
