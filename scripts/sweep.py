@@ -337,7 +337,9 @@ def rounding_sensitivity(
     that is no module, a functional call, perturbs the model inputs instead) are multiplied by
     1 + noise·N(0, 1): how much this model amplifies rounding-sized changes at those sites."""
     import torch
-    from torch.utils._pytree import tree_flatten, tree_map
+    from torch.utils._pytree import tree_map
+
+    from surgeon.patch import _diff, _tensors
 
     generator = torch.Generator().manual_seed(seed)
 
@@ -347,6 +349,7 @@ def rounding_sensitivity(
             return (value.double() * (1 + noise * scale)).to(value.dtype)
         return value
 
+    reference = _forward(model, args)
     modules = dict(model.named_modules())
     hooks = [
         modules[s].register_forward_hook(lambda _m, _i, out: tree_map(perturb, out))
@@ -355,22 +358,11 @@ def rounding_sensitivity(
     ]
     inputs = args if len(hooks) == len(sites) else tree_map(perturb, args)
     try:
-        reference = tree_flatten(_forward(model, args))[0]
-        moved = tree_flatten(_forward(model, inputs))[0]
+        moved = _forward(model, inputs)
     finally:
         for hook in hooks:
             hook.remove()
-    worst, scale = 0.0, 0.0
-    for a, b in zip(reference, moved, strict=True):
-        if (
-            isinstance(a, torch.Tensor)
-            and a.is_floating_point()
-            and a.numel()
-            and a.shape == b.shape
-        ):
-            worst = max(worst, (a.double() - b.double()).abs().max().item())
-            scale = max(scale, a.double().abs().max().item())
-    return worst / scale if scale else worst
+    return _diff(_tensors(reference), _tensors(moved))[1]
 
 
 def builtin_policies() -> list[str]:
