@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from surgeon.errors import PatchError
 from surgeon.policy import (
@@ -26,7 +26,7 @@ from surgeon.rewrites import ModelEditor, SkipSite, action_schemas, get_rewrite
 from surgeon.rewrites.base import Edit
 from surgeon.scan import ScanResult, scan_analysis
 from surgeon.sites import Site
-from surgeon.trace import analyse, counted_forward
+from surgeon.trace import analyse, counted_forward, snapshot
 
 __all__ = ["PatchReport", "SiteRow", "patch", "resolve_policy"]
 
@@ -195,15 +195,11 @@ def _run(
             handle.remove()
 
 
-def _clone(value: Any) -> Any:
-    return value.detach().clone() if isinstance(value, torch.Tensor) else value
-
-
 def _capture(store: dict[str, tuple[Any, Any]], path: str) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         # copies: an in-place activation after the site (ReLU(inplace=True)) would change them
         if path not in store:
-            store[path] = (tree_map(_clone, args), tree_map(_clone, output))
+            store[path] = snapshot(args, output)
 
     return hook
 

@@ -37,6 +37,7 @@ __all__ = [
     "analyse",
     "counted_forward",
     "default_leaves",
+    "snapshot",
 ]
 
 Method = Literal["fx", "export", "hooks"]
@@ -203,8 +204,14 @@ def counted_forward(model: nn.Module, args: tuple[Any, ...]) -> tuple[Any, dict[
     return output, flops
 
 
-def _clone(value: Any) -> Any:
-    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+def snapshot(args: Any, output: Any) -> tuple[Any, Any]:
+    """Copies of a call's tensors (args, output) that in-place ops run later, such as a
+    ReLU(inplace=True) after the module, cannot change."""
+
+    def copy(value: Any) -> Any:
+        return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+    return tree_map(copy, args), tree_map(copy, output)
 
 
 def _shapes(value: Any) -> tuple[tuple[int, ...], ...]:
@@ -249,7 +256,7 @@ class _Recorder:
                     and next(module.children(), None) is None
                     and record.in_shapes[:1] != record.out_shapes[:1]
                 ):
-                    self.captured[name] = (tree_map(_clone, args), tree_map(_clone, output))
+                    self.captured[name] = snapshot(args, output)
                 # inputs of the modules the chain may trace on their own (not torch.nn's leaves)
                 if isinstance(module, _CONTAINERS) or not type(module).__module__.startswith(
                     "torch.nn."
