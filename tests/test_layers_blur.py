@@ -213,12 +213,12 @@ def test_blurpool_equals_pad_then_depthwise_filter(
         ceil_source=ceil_source,
     )
     expected = straightforward(blur, x)
-    # the large-input path (interior conv + border slabs), forced on small maps
-    blur.border_min_numel = blur.border_min_size = 0
+    # the large-input path (zero-padded conv + border corrections), forced on small maps
+    blur.border_min_numel, blur.border_any_layout = 0, True
     out = blur(x)
     assert out.shape == expected.shape
     assert torch.allclose(out, expected, atol=1e-6), f"{blur} on {tuple(x.shape)}"
-    del blur.border_min_numel, blur.border_min_size
+    del blur.border_min_numel, blur.border_any_layout
     assert torch.allclose(blur(x), expected, atol=1e-6), (
         f"{blur} on {tuple(x.shape)}, small-input path"
     )
@@ -294,17 +294,42 @@ def test_blurpool_works_in_1d_and_3d(dims: int) -> None:
 @pytest.mark.parametrize("threshold", [0, 1 << 20])
 def test_blurpool_keeps_channels_last_layout(threshold: int) -> None:
     blur = BlurPool(8)  # threshold 0: the large-input path
-    blur.border_min_numel = blur.border_min_size = threshold
+    blur.border_min_numel = threshold
     for size in (13, 12):
         x = torch.randn(2, 8, size, 12).contiguous(memory_format=torch.channels_last)
         assert blur(x).is_contiguous(memory_format=torch.channels_last), size
 
 
-def test_blurpool_backpropagates_through_the_border_recomputation() -> None:
+def test_blurpool_backpropagates_through_the_border_corrections() -> None:
     blur = BlurPool(1, filter_size=3).double()
-    blur.border_min_numel = blur.border_min_size = 0
+    blur.border_min_numel, blur.border_any_layout = 0, True
     x = torch.randn(1, 1, 7, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(blur, (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize(
+    ("layout", "corrected"),
+    [(torch.channels_last, True), (torch.contiguous_format, False)],
+)
+def test_blurpool_corrects_borders_only_on_large_channels_last_inputs(
+    monkeypatch: pytest.MonkeyPatch, layout: torch.memory_format, corrected: bool
+) -> None:
+    calls: list[int] = []
+    original = BlurPool._add_border
+
+    def spy(self: BlurPool, *args: object) -> None:
+        calls.append(1)
+        original(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(BlurPool, "_add_border", spy)
+    blur = BlurPool(64)
+    x = torch.randn(1, 64, 128, 128).contiguous(memory_format=layout)  # 2^20 elements
+    expected = straightforward(blur, x)
+    assert torch.allclose(blur(x), expected, atol=1e-6)
+    assert bool(calls) is corrected
+    calls.clear()
+    assert torch.allclose(blur(x[:, :, :64]), straightforward(blur, x[:, :, :64]), atol=1e-6)
+    assert not calls  # half the elements: pad then filter
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ change the output a lot. BlurPool moves the stride of a downsampling op to a dep
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -67,20 +68,23 @@ class BlurPool(nn.Module):
     to replicate padding instead of failing. filter_size 1 is plain subsampling.
 
     The filter is a non-persistent buffer (not in the state dict); the module has no
-    parameters. On large inputs eager mode computes the interior with the convolution's own
-    zero padding and recomputes only the border outputs from small padded slabs, which equals
-    pad-then-filter up to float rounding without copying the input; scripting, tracing and
-    export pad by gathers, so tiny maps fall back to replicate inside the graph too.
+    parameters. On large channels-last inputs eager mode filters with the convolution's own
+    zero padding, so no padded copy of the input is made, and then adds what the reflected
+    (or replicated) border adds to the outputs that read it; that equals pad-then-filter up to
+    float rounding. Scripting, tracing and export pad by gathers, so tiny maps fall back to
+    replicate inside the graph too.
     """
 
     if TYPE_CHECKING:  # a class-level annotation is a string TorchScript cannot resolve
         filter: Tensor
     # plain class attributes, not annotations: see `filter` above
     border_min_numel = 1 << 20
-    border_min_size = 48
-    """Eager inputs with fewer elements, or a spatial size below `border_min_size`, take the
-    plain pad-then-filter path: there the border recomputation costs more than the input copy
-    it avoids (measured on a 2-core CPU, see docs/benchmarks.md)."""
+    border_any_layout = False
+    """Eager inputs take the border-correction path from `border_min_numel` elements, and only
+    in channels-last memory unless `border_any_layout`. Measured on a 2-core CPU
+    (docs/benchmarks.md): there the corrections cost less than the padded copy they avoid; in
+    contiguous (NCHW) memory gathering the border columns reads about as much as the copy, and
+    on smaller inputs the extra small ops cost more than it."""
 
     def __init__(
         self,
@@ -211,50 +215,69 @@ class BlurPool(nn.Module):
         if f == 1 and not self.ceil_mode:
             index: tuple[Any, ...] = (Ellipsis, *(slice(None, None, s) for s in self.stride))
             return x[index].clone()
-        small = x.numel() < self.border_min_numel or min(sizes) < self.border_min_size
-        if small:
-            return self._reference(x, mode, [(left, r) for r in rights])
-        # Interior: the convolution's own (symmetric, zero) padding keeps the alignment and
-        # avoids copying the input. Outputs in [low, high) per dim read no padding, or only
-        # padding that is zero anyway; the rest are recomputed from small padded slabs.
+        slow = x.numel() < self.border_min_numel or not (
+            self.border_any_layout or _layout(x) != torch.contiguous_format
+        )
+        # the zero-padded convolution must already give every output: odd lengths with even
+        # filters and ceil-mode extras would need it grown by a copy (measured slower than
+        # padding the input in 5 of 6 shape/layout pairs)
         interior = [
             (size + 2 * left - f) // s + 1 for size, s in zip(sizes, self.stride, strict=True)
         ]
-        lows: list[int] = []
-        highs: list[int] = []
-        for size, s, right, have, t in zip(
-            sizes, self.stride, rights, interior, lengths, strict=True
-        ):
-            lows.append(0 if mode == "zero" else -(-left // s))
-            high = have if mode == "zero" else min(have, (size - f + left) // s + 1)
-            if high < t:
-                # the bottom slab starts at an output window and must hold every position its
-                # right padding reads: the last one, and for reflect the ones it mirrors
-                reach = size - 1 - (max(right, 0) if mode == "reflect" else 0)
-                high = min(high, (reach + left) // s)
-            highs.append(high)
-        # the interior convolution must already have every output (odd lengths with even
-        # filters, and ceil-mode extras, would need a copy to grow it: measured slower than
-        # padding the input in 5 of 6 shape/layout pairs)
-        complete = interior == lengths
-        if not complete or any(h <= lo for lo, h in zip(lows, highs, strict=True)):
+        if slow or interior != lengths:
             return self._reference(x, mode, [(left, r) for r in rights])
+        # The convolution's own zero padding keeps the alignment without copying the input;
+        # what reflect or replicate padding adds is then added back to the border outputs.
         out = self._conv(x, [left] * self.dims)
-        full = [(left, r) for r in rights]
-        flat = [0] * self.dims
-        for i, (size, s, t) in enumerate(zip(sizes, self.stride, lengths, strict=True)):
-            low, high = lows[i], highs[i]
-            if low > 0:
-                rows = (low - 1) * s - left + f
-                pads = [*full[:i], (left, 0), *full[i + 1 :]]
-                top = self._padded(x.narrow(2 + i, 0, rows), mode, pads)
-                out.narrow(2 + i, 0, low).copy_(self._conv(top, flat))
-            if high < t:
-                start = high * s - left
-                pads = [*full[:i], (0, rights[i]), *full[i + 1 :]]
-                bottom = self._padded(x.narrow(2 + i, start, size - start), mode, pads)
-                out.narrow(2 + i, high, t - high).copy_(self._conv(bottom, flat))
+        if mode == "zero":
+            return out
+        for d in range(self.dims):
+            self._add_border(out, x, d, mode, [(left, r) for r in rights])
         return out
+
+    @torch.jit.unused
+    def _add_border(
+        self, out: Tensor, x: Tensor, d: int, mode: str, pads: list[tuple[int, int]]
+    ) -> None:
+        # Every padded tap reads a mirrored (or clamped) input row of dim d. Split the filter
+        # into its dim-d taps and the filter over the other dims: the border outputs gain
+        # M @ rows, with M the dim-d taps that fall in the padding, the rows filtered over the
+        # other dims first. Taps that are padding in an earlier dim were added by that dim's
+        # pass, so here earlier dims pad with zeros and later dims with `mode`.
+        targets, sources, matrix = _border_taps(
+            x.shape[2 + d], self.stride[d], out.shape[2 + d], self.filter_size, mode
+        )
+        if not targets:
+            return
+        # one weight per target, each from its own source (filters below 5 taps): scale the
+        # filter and add through strided views instead of gathering and multiplying
+        scale = _single_weight(matrix)
+        rows = _select(x, 2 + d, sources)
+        if self.dims > 1:
+            # filtered with dim d first, in the input's layout: a slab a few positions deep
+            # in its last dim, or transposed against its channels, is several times slower
+            order = [d, *(i for i in range(self.dims) if i != d)]
+            layout = _layout(x)
+            rows = rows.movedim(2 + d, 2).contiguous(memory_format=layout)
+            later = [(0, 0)] + [pads[i] if i > d else (0, 0) for i in order[1:]]
+            rows = self._padded(rows, mode, later)
+            row_filter = _row_filter(self.filter_size, self.dims, d, scale, x.dtype, x.device)
+            row_filter = row_filter.permute(order)
+            weight = row_filter.expand(self.channels, 1, *row_filter.shape)
+            stride = [1 if i == d else self.stride[i] for i in order]
+            padding = [pads[i][0] if i < d else 0 for i in order]
+            conv = (F.conv2d, F.conv3d)[self.dims - 2]
+            rows = conv(rows, weight, None, stride, padding, 1, self.channels)
+            rows = rows.movedim(2, 2 + d)
+        elif scale is not None:
+            rows = rows * scale
+        if scale is None:
+            taps = torch.tensor(matrix, dtype=x.dtype, device=x.device)
+            rows = torch.matmul(rows.movedim(2 + d, -1), taps.T).movedim(-1, 2 + d)
+        if _evenly_spaced(targets):
+            _select(out, 2 + d, targets).add_(rows)
+        else:
+            out.index_add_(2 + d, torch.tensor(targets, device=x.device), rows)
 
     @torch.jit.unused
     def _padded(self, x: Tensor, mode: str, pads: list[tuple[int, int]]) -> Tensor:
@@ -271,3 +294,79 @@ class BlurPool(nn.Module):
     def _reference(self, x: Tensor, mode: str, pads: list[tuple[int, int]]) -> Tensor:
         # The straightforward definition: pad, then a valid strided depthwise convolution.
         return self._conv(self._padded(x, mode, pads), [0] * self.dims)
+
+
+@functools.lru_cache(maxsize=256)
+def _border_taps(
+    size: int, stride: int, length: int, filter_size: int, mode: str
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[tuple[float, ...], ...]]:
+    """Which outputs of one dim read padding, which input positions that padding repeats, and
+    the filter taps linking them: (targets, sources, matrix[target][source]).
+
+    Output i reads positions stride * i + k - left for taps k; one outside [0, size) reads
+    its reflection (or, for replicate, the nearest edge) instead.
+    """
+    left = (filter_size - 1) // 2
+    row = _BINOMIAL_ROWS[filter_size]
+    total = sum(row)
+    top = range(min(length, -(-left // stride)))
+    bottom = range(max(top.stop, (size - filter_size + left) // stride + 1), length)
+    outputs = [*top, *bottom]
+    taps: dict[int, dict[int, float]] = {}
+    for i in outputs:
+        for k, weight in enumerate(row):
+            position = stride * i + k - left
+            if 0 <= position < size:
+                continue
+            if mode == "reflect":
+                source = -position if position < 0 else 2 * (size - 1) - position
+            else:
+                source = min(max(position, 0), size - 1)
+            per = taps.setdefault(i, {})
+            per[source] = per.get(source, 0.0) + weight / total
+    sources = sorted({s for per in taps.values() for s in per})
+    targets = sorted(taps)
+    matrix = tuple(tuple(taps[t].get(s, 0.0) for s in sources) for t in targets)
+    return tuple(targets), tuple(sources), matrix
+
+
+def _single_weight(matrix: tuple[tuple[float, ...], ...]) -> float | None:
+    """The weight when `matrix` is that weight times the identity, else None."""
+    weight = matrix[0][0]
+    identity = all(
+        len(row) == len(matrix) and all(v == (weight if j == i else 0.0) for j, v in enumerate(row))
+        for i, row in enumerate(matrix)
+    )
+    return weight if identity else None
+
+
+def _evenly_spaced(index: tuple[int, ...]) -> bool:
+    step = index[1] - index[0] if len(index) > 1 else 1
+    return step > 0 and all(b - a == step for a, b in itertools.pairwise(index))
+
+
+def _select(x: Tensor, dim: int, index: tuple[int, ...]) -> Tensor:
+    """x.index_select(dim, index), as a strided view when the indices are evenly spaced."""
+    if not _evenly_spaced(index):
+        return x.index_select(dim, torch.tensor(index, device=x.device))
+    step = index[1] - index[0] if len(index) > 1 else 1
+    view = x.narrow(dim, index[0], index[-1] - index[0] + 1)
+    return view[(slice(None),) * dim + (slice(None, None, step),)]
+
+
+@functools.lru_cache(maxsize=64)
+def _row_filter(
+    size: int, dims: int, d: int, scale: float | None, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """The filter over every dim but d (length 1 in d), times `scale`: built once per key."""
+    taps = binomial_filter(size, dims - 1).unsqueeze(d)
+    return (taps * (1.0 if scale is None else scale)).to(dtype=dtype, device=device)
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    """channels_last(_3d) when x is stored that way, else contiguous."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last if not x.is_contiguous() else torch.contiguous_format
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d if not x.is_contiguous() else torch.contiguous_format
+    return torch.contiguous_format
