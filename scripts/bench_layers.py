@@ -1,16 +1,21 @@
 """Benchmark surgeon's space_to_depth and BlurPool against reference formulations.
 
-Each candidate runs on the same input, contiguous and channels-last, with 2 threads: 3 warm-up
-rounds, then 30 timed rounds in which every candidate runs once in turn, reported as the
-median per candidate. Outputs are checked against
-surgeon's before timing. The results replace the "## Replacement layers" section of
-docs/benchmarks.md (created if missing); other sections are kept.
+Each candidate runs on the same input, contiguous and channels-last: 3 warm-up rounds, then
+30 timed rounds in which every candidate runs once in turn, reported as the median per
+candidate. By default torch runs one thread and the time is that thread's CPU time, which
+other processes on a shared machine do not inflate; `--threads 2` times wall-clock instead.
+Outputs are checked against surgeon's before timing. The results replace the
+"## Replacement layers" section of docs/benchmarks.md (created if missing); other sections
+are kept.
 
-    .venv/bin/python scripts/bench_layers.py [--repeats 30] [--output docs/benchmarks.md]
+glibc hands blocks above its mmap threshold back to the kernel on free, so a candidate whose
+output is a few MB can page-fault its whole output afresh on every call, or not, depending on
+what ran before it: a 2-5x swing that has nothing to do with the formulation. The script
+re-runs itself with M_MMAP_THRESHOLD at its 32 MiB maximum and trimming off
+(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), the steady state of a process that keeps
+running a model, so every candidate reuses freed memory the same way.
 
-On a shared machine run it as `chrt -f 10 .venv/bin/python scripts/bench_layers.py` (root):
-other processes then cannot preempt the two benchmark threads mid-call, which otherwise turns
-2-thread timings into multiples of the scheduler's time slice.
+    .venv/bin/python scripts/bench_layers.py [--repeats 30] [--threads 1] [--output FILE]
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import datetime
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -70,13 +76,24 @@ SPD_ORDERS = {
 }
 
 
+def slicing_stack(x: torch.Tensor) -> torch.Tensor:
+    # SPD-Conv's slicing written for the channel-major order: stack the phases after the
+    # channels instead of concatenating them before
+    return torch.stack(
+        [x[..., ::2, ::2], x[..., ::2, 1::2], x[..., 1::2, ::2], x[..., 1::2, 1::2]], dim=2
+    ).flatten(1, 2)
+
+
 def spd_candidates(order: str) -> dict[str, tuple[Candidate, bool]]:
-    return {
+    candidates: dict[str, tuple[Candidate, bool]] = {
         f"surgeon space_to_depth ({order})": (lambda x: space_to_depth(x, (2, 2), order), True),
         "slicing + cat (SPD-Conv)": (slicing_cat, False),
-        "F.pixel_unshuffle": (lambda x: F.pixel_unshuffle(x, 2), False),
-        "x.clone() (copy floor)": (lambda x: x.clone(), False),
     }
+    if order == "channel":
+        candidates["slicing + stack (SPD-Conv's slicing, this order)"] = (slicing_stack, False)
+    candidates["F.pixel_unshuffle"] = (lambda x: F.pixel_unshuffle(x, 2), False)
+    candidates["x.clone() (copy floor)"] = (lambda x: x.clone(), False)
+    return candidates
 
 
 def explicit_phase_major(x: torch.Tensor) -> torch.Tensor:
@@ -119,18 +136,24 @@ def blur_candidates(channels: int, filter_size: int) -> dict[str, tuple[Candidat
 
 def time_each(candidates: dict[str, Candidate], x: torch.Tensor, repeats: int) -> dict[str, float]:
     """Median milliseconds per candidate over `repeats` interleaved rounds (each round calls
-    every candidate once, in turn), after 3 warm-up rounds. Interleaving shares out what drifts
-    during a run (the allocator's cached blocks, page faults, other processes) between the
+    every candidate once, in a shuffled order), after 3 warm-up rounds. Interleaving shares out
+    what drifts during a run (the allocator's cached blocks, other processes) between the
     candidates instead of handing it to whichever ran at the time."""
     for _ in range(3):
         for candidate in candidates.values():
             candidate(x)
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     samples: dict[str, list[float]] = {name: [] for name in candidates}
+    names = list(candidates)
+    order = random.Random(0)
     for _ in range(repeats):
-        for name, candidate in candidates.items():
-            start = time.perf_counter()
-            candidate(x)
-            samples[name].append(time.perf_counter() - start)
+        # a fresh order each round: a candidate that runs right after another one read x finds
+        # more of it in cache than one that follows a copy, so none may always follow the same
+        order.shuffle(names)
+        for name in names:
+            start = clock()
+            candidates[name](x)
+            samples[name].append(clock() - start)
     return {name: statistics.median(times) * 1e3 for name, times in samples.items()}
 
 
@@ -241,12 +264,20 @@ def section(rows: list[Row], repeats: int, load: tuple[float, float]) -> str:
     if os.sched_getscheduler(0) != os.SCHED_FIFO:
         policy = "normal scheduling"
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    clock = (
+        "CPU time of the one torch thread"
+        if torch.get_num_threads() == 1
+        else f"wall-clock time with {torch.get_num_threads()} torch threads"
+    )
     text = [
         SECTION,
         "",
         f"Generated by `scripts/bench_layers.py` on {now}: float32, 3 warm-up rounds then "
-        f"{repeats} timed rounds, each calling every candidate once in turn; the median per "
-        f"candidate; {policy}.",
+        f"{repeats} timed rounds, each calling every candidate once, in an order shuffled "
+        f"afresh each round; the median per "
+        f"candidate; {clock}; glibc's allocator pinned (mmap threshold 32 MiB, no trimming) "
+        f"so that no candidate page-faults a fresh output on some calls and not others; "
+        f"{policy}.",
         "",
         *machine(),
         f"- load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f} "
@@ -257,8 +288,9 @@ def section(rows: list[Row], repeats: int, load: tuple[float, float]) -> str:
         "(phase p of channel c at p·C + c), which SPD-Conv layers of ungrouped convolutions "
         "use, and channel-major (c·4 + p, `F.pixel_unshuffle`'s), which grouped and depthwise "
         "convolutions and pools need; each against SPD-Conv's slicing + cat (phase-major, its "
-        "phases in another order), `F.pixel_unshuffle` and a plain copy of the input. "
-        "`BlurPool` (filter 4, stride 2, "
+        "phases in another order), `F.pixel_unshuffle` and a plain copy of the input; "
+        "channel-major also against SPD-Conv's slicing written for that order (stack instead "
+        "of cat), the like-for-like reference there. `BlurPool` (filter 4, stride 2, "
         "reflect): surgeon's against reflect padding + one 4x4 depthwise convolution "
         "(antialiased-cnns' formulation), timm's `BlurPool2d`, and padding + two 1-d "
         "depthwise convolutions; all but timm's give the same output.",
@@ -276,17 +308,17 @@ def section(rows: list[Row], repeats: int, load: tuple[float, float]) -> str:
         "strided copy per phase). Channel-major order on a channels-last input means "
         "interleaving the phases of every channel, which no plain copy does fast; surgeon "
         "writes float pairs as complex numbers (bit-exact) so that the interleave runs in a "
-        "vectorised kernel. `BlurPool` on large maps (at least 2^20 elements, every "
-        "spatial size >= 48, and an output count the convolution's own padding already "
-        "gives, e.g. even sizes for filter 4) filters with the convolution's own zero padding, "
-        "so no padded copy of the input is made, and recomputes only the border outputs from "
-        "small padded slabs; other inputs take pad + depthwise conv, the reference's own "
-        "formulation. Contiguous (NCHW) depthwise convolutions go "
-        "through oneDNN layout reorders: each border slab pays them, so in contiguous memory "
-        "surgeon's version costs about as much as the reference or more, except when the "
-        "reference's padded copy of a 25 MB input misses the allocator's cache and "
-        "page-faults every call (20+ ms reference rows, which some runs show and others do "
-        "not); those rows vary most between runs.",
+        "vectorised kernel. `BlurPool` on channels-last inputs of at least 2^20 elements "
+        "and spatial sizes of at least 48 (whose output count the convolution's own "
+        "padding gives, e.g. even sizes for filter 4) filters with the convolution's zero "
+        "padding, so no padded copy of the input is made, then adds what the reflected "
+        "border contributes: per spatial dim one small slab (the input rows the padding "
+        "mirrors) filtered along the other dims and added to the border outputs. Other "
+        "inputs pad then filter, the reference's own formulation, so those rows measure the "
+        "same computation twice. In contiguous (NCHW) memory the border columns lie in "
+        "every row's cache lines, so gathering them reads about as much memory as the "
+        "padded copy they would save; the corrections measured no faster there and are not "
+        "used.",
         "",
     ]
     return "\n".join(text)
@@ -308,6 +340,17 @@ def write_section(path: Path, body: str) -> None:
     path.write_text(updated)
 
 
+ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+def pin_allocator() -> None:
+    """Re-run this script with glibc's allocator settings pinned (see the module docstring)."""
+    if all(os.environ.get(k) == v for k, v in ALLOCATOR.items()):
+        return
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds per candidate")
@@ -319,8 +362,12 @@ def main() -> None:
     parser.add_argument(
         "--no-write", action="store_true", help="print the section instead of writing it"
     )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: CPU time, else wall-clock)"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    pin_allocator()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_before = os.getloadavg()[0]
     rows = bench_spd(args.repeats) + bench_blur(args.repeats)

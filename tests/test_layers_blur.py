@@ -214,11 +214,12 @@ def test_blurpool_equals_pad_then_depthwise_filter(
     )
     expected = straightforward(blur, x)
     # the large-input path (zero-padded conv + border corrections), forced on small maps
-    blur.border_min_numel, blur.border_any_layout = 0, True
+    blur.border_min_numel = blur.border_min_size = 0
+    blur.border_any_layout = True
     out = blur(x)
     assert out.shape == expected.shape
     assert torch.allclose(out, expected, atol=1e-6), f"{blur} on {tuple(x.shape)}"
-    del blur.border_min_numel, blur.border_any_layout
+    del blur.border_min_numel, blur.border_min_size, blur.border_any_layout
     assert torch.allclose(blur(x), expected, atol=1e-6), (
         f"{blur} on {tuple(x.shape)}, small-input path"
     )
@@ -294,7 +295,7 @@ def test_blurpool_works_in_1d_and_3d(dims: int) -> None:
 @pytest.mark.parametrize("threshold", [0, 1 << 20])
 def test_blurpool_keeps_channels_last_layout(threshold: int) -> None:
     blur = BlurPool(8)  # threshold 0: the large-input path
-    blur.border_min_numel = threshold
+    blur.border_min_numel = blur.border_min_size = threshold
     for size in (13, 12):
         x = torch.randn(2, 8, size, 12).contiguous(memory_format=torch.channels_last)
         assert blur(x).is_contiguous(memory_format=torch.channels_last), size
@@ -302,7 +303,8 @@ def test_blurpool_keeps_channels_last_layout(threshold: int) -> None:
 
 def test_blurpool_backpropagates_through_the_border_corrections() -> None:
     blur = BlurPool(1, filter_size=3).double()
-    blur.border_min_numel, blur.border_any_layout = 0, True
+    blur.border_min_numel = blur.border_min_size = 0
+    blur.border_any_layout = True
     x = torch.randn(1, 1, 7, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(blur, (x,), fast_mode=True)
 

@@ -79,12 +79,14 @@ class BlurPool(nn.Module):
         filter: Tensor
     # plain class attributes, not annotations: see `filter` above
     border_min_numel = 1 << 20
+    border_min_size = 48
     border_any_layout = False
-    """Eager inputs take the border-correction path from `border_min_numel` elements, and only
-    in channels-last memory unless `border_any_layout`. Measured on a 2-core CPU
-    (docs/benchmarks.md): there the corrections cost less than the padded copy they avoid; in
-    contiguous (NCHW) memory gathering the border columns reads about as much as the copy, and
-    on smaller inputs the extra small ops cost more than it."""
+    """Eager inputs take the border-correction path from `border_min_numel` elements with
+    every spatial size at least `border_min_size`, and only in channels-last memory unless
+    `border_any_layout`. Measured on a 2-core CPU (docs/benchmarks.md): there the corrections
+    cost less than the padded copy they avoid; in contiguous (NCHW) memory gathering the
+    border columns reads about as much as the copy, and on smaller inputs or maps (28 x 28)
+    the extra small ops cost more than it."""
 
     def __init__(
         self,
@@ -215,8 +217,10 @@ class BlurPool(nn.Module):
         if f == 1 and not self.ceil_mode:
             index: tuple[Any, ...] = (Ellipsis, *(slice(None, None, s) for s in self.stride))
             return x[index].clone()
-        slow = x.numel() < self.border_min_numel or not (
-            self.border_any_layout or _layout(x) != torch.contiguous_format
+        slow = (
+            x.numel() < self.border_min_numel
+            or min(sizes) < self.border_min_size
+            or not (self.border_any_layout or _layout(x) != torch.contiguous_format)
         )
         # the zero-padded convolution must already give every output: odd lengths with even
         # filters and ceil-mode extras would need it grown by a copy (measured slower than
