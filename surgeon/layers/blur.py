@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from surgeon.arithmetic import conv_output_size
-from surgeon.layers.spd import _output_length, _per_dim
+from surgeon.layers.spd import _is_channels_last, _output_length, _per_dim
 
 __all__ = ["PAD_MODES", "BlurPool", "binomial_filter"]
 
@@ -220,7 +220,7 @@ class BlurPool(nn.Module):
         slow = (
             x.numel() < self.border_min_numel
             or min(sizes) < self.border_min_size
-            or not (self.border_any_layout or _layout(x) != torch.contiguous_format)
+            or not (self.border_any_layout or _is_channels_last(x))
         )
         # the zero-padded convolution must already give every output: odd lengths with even
         # filters and ceil-mode extras would need it grown by a copy (measured slower than
@@ -261,8 +261,9 @@ class BlurPool(nn.Module):
             # filtered with dim d first, in the input's layout: a slab a few positions deep
             # in its last dim, or transposed against its channels, is several times slower
             order = [d, *(i for i in range(self.dims) if i != d)]
-            layout = _layout(x)
-            rows = rows.movedim(2 + d, 2).contiguous(memory_format=layout)
+            layout = (torch.channels_last, torch.channels_last_3d)[self.dims - 2]
+            rows = rows.movedim(2 + d, 2)
+            rows = rows.contiguous(memory_format=layout) if _is_channels_last(x) else rows
             later = [(0, 0)] + [pads[i] if i > d else (0, 0) for i in order[1:]]
             rows = self._padded(rows, mode, later)
             row_filter = _row_filter(self.filter_size, self.dims, d, scale, x.dtype, x.device)
@@ -365,12 +366,3 @@ def _row_filter(
     """The filter over every dim but d (length 1 in d), times `scale`: built once per key."""
     taps = binomial_filter(size, dims - 1).unsqueeze(d)
     return (taps * (1.0 if scale is None else scale)).to(dtype=dtype, device=device)
-
-
-def _layout(x: Tensor) -> torch.memory_format:
-    """channels_last(_3d) when x is stored that way, else contiguous."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last if not x.is_contiguous() else torch.contiguous_format
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d if not x.is_contiguous() else torch.contiguous_format
-    return torch.contiguous_format
