@@ -279,7 +279,7 @@ class BlurPool(nn.Module):
         if scale is None:
             taps = torch.tensor(matrix, dtype=x.dtype, device=x.device)
             rows = torch.matmul(rows.movedim(2 + d, -1), taps.T).movedim(-1, 2 + d)
-        if _evenly_spaced(targets):
+        if _step(targets) is not None:
             _select(out, 2 + d, targets).add_(rows)
         else:
             out.index_add_(2 + d, torch.tensor(targets, device=x.device), rows)
@@ -345,16 +345,17 @@ def _single_weight(matrix: tuple[tuple[float, ...], ...]) -> float | None:
     return weight if identity else None
 
 
-def _evenly_spaced(index: tuple[int, ...]) -> bool:
+def _step(index: tuple[int, ...]) -> int | None:
+    """The common difference when `index` is evenly spaced and increasing, else None."""
     step = index[1] - index[0] if len(index) > 1 else 1
-    return step > 0 and all(b - a == step for a, b in itertools.pairwise(index))
+    return step if step > 0 and all(b - a == step for a, b in itertools.pairwise(index)) else None
 
 
 def _select(x: Tensor, dim: int, index: tuple[int, ...]) -> Tensor:
     """x.index_select(dim, index), as a strided view when the indices are evenly spaced."""
-    if not _evenly_spaced(index):
+    step = _step(index)
+    if step is None:
         return x.index_select(dim, torch.tensor(index, device=x.device))
-    step = index[1] - index[0] if len(index) > 1 else 1
     view = x.narrow(dim, index[0], index[-1] - index[0] + 1)
     return view[(slice(None),) * dim + (slice(None, None, step),)]
 
