@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from surgeon.layers import BlurPool, binomial_filter, space_to_depth
+from surgeon.layers import BlurPool, binomial_filter, native, space_to_depth
 
 SECTION = "## Replacement layers"
 SPD_SHAPES = [(8, 64, 112, 112), (8, 256, 56, 56), (32, 128, 28, 28), (1, 3, 224, 224)]
@@ -54,7 +54,7 @@ class Row:
     layout: str
     name: str
     ms: float
-    ours: bool
+    role: str  # "surgeon", "reference" (what surgeon must beat) or "context"
     note: str = ""
 
 
@@ -84,15 +84,30 @@ def slicing_stack(x: torch.Tensor) -> torch.Tensor:
     ).flatten(1, 2)
 
 
-def spd_candidates(order: str) -> dict[str, tuple[Candidate, bool]]:
-    candidates: dict[str, tuple[Candidate, bool]] = {
-        f"surgeon space_to_depth ({order})": (lambda x: space_to_depth(x, (2, 2), order), True),
-        "slicing + cat (SPD-Conv)": (slicing_cat, False),
+def without_kernels(candidate: Candidate) -> Candidate:
+    """`candidate` with surgeon's compiled kernels switched off: its PyTorch formulation."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with native.disabled():
+            return candidate(x)
+
+    return run
+
+
+def spd_candidates(order: str) -> dict[str, tuple[Candidate, str]]:
+    ours = lambda x: space_to_depth(x, (2, 2), order)  # noqa: E731
+    candidates: dict[str, tuple[Candidate, str]] = {
+        f"surgeon space_to_depth ({order})": (ours, "surgeon"),
+        "surgeon without compiled kernels": (without_kernels(ours), "context"),
+        "slicing + cat (SPD-Conv)": (slicing_cat, "reference"),
     }
     if order == "channel":
-        candidates["slicing + stack (SPD-Conv's slicing, this order)"] = (slicing_stack, False)
-    candidates["F.pixel_unshuffle"] = (lambda x: F.pixel_unshuffle(x, 2), False)
-    candidates["x.clone() (copy floor)"] = (lambda x: x.clone(), False)
+        candidates["slicing + stack (SPD-Conv's slicing, this order)"] = (
+            slicing_stack,
+            "reference",
+        )
+    candidates["F.pixel_unshuffle"] = (lambda x: F.pixel_unshuffle(x, 2), "reference")
+    candidates["x.clone() (copy floor)"] = (lambda x: x.clone(), "context")
     return candidates
 
 
@@ -100,7 +115,7 @@ def explicit_phase_major(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x[..., a::2, b::2] for a in range(2) for b in range(2)], dim=1)
 
 
-def blur_candidates(channels: int, filter_size: int) -> dict[str, tuple[Candidate, bool, str]]:
+def blur_candidates(channels: int, filter_size: int) -> dict[str, tuple[Candidate, str, str]]:
     from timm.layers import BlurPool2d
 
     row = binomial_filter(filter_size, 1)
@@ -123,11 +138,16 @@ def blur_candidates(channels: int, filter_size: int) -> dict[str, tuple[Candidat
     ours = BlurPool(channels, filter_size=filter_size)
     timm_blur = BlurPool2d(channels, filt_size=filter_size, stride=2).eval()
     return {
-        "surgeon BlurPool": (ours, True, ""),
-        "reflect pad + depthwise conv": (reflect_pad_conv, False, ""),
-        "timm BlurPool2d": (timm_blur, False, "symmetric padding: output ceil(L/2) + 1 for even L"),
-        "separable (pad + 2 x 1-d conv)": (separable, False, ""),
-        "x.clone() (copy floor)": (lambda x: x.clone(), False, ""),
+        "surgeon BlurPool": (ours, "surgeon", ""),
+        "surgeon without compiled kernels": (without_kernels(ours), "context", ""),
+        "reflect pad + depthwise conv": (reflect_pad_conv, "reference", ""),
+        "timm BlurPool2d": (
+            timm_blur,
+            "reference",
+            "symmetric padding: output ceil(L/2) + 1 for even L",
+        ),
+        "separable (pad + 2 x 1-d conv)": (separable, "reference", ""),
+        "x.clone() (copy floor)": (lambda x: x.clone(), "context", ""),
     }
 
 
@@ -214,12 +234,21 @@ def machine() -> list[str]:
                 break
     except OSError:
         pass
+    import subprocess
+
     import timm
 
+    compiler = os.environ.get("CC") or "cc"
+    if native.available():
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True)
+        kernels = f"compiled by {version.stdout.splitlines()[0]} ({native.build().name})"
+    else:
+        kernels = "not available (no C compiler, or SURGEON_NATIVE=0): PyTorch formulations"
     return [
         f"- CPU: {cpu}, {os.cpu_count()} logical cores; torch threads: {torch.get_num_threads()}",
         f"- Python {platform.python_version()}, torch {torch.__version__}, "
         f"timm {timm.__version__}, {platform.system()} {platform.release()}",
+        f"- surgeon's kernels (surgeon/layers/native.c): {kernels}",
     ]
 
 
@@ -232,10 +261,14 @@ def table(rows: list[Row]) -> list[str]:
         ours = next(
             r
             for r in rows
-            if r.ours and (r.op, r.shape, r.layout) == (row.op, row.shape, row.layout)
+            if r.role == "surgeon" and (r.op, r.shape, r.layout) == (row.op, row.shape, row.layout)
         )
-        ratio = "—" if row.ours else f"{row.ms / ours.ms:.2f}x"
-        name = f"**{row.name}**" if row.ours else row.name + (f" ({row.note})" if row.note else "")
+        ratio = "—" if row.role == "surgeon" else f"{row.ms / ours.ms:.2f}x"
+        name = (
+            f"**{row.name}**"
+            if row.role == "surgeon"
+            else row.name + (f" ({row.note})" if row.note else "")
+        )
         shape = "x".join(str(s) for s in row.shape)
         lines.append(f"| {row.op} | {shape} | {row.layout} | {name} | {row.ms:.2f} | {ratio} |")
     return lines
@@ -246,12 +279,12 @@ def summary(rows: list[Row]) -> list[str]:
     for op in dict.fromkeys(r.op for r in rows):
         for layout in LAYOUTS:
             group = [r for r in rows if r.op == op and r.layout == layout]
-            refs = sorted({r.name for r in group if not r.ours and "clone" not in r.name})
+            refs = sorted({r.name for r in group if r.role == "reference"})
             for ref in refs:
                 wins = sum(
                     1
                     for shape in dict.fromkeys(r.shape for r in group)
-                    if next(r.ms for r in group if r.shape == shape and r.ours)
+                    if next(r.ms for r in group if r.shape == shape and r.role == "surgeon")
                     < next(r.ms for r in group if r.shape == shape and r.name == ref)
                 )
                 total = len({r.shape for r in group})

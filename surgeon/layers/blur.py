@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from surgeon.arithmetic import conv_output_size
+from surgeon.layers import native
 from surgeon.layers.spd import _is_channels_last, _output_length, _per_dim
 
 __all__ = ["PAD_MODES", "BlurPool", "binomial_filter"]
@@ -217,6 +218,10 @@ class BlurPool(nn.Module):
         if f == 1 and not self.ceil_mode:
             index: tuple[Any, ...] = (Ellipsis, *(slice(None, None, s) for s in self.stride))
             return x[index].clone()
+        if self.dims == 2:
+            out = native.blur2d(x, f, self.stride, lengths, mode)
+            if out is not None:
+                return out
         slow = (
             x.numel() < self.border_min_numel
             or min(sizes) < self.border_min_size

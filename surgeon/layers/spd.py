@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from surgeon.arithmetic import conv_output_size
+from surgeon.layers import native
 
 __all__ = ["SpaceToDepthConv", "Transfer", "pool_arguments", "space_to_depth"]
 
@@ -95,11 +96,17 @@ def _rearrange(x: Tensor, block: list[int], reduced: list[int], phase_major: boo
         return _space_to_depth_slices(x, block, phase_major)
     if torch.jit.is_tracing():
         return _space_to_depth_view(x, block, reduced, phase_major)
-    if _is_channels_last(x):
+    channels_last = _is_channels_last(x)
+    if channels_last and phase_major and x.shape[1] >= _NARROW:
+        # whole channel runs, one reshape copy: as fast as the compiled kernel or faster
+        return _space_to_depth_channels_last_phase_major(x, block, reduced)
+    if block == [2, 2]:
+        out = native.space_to_depth2(x, [0, 0], reduced, phase_major)
+        if out is not None:
+            return out
+    if channels_last:
         if not phase_major:
             return _space_to_depth_channels_last(x, block)
-        if x.shape[1] >= _NARROW:
-            return _space_to_depth_channels_last_phase_major(x, block, reduced)
         return _space_to_depth_slices(x, block, phase_major)
     return _space_to_depth_view(x, block, reduced, phase_major)
 
@@ -235,6 +242,10 @@ def _pad_rearrange(
         or (not phase_major and _is_channels_last(x))
     ):
         return _rearrange(F.pad(x, pads), block, reduced, phase_major)
+    if block == [2, 2]:
+        out = native.space_to_depth2(x, lefts, reduced, phase_major)
+        if out is not None:
+            return out
     return _padded_space_to_depth(x, lefts, block, reduced, phase_major)
 
 
