@@ -334,24 +334,21 @@ def section(rows: list[Row], repeats: int, load: tuple[float, float]) -> str:
         "",
         *summary(rows),
         "",
-        "How surgeon's versions work. `space_to_depth` on a contiguous input is one "
-        "view/permute/reshape copy whose inner loop runs along output rows. Phase-major order "
-        "on a channels-last input is one reshape copy that moves runs of (last block dim × "
-        "channels) values, whole channel vectors, with no interleave (below 8 channels, one "
-        "strided copy per phase). Channel-major order on a channels-last input means "
-        "interleaving the phases of every channel, which no plain copy does fast; surgeon "
-        "writes float pairs as complex numbers (bit-exact) so that the interleave runs in a "
-        "vectorised kernel. `BlurPool` on channels-last inputs of at least 2^20 elements "
-        "and spatial sizes of at least 48 (whose output count the convolution's own "
-        "padding gives, e.g. even sizes for filter 4) filters with the convolution's zero "
-        "padding, so no padded copy of the input is made, then adds what the reflected "
-        "border contributes: per spatial dim one small slab (the input rows the padding "
-        "mirrors) filtered along the other dims and added to the border outputs. Other "
-        "inputs pad then filter, the reference's own formulation, so those rows measure the "
-        "same computation twice. In contiguous (NCHW) memory the border columns lie in "
-        "every row's cache lines, so gathering them reads about as much memory as the "
-        "padded copy they would save; the corrections measured no faster there and are not "
-        "used.",
+        "How surgeon's versions work. In eager float32 CPU inference both layers run a small "
+        "C kernel (`surgeon/layers/native.c`, compiled on first use, see docs/deploy.md) that "
+        "reads every input row once. BlurPool filters each output row vertically into a "
+        "padded row buffer (reflect, replicate, zero and ceil-mode extras are index tables) "
+        "and then horizontally with the stride: in NCHW memory that replaces a padded copy "
+        "plus oneDNN's NCHW depthwise convolution, in channels-last it vectorises along the "
+        "channels. Space-to-depth deinterleaves two input rows into the four phase rows (NCHW) "
+        "or copies whole channel vectors per phase (channels-last); phase-major order of a "
+        "channels-last input with 8 or more channels stays one PyTorch reshape copy, which "
+        "moves the same runs as fast. *surgeon without compiled kernels* is what runs under "
+        "autograd, autocast, export, for other dtypes or without a C compiler: for "
+        "space-to-depth a view/permute/reshape copy (contiguous) or a complex-number "
+        "interleave (channel-major, channels-last); for BlurPool pad + depthwise conv, with "
+        "the convolution's own zero padding plus border corrections on large channels-last "
+        "maps.",
         "",
     ]
     return "\n".join(text)
