@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from surgeon.layers import BlurPool, native
 from surgeon.layers.spd import _rearrange
@@ -34,6 +36,14 @@ def test_build_without_a_compiler_says_what_to_install(tmp_path: Path) -> None:
     with pytest.raises(native.NativeBuildError, match="no C compiler 'no-such-cc' on PATH"):
         native.build(tmp_path, compiler="no-such-cc")
     assert not any(tmp_path.iterdir())
+
+
+@needs_kernels
+def test_build_into_an_unwritable_cache_says_which_directory_to_set(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the cache directory should go
+    with pytest.raises(native.NativeBuildError, match="set SURGEON_CACHE_DIR"):
+        native.build(blocked / "cache")
 
 
 @needs_kernels
@@ -140,6 +150,27 @@ def test_kernels_serve_only_eager_float32_cpu_inference(monkeypatch: pytest.Monk
     other = torch.randn(2, 4, 9, 7)
     assert torch.allclose(traced(other), blur(other), atol=1e-6)  # sizes stay dynamic
     assert ran == [True], "tracing, or the traced graph, called the kernel"  # only blur(other)
+
+
+@needs_kernels
+def test_dispatch_modes_see_the_pytorch_ops_not_the_kernels() -> None:
+    # FlopCounterMode counts the blur's convolution (surgeon's MAC figures rely on it) and
+    # FakeTensorMode runs the layers without data
+    model = torch.nn.Sequential(BlurPool(8), BlurPool(8, filter_size=3))
+    x = torch.randn(2, 8, 32, 32)
+    counts = []
+    for switched_off in (False, True):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            if switched_off:
+                with native.disabled():
+                    model(x)
+            else:
+                model(x)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+        out = model(fake.from_tensor(x))
+    assert out.shape == (2, 8, 8, 8)
 
 
 @needs_kernels

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 __all__ = ["NativeBuildError", "available", "blur2d", "build", "disabled", "space_to_depth2"]
 
@@ -96,8 +97,14 @@ def build(cache_dir: Path | None = None, compiler: str | None = None) -> Path:
         target = directory / f"surgeon_native_{key}.so"
         if target.exists():
             return target
-        directory.mkdir(parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(dir=directory, suffix=".so.partial")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            handle, partial = tempfile.mkstemp(dir=directory, suffix=".so.partial")
+        except OSError as error:
+            raise NativeBuildError(
+                f"cannot write the kernel cache {directory} ({error.strerror}); set "
+                "SURGEON_CACHE_DIR to a writable directory"
+            ) from error
         os.close(handle)
         command = [path, *flags, "-shared", "-fPIC", "-o", partial, str(_SOURCE)]
         try:
@@ -158,6 +165,11 @@ def _eligible(x: Tensor) -> ctypes.CDLL | None:
     # the library when `x` may take a kernel: eager float32 CPU inference of a 4-d tensor
     if (
         _switched_off[0]
+        # tensor subclasses (FakeTensor, DTensor) and dispatch or function modes (FlopCounterMode,
+        # FakeTensorMode) must see the aten ops: a kernel call would bypass them
+        or type(x) is not torch.Tensor
+        or is_in_torch_dispatch_mode()
+        or torch._C._is_torch_function_mode_enabled()
         or x.dtype != torch.float32
         or x.device.type != "cpu"
         or x.dim() != 4
