@@ -238,7 +238,8 @@ def latency_section(rows: list[dict[str, Any]], rounds: int, loads: tuple[str, s
         "",
         f"Eager rows above the 1.1 target: {', '.join(missed) or 'none'}.",
         "",
-        "Why rows miss it. The MAC count (FlopCounterMode) sees convolutions and matmuls only, "
+        "Why rows sit above their MAC ratio. The MAC count (FlopCounterMode) sees "
+        "convolutions and matmuls only, "
         "and a MAC ratio is a compute-bound expectation. At batch 1 the last stages of a "
         "ResNet are not compute-bound: a 7×7 or 14×14 map reuses each weight only a few dozen "
         "times, and SPD quadruples the input channels of the layers it replaces, so their "
@@ -246,8 +247,9 @@ def latency_section(rows: list[dict[str, Any]], rounds: int, loads: tuple[str, s
         "the same few outputs; at batch 8 every weight serves 8× the positions and the ratio "
         "comes close to the MAC ratio. In eager mode grouped, depthwise and narrow-input "
         "(stem) SPD layers already run as one strided convolution (the folded form, built "
-        "from the trained kernel on each call); the rest pay a zero pad and a space-to-depth "
-        "copy outside the MAC count, which folding removes. antialias moves the stride after "
+        "from the trained kernel on each call); the rest pay a space-to-depth copy (zero "
+        "padding included) outside the MAC count, which folding removes. antialias moves the "
+        "stride after "
         "the normalisation, activation and (stem) max pool, so those run at 4× the "
         "resolution, uncounted by MACs. dilate's dilated 3×3 convolutions run at a higher MAC "
         "rate than the originals, so it comes in under its MAC ratio.",
