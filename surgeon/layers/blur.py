@@ -219,7 +219,10 @@ class BlurPool(nn.Module):
             index: tuple[Any, ...] = (Ellipsis, *(slice(None, None, s) for s in self.stride))
             return x[index].clone()
         if self.dims == 2:
-            out = native.blur2d(x, f, self.stride, lengths, mode)
+            taps, rows, cols = _kernel_tables(
+                (sizes[0], sizes[1]), (lengths[0], lengths[1]), self.stride, f, mode
+            )
+            out = native.blur2d(x, taps, rows, cols, self.stride[1], lengths)
             if out is not None:
                 return out
         slow = (
@@ -328,16 +331,46 @@ def _border_taps(
             position = stride * i + k - left
             if 0 <= position < size:
                 continue
-            if mode == "reflect":
-                source = -position if position < 0 else 2 * (size - 1) - position
-            else:
-                source = min(max(position, 0), size - 1)
+            source = _source(position, size, mode)
             per = taps.setdefault(i, {})
             per[source] = per.get(source, 0.0) + weight / total
     sources = sorted({s for per in taps.values() for s in per})
     targets = sorted(taps)
     matrix = tuple(tuple(taps[t].get(s, 0.0) for s in sources) for t in targets)
     return tuple(targets), tuple(sources), matrix
+
+
+def _source(position: int, size: int, mode: str) -> int:
+    """The input position that position `position` of the padded dim reads (-1: a zero)."""
+    if 0 <= position < size:
+        return position
+    if mode == "zero":
+        return -1
+    if mode == "reflect":
+        return -position if position < 0 else 2 * (size - 1) - position
+    return min(max(position, 0), size - 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _kernel_tables(
+    sizes: tuple[int, int],
+    lengths: tuple[int, int],
+    stride: tuple[int, ...],
+    filter_size: int,
+    mode: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(1-d taps, rows, cols) for `native.blur2d`: the input row each tap of each output row
+    reads, and the input column of each padded column, so the kernel needs no padding rules."""
+    left = (filter_size - 1) // 2
+    rows = [
+        _source(stride[0] * i + k - left, sizes[0], mode)
+        for i in range(lengths[0])
+        for k in range(filter_size)
+    ]
+    padded = (lengths[1] - 1) * stride[1] + filter_size
+    cols = [_source(p - left, sizes[1], mode) for p in range(padded)]
+    as_index = functools.partial(torch.tensor, dtype=torch.int64)
+    return binomial_filter(filter_size, 1), as_index(rows), as_index(cols)
 
 
 def _single_weight(matrix: tuple[tuple[float, ...], ...]) -> float | None:

@@ -190,70 +190,34 @@ def _layout(x: Tensor) -> str | None:
     return None
 
 
-def _source_index(position: int, size: int, mode: str) -> int:
-    # the input position padded position `position` (relative to the input's start) reads
-    if 0 <= position < size:
-        return position
-    if mode == "zero":
-        return -1
-    if mode == "reflect":
-        return -position if position < 0 else 2 * (size - 1) - position
-    return min(max(position, 0), size - 1)
-
-
-@functools.lru_cache(maxsize=256)
-def _blur_tables(
-    sizes: tuple[int, int],
-    lengths: tuple[int, int],
-    stride: tuple[int, int],
-    filter_size: int,
-    mode: str,
-) -> tuple[Tensor, Tensor, Tensor, int]:
-    # (taps, rows, cols, padded width): see surgeon_blur2d_* in native.c
-    from surgeon.layers.blur import binomial_filter
-
-    f = filter_size
-    left = (f - 1) // 2
-    taps = binomial_filter(f, 1).contiguous()
-    rows = [
-        _source_index(stride[0] * i + k - left, sizes[0], mode)
-        for i in range(lengths[0])
-        for k in range(f)
-    ]
-    padded = (lengths[1] - 1) * stride[1] + f
-    cols = [_source_index(p - left, sizes[1], mode) for p in range(padded)]
-    as_index = functools.partial(torch.tensor, dtype=torch.int64)
-    return taps, as_index(rows), as_index(cols), padded
-
-
 @torch.jit.unused  # ctypes calls cannot be scripted; callers script their PyTorch path
 def blur2d(
-    x: Tensor, filter_size: int, stride: Sequence[int], lengths: Sequence[int], mode: str
+    x: Tensor, taps: Tensor, rows: Tensor, cols: Tensor, stride: int, lengths: Sequence[int]
 ) -> Tensor | None:
-    """BlurPool of a 4-d `x` (binomial filter, `mode` padding of (f-1)//2 on the left and up to
-    `lengths` outputs on the right) by the compiled kernel, or None where it does not apply."""
+    """BlurPool of a 4-d `x` by the compiled kernel, or None where it does not apply.
+
+    `taps` is the 1-d filter (float32), `rows[i * f + k]` the input row tap k of output row i
+    reads and `cols[p]` the input column of padded column p (-1: zero); `stride` is the
+    horizontal stride (the vertical one is in `rows`), `lengths` the output size.
+    """
     library = _eligible(x)
     layout = _layout(x)
     if library is None or layout is None or torch.is_autocast_enabled("cpu"):
         return None
     n, c, h, w = x.shape
     ho, wo = int(lengths[0]), int(lengths[1])
-    f = filter_size
-    taps, rows, cols, padded = _blur_tables(
-        (h, w), (ho, wo), (int(stride[0]), int(stride[1])), f, mode
-    )
-    left = (f - 1) // 2
+    f = taps.numel()
+    tables = (taps.data_ptr(), rows.data_ptr(), cols.data_ptr(), cols.numel(), (f - 1) // 2)
     threads = torch.get_num_threads()
-    pointers = (taps.data_ptr(), rows.data_ptr(), cols.data_ptr(), padded, left, threads)
     if layout == "nchw":
         out = torch.empty((n, c, ho, wo), dtype=x.dtype)
         failed = library.surgeon_blur2d_nchw(
-            x.data_ptr(), out.data_ptr(), n * c, h, w, ho, wo, f, int(stride[1]), *pointers
+            x.data_ptr(), out.data_ptr(), n * c, h, w, ho, wo, f, stride, *tables, threads
         )
     else:
         out = torch.empty((n, c, ho, wo), dtype=x.dtype, memory_format=torch.channels_last)
         failed = library.surgeon_blur2d_nhwc(
-            x.data_ptr(), out.data_ptr(), n, h, w, c, ho, wo, f, int(stride[1]), *pointers
+            x.data_ptr(), out.data_ptr(), n, h, w, c, ho, wo, f, stride, *tables, threads
         )
     if failed:
         raise MemoryError("BlurPool's native kernel could not allocate its row buffer")
