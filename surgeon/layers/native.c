@@ -57,6 +57,20 @@ static void blur_rows(const float *base, int64_t row_size, const int64_t *rows, 
     if (first) memset(dst, 0, sizeof(float) * (size_t)n);
 }
 
+/* the padded positions p < left and left + W <= p < Wp of a row buffer of C-vectors, copied from
+ * the input positions cols[p] of its filtered part `inner` (zeros for -1) */
+static void fill_padding(float *buffer, const float *inner, const int64_t *cols, int64_t Wp,
+                         int64_t left, int64_t W, int64_t C) {
+    for (int64_t p = 0; p < Wp; ++p) {
+        if (p == left) p = left + W;
+        if (p >= Wp) break;
+        if (cols[p] < 0)
+            memset(buffer + p * C, 0, sizeof(float) * (size_t)C);
+        else
+            memcpy(buffer + p * C, inner + cols[p] * C, sizeof(float) * (size_t)C);
+    }
+}
+
 /* x: planes x H x W (NCHW, N * C planes) -> y: planes x Ho x Wo. Returns 0, or 1 when out of
  * memory. */
 int surgeon_blur2d_nchw(const float *x, float *y, int64_t planes, int64_t H, int64_t W,
@@ -77,11 +91,7 @@ int surgeon_blur2d_nchw(const float *x, float *y, int64_t planes, int64_t H, int
             float *inner = buffer + left;
             for (int64_t i = 0; i < Ho; ++i) {
                 blur_rows(xp, W, rows + i * f, f, taps, inner, W);
-                for (int64_t p = 0; p < Wp; ++p) {
-                    if (p == left) p = left + W;
-                    if (p >= Wp) break;
-                    buffer[p] = cols[p] < 0 ? 0.0f : inner[cols[p]];
-                }
+                fill_padding(buffer, inner, cols, Wp, left, W, 1);
                 blur_columns(buffer, yp + i * Wo, Wo, f, sw, taps);
             }
         }
@@ -107,14 +117,7 @@ int surgeon_blur2d_nhwc(const float *x, float *y, int64_t N, int64_t H, int64_t 
             const int64_t n = line / Ho, i = line % Ho;
             float *inner = buffer + left * C;
             blur_rows(x + n * H * W * C, W * C, rows + i * f, f, taps, inner, W * C);
-            for (int64_t p = 0; p < Wp; ++p) {
-                if (p == left) p = left + W;
-                if (p >= Wp) break;
-                if (cols[p] < 0)
-                    memset(buffer + p * C, 0, sizeof(float) * (size_t)C);
-                else
-                    memcpy(buffer + p * C, inner + cols[p] * C, sizeof(float) * (size_t)C);
-            }
+            fill_padding(buffer, inner, cols, Wp, left, W, C);
             float *out = y + line * Wo * C;
             for (int64_t j = 0; j < Wo; ++j) {
                 const float *window = buffer + sw * j * C;
