@@ -71,6 +71,13 @@ static void fill_padding(float *buffer, const float *inner, const int64_t *cols,
     }
 }
 
+/* one thread's padded row buffer of C-vectors: the Wp padded positions, or the whole input
+ * row at offset `left` when that reaches further (NULL when out of memory) */
+static float *row_buffer(int64_t Wp, int64_t left, int64_t W, int64_t C) {
+    const int64_t span = Wp > left + W ? Wp : left + W;
+    return (float *)malloc(sizeof(float) * (size_t)(span * C));
+}
+
 /* x: planes x H x W (NCHW, N * C planes) -> y: planes x Ho x Wo. Returns 0, or 1 when out of
  * memory. */
 int surgeon_blur2d_nchw(const float *x, float *y, int64_t planes, int64_t H, int64_t W,
@@ -80,8 +87,7 @@ int surgeon_blur2d_nchw(const float *x, float *y, int64_t planes, int64_t H, int
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        const int64_t span = Wp > left + W ? Wp : left + W;
-        float *buffer = (float *)malloc(sizeof(float) * (size_t)span);
+        float *buffer = row_buffer(Wp, left, W, 1);
         if (!buffer) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t plane = 0; plane < planes; ++plane) {
@@ -108,8 +114,7 @@ int surgeon_blur2d_nhwc(const float *x, float *y, int64_t N, int64_t H, int64_t 
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        const int64_t span = Wp > left + W ? Wp : left + W;
-        float *buffer = (float *)malloc(sizeof(float) * (size_t)(span * C));
+        float *buffer = row_buffer(Wp, left, W, C);
         if (!buffer) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t line = 0; line < N * Ho; ++line) {
