@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from surgeon.layers.eager import inference_route
 
 __all__ = ["NativeBuildError", "available", "blur2d", "build", "disabled", "space_to_depth2"]
 
@@ -163,21 +164,7 @@ def disabled() -> Iterator[None]:
 
 def _eligible(x: Tensor) -> ctypes.CDLL | None:
     # the library when `x` may take a kernel: eager float32 CPU inference of a 4-d tensor
-    if (
-        _switched_off[0]
-        # tensor subclasses (FakeTensor, DTensor) and dispatch or function modes (FlopCounterMode,
-        # FakeTensorMode) must see the aten ops: a kernel call would bypass them
-        or type(x) is not torch.Tensor
-        or is_in_torch_dispatch_mode()
-        or torch._C._is_torch_function_mode_enabled()
-        or x.dtype != torch.float32
-        or x.device.type != "cpu"
-        or x.dim() != 4
-        or x.numel() == 0
-        or (x.requires_grad and torch.is_grad_enabled())
-        or torch.jit.is_tracing()
-        or torch.compiler.is_compiling()
-    ):
+    if _switched_off[0] or not inference_route(x) or x.dim() != 4 or x.numel() == 0:
         return None
     return _library()
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from surgeon.arithmetic import conv_output_size
-from surgeon.layers import native
+from surgeon.layers import native, onednn
 
 __all__ = ["SpaceToDepthConv", "Transfer", "pool_arguments", "space_to_depth"]
 
@@ -286,6 +286,13 @@ def _padded_space_to_depth(
     return out.view([n, phases * c, *reduced])
 
 
+@torch.jit.unused
+def _onednn_conv(x: Tensor, conv: nn.Module) -> Tensor | None:
+    # the inner convolution's fast route in eager CPU inference (see surgeon.layers.onednn)
+    assert isinstance(conv, nn.Conv2d)
+    return onednn.conv2d(x, conv)
+
+
 # --------------------------------------------------------------------------- shape arithmetic
 
 
@@ -459,9 +466,12 @@ class SpaceToDepthConv(nn.Module):
             torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
         ):
             return self._strided(x, pads)
-        return self.conv(
-            _pad_rearrange(x, pads, lefts, list(self.block), reduced, self.phase_major)
-        )
+        rearranged = _pad_rearrange(x, pads, lefts, list(self.block), reduced, self.phase_major)
+        if self.dims == 2 and not torch.jit.is_scripting():
+            out = _onednn_conv(rearranged, self.conv)
+            if out is not None:
+                return out
+        return self.conv(rearranged)
 
     @torch.jit.unused
     def _strided(self, x: Tensor, pads: list[int]) -> Tensor:
