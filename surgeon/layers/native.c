@@ -19,42 +19,80 @@
  * the input column of padded column p, for the p < left and p >= left + W the input does not
  * cover. Columns are first filtered vertically into a padded row buffer, then horizontally. */
 
-/* out[j] = sum_k taps[k] * row[stride * j + k], the horizontal pass */
-static void blur_columns(const float *row, float *out, int64_t count, int64_t f, int64_t stride,
-                         const float *taps) {
-    if (stride == 2) { /* a constant stride lets the compiler vectorise with shuffles */
-        for (int64_t j = 0; j < count; ++j) out[j] = taps[0] * row[2 * j];
-        for (int64_t k = 1; k < f; ++k) {
-            const float a = taps[k];
-            const float *shifted = row + k;
-            for (int64_t j = 0; j < count; ++j) out[j] += a * shifted[2 * j];
+/* out[j] = sum_k taps[k] * row[stride * j + k], the horizontal pass: all taps in one loop, so
+ * each output is written once (the usual filters, 3 and 4 taps at stride 2, spelled out so
+ * that the compiler vectorises them with shuffles) */
+static void blur_columns(const float *restrict row, float *restrict out, int64_t count,
+                         int64_t f, int64_t stride, const float *taps) {
+    const float t0 = taps[0], t1 = f > 1 ? taps[1] : 0.0f, t2 = f > 2 ? taps[2] : 0.0f;
+    const float t3 = f > 3 ? taps[3] : 0.0f;
+    if (stride == 2 && f == 4) {
+        for (int64_t j = 0; j < count; ++j) {
+            const float *w = row + 2 * j;
+            out[j] = t0 * w[0] + t1 * w[1] + t2 * w[2] + t3 * w[3];
         }
         return;
     }
-    for (int64_t j = 0; j < count; ++j) out[j] = taps[0] * row[stride * j];
-    for (int64_t k = 1; k < f; ++k) {
-        const float a = taps[k];
-        const float *shifted = row + k;
-        for (int64_t j = 0; j < count; ++j) out[j] += a * shifted[stride * j];
+    if (stride == 2 && f == 3) {
+        for (int64_t j = 0; j < count; ++j) {
+            const float *w = row + 2 * j;
+            out[j] = t0 * w[0] + t1 * w[1] + t2 * w[2];
+        }
+        return;
+    }
+    for (int64_t j = 0; j < count; ++j) {
+        const float *w = row + stride * j;
+        float sum = t0 * w[0];
+        for (int64_t k = 1; k < f; ++k) sum += taps[k] * w[k];
+        out[j] = sum;
     }
 }
 
-/* dst[0:n] = sum_k taps[k] * rows_k[0:n] over the taps whose row is not -1 */
+/* dst[0:n] (= or +=) a[0] * s[0][0:n] + ... + a[m-1] * s[m-1][0:n], m = 1..4, in one pass */
+static void add_rows(float *restrict dst, const float *const *s, const float *a, int m,
+                     int64_t n, int assign) {
+    /* slots past m alias slot 0 and are never read */
+    const float *restrict s0 = s[0], *restrict s1 = s[m > 1 ? 1 : 0];
+    const float *restrict s2 = s[m > 2 ? 2 : 0], *restrict s3 = s[m > 3 ? 3 : 0];
+    const float a0 = a[0], a1 = a[m > 1 ? 1 : 0], a2 = a[m > 2 ? 2 : 0], a3 = a[m > 3 ? 3 : 0];
+    if (m == 4) {
+        for (int64_t w = 0; w < n; ++w) {
+            const float sum = a0 * s0[w] + a1 * s1[w] + a2 * s2[w] + a3 * s3[w];
+            dst[w] = assign ? sum : dst[w] + sum;
+        }
+    } else if (m == 3) {
+        for (int64_t w = 0; w < n; ++w) {
+            const float sum = a0 * s0[w] + a1 * s1[w] + a2 * s2[w];
+            dst[w] = assign ? sum : dst[w] + sum;
+        }
+    } else if (m == 2) {
+        for (int64_t w = 0; w < n; ++w) {
+            const float sum = a0 * s0[w] + a1 * s1[w];
+            dst[w] = assign ? sum : dst[w] + sum;
+        }
+    } else {
+        for (int64_t w = 0; w < n; ++w) dst[w] = assign ? a0 * s0[w] : dst[w] + a0 * s0[w];
+    }
+}
+
+/* dst[0:n] = sum_k taps[k] * rows_k[0:n] over the taps whose row is not -1, four rows a pass */
 static void blur_rows(const float *base, int64_t row_size, const int64_t *rows, int64_t f,
                       const float *taps, float *dst, int64_t n) {
-    int first = 1;
-    for (int64_t k = 0; k < f; ++k) {
-        if (rows[k] < 0) continue;
-        const float *src = base + rows[k] * row_size;
-        const float a = taps[k];
-        if (first) {
-            for (int64_t w = 0; w < n; ++w) dst[w] = a * src[w];
-            first = 0;
-        } else {
-            for (int64_t w = 0; w < n; ++w) dst[w] += a * src[w];
+    int assign = 1;
+    for (int64_t k = 0; k < f;) {
+        const float *s[4];
+        float a[4];
+        int m = 0;
+        for (; k < f && m < 4; ++k) {
+            if (rows[k] < 0) continue;
+            s[m] = base + rows[k] * row_size;
+            a[m++] = taps[k];
         }
+        if (m == 0) continue;
+        add_rows(dst, s, a, m, n, assign);
+        assign = 0;
     }
-    if (first) memset(dst, 0, sizeof(float) * (size_t)n);
+    if (assign) memset(dst, 0, sizeof(float) * (size_t)n);
 }
 
 /* the padded positions p < left and left + W <= p < Wp of a row buffer of C-vectors, copied from
@@ -64,7 +102,9 @@ static void fill_padding(float *buffer, const float *inner, const int64_t *cols,
     for (int64_t p = 0; p < Wp; ++p) {
         if (p == left) p = left + W;
         if (p >= Wp) break;
-        if (cols[p] < 0)
+        if (C == 1) /* NCHW: one value, no library call */
+            buffer[p] = cols[p] < 0 ? 0.0f : inner[cols[p]];
+        else if (cols[p] < 0)
             memset(buffer + p * C, 0, sizeof(float) * (size_t)C);
         else
             memcpy(buffer + p * C, inner + cols[p] * C, sizeof(float) * (size_t)C);
@@ -95,7 +135,14 @@ int surgeon_blur2d_nchw(const float *x, float *y, int64_t planes, int64_t H, int
             const float *xp = x + plane * H * W;
             float *yp = y + plane * Ho * Wo;
             float *inner = buffer + left;
+            /* the next plane streams into cache while this one is filtered: two of its rows
+             * per output row here, 64-byte lines */
+            const char *next = (const char *)(xp + H * W);
+            const int64_t lines = plane + 1 < planes ? (H * W * 4 + 63) / 64 : 0;
+            const int64_t per_row = Ho > 0 ? (lines + Ho - 1) / Ho : 0;
             for (int64_t i = 0; i < Ho; ++i) {
+                for (int64_t l = i * per_row; l < (i + 1) * per_row && l < lines; ++l)
+                    __builtin_prefetch(next + 64 * l);
                 blur_rows(xp, W, rows + i * f, f, taps, inner, W);
                 fill_padding(buffer, inner, cols, Wp, left, W, 1);
                 blur_columns(buffer, yp + i * Wo, Wo, f, sw, taps);
