@@ -12,7 +12,9 @@ ratios: on a shared machine other processes only ever add time. Nothing here is 
     built-in policy, batch 1 and 8, 224×224, float32, no_grad, eager and folded (`surgeon.fold`,
     per layer the faster form), beside the ratio of their MACs: the compute-bound expectation.
     SPD kernels get small random values in the taps an exact transfer leaves zero, as after
-    fine-tuning, so that folding cannot simply trim them away.
+    fine-tuning, so that folding cannot simply trim them away. Latency and scaling run with
+    glibc's allocator pinned as in scripts/bench_layers.py (the script re-runs itself so);
+    the CLI processes get glibc's defaults, as a user's would.
 (b) CLI: whole-process wall time of `surgeon patch resnet50 --policy spd --out DIR` vs a Python
     process that only imports torchvision and builds resnet50, with a phase breakdown.
 (c) Scaling: `patch(model, "spd")` time against traced-graph size for resnet18 → 152, with a
@@ -43,6 +45,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench_layers import ALLOCATOR, pin_allocator  # noqa: E402
 
 from surgeon.fold import fold  # noqa: E402
 from surgeon.layers.spd import SpaceToDepthConv  # noqa: E402
@@ -201,7 +205,13 @@ def latency_section(rows: list[dict[str, Any]], rounds: int, loads: tuple[str, s
         "patched ÷ original MACs (FlopCounterMode), what a compute-bound model would cost; "
         "*÷ MACs* is the latency ratio divided by it (target ≤ 1.1). *Folded* is the same model "
         "after `surgeon.fold` (each SPD layer in the form that timed faster on its input; "
-        "n/m = layers folded). SPD kernels were densified as after fine-tuning.",
+        "n/m = layers folded). SPD kernels were densified as after fine-tuning. glibc's "
+        "allocator pinned (mmap threshold 32 MiB, no trimming), as in the layer benchmarks: "
+        "with its defaults, whether a freed activation of a few MB goes back to the kernel, "
+        "and is page-faulted afresh by the next forward pass, depends on the heap's layout, "
+        "and the same comparison swung by up to 25% between processes here "
+        "(mobilenet_v3_large antialias at batch 8: latency ratio 1.19 in one process, 1.48 "
+        "in the next).",
         "",
         "| model | batch | policy | sites | MACs (G) | MAC ratio | ms | latency ratio | ÷ MACs | "
         "folded ms | folded ratio | folded ÷ MACs |",
@@ -238,21 +248,23 @@ def latency_section(rows: list[dict[str, Any]], rounds: int, loads: tuple[str, s
         "",
         f"Eager rows above the 1.1 target: {', '.join(missed) or 'none'}.",
         "",
-        "Why rows sit above their MAC ratio. The MAC count (FlopCounterMode) sees "
-        "convolutions and matmuls only, "
-        "and a MAC ratio is a compute-bound expectation. At batch 1 the last stages of a "
-        "ResNet are not compute-bound: a 7×7 or 14×14 map reuses each weight only a few dozen "
-        "times, and SPD quadruples the input channels of the layers it replaces, so their "
-        "weights (up to 32 MB per layer in resnet50's layer4) are read at 4× the bytes for "
-        "the same few outputs; at batch 8 every weight serves 8× the positions and the ratio "
-        "comes close to the MAC ratio. In eager mode grouped, depthwise and narrow-input "
-        "(stem) SPD layers already run as one strided convolution (the folded form, built "
-        "from the trained kernel on each call); the rest pay a space-to-depth copy (zero "
-        "padding included) outside the MAC count, which folding removes. antialias moves the "
-        "stride after "
-        "the normalisation, activation and (stem) max pool, so those run at 4× the "
-        "resolution, uncounted by MACs. dilate's dilated 3×3 convolutions run at a higher MAC "
-        "rate than the originals, so it comes in under its MAC ratio.",
+        "Why rows differ from their MAC ratio. The MAC count (FlopCounterMode) sees "
+        "convolutions and matmuls only and prices every MAC the same. SPD's inner convolutions "
+        "carry 4× the input channels on a 4× smaller input, 4× the weights for the same "
+        "outputs; `SpaceToDepthConv` runs them through oneDNN directly, in output-channel "
+        "slices under glibc's 32 MiB mmap ceiling (docs/deploy.md). Before that route, "
+        "PyTorch's single-thread GEMM for 1×1 convolutions and page faults on oneDNN's "
+        "per-call weight re-layout put resnet50 spd at batch 1 at 1.21× its MAC ratio. The "
+        "original models' own 1×1 convolutions keep PyTorch's choice, which is why SPD rows "
+        "can come in under their MAC ratio. Grouped, depthwise and narrow-input (stem) SPD "
+        "layers run as one strided convolution (the folded form, built from the trained "
+        "kernel on each call); the others pay a space-to-depth copy outside the MAC count, "
+        "which folding removes. antialias moves the stride after the normalisation, "
+        "activation and (stem) max pool, which then run at 4× the resolution, uncounted, and "
+        "turns strided depthwise convolutions into stride-1 ones, whose MACs cost several "
+        "times those of the dense convolutions that dominate the MAC count (mobilenet). "
+        "dilate's dilated 3×3 convolutions run at a higher MAC rate than the originals, so it "
+        "comes in under its MAC ratio.",
         "",
         f"Load average (1/5/15 min) before: {loads[0]}, after: {loads[1]}.",
         "",
@@ -322,7 +334,9 @@ def bench_cli(repeats: int) -> dict[str, Any]:
         cpus: dict[str, list[float]] = {name: [] for name in commands}
         # Same thread count as the rest of the run: idle OpenMP threads spin-wait, which on an
         # oversubscribed machine doubles a process's CPU time without doing any work.
-        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+        # ... and glibc's default allocator settings: this is what a user's process gets
+        env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR}
+        env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
         for _ in range(repeats):
             for name, command in commands.items():
                 start, cpu_start = time.perf_counter(), _children_cpu()
@@ -529,6 +543,8 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print the sections instead")
     args = parser.parse_args()
     parts = args.only or ["latency", "cli", "scaling"]
+    if "latency" in parts or "scaling" in parts:
+        pin_allocator()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     header = f"Measured by `scripts/bench.py` on {machine()}."
