@@ -174,11 +174,13 @@ int surgeon_blur2d_nhwc(const float *x, float *y, int64_t N, int64_t H, int64_t 
             for (int64_t j = 0; j < Wo; ++j) {
                 const float *window = buffer + sw * j * C;
                 float *o = out + j * C;
-                for (int64_t c = 0; c < C; ++c) o[c] = taps[0] * window[c];
-                for (int64_t k = 1; k < f; ++k) {
-                    const float a = taps[k];
-                    const float *tap = window + k * C;
-                    for (int64_t c = 0; c < C; ++c) o[c] += a * tap[c];
+                int assign = 1;
+                for (int64_t k = 0; k < f; k += 4) { /* four taps a pass over the channels */
+                    const int m = f - k < 4 ? (int)(f - k) : 4;
+                    const float *s[4];
+                    for (int t = 0; t < m; ++t) s[t] = window + (k + t) * C;
+                    add_rows(o, s, taps + k, m, C, assign);
+                    assign = 0;
                 }
             }
         }
