@@ -85,6 +85,17 @@ def test_route_equals_the_module_in_any_number_of_slices(
     torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_onednn
+def test_route_serves_inference_mode_too() -> None:
+    conv = nn.Conv2d(8, 4, 1).eval()
+    x = torch.randn(1, 8, 5, 5)
+    with torch.inference_mode():
+        routed = onednn.conv2d(x, conv)
+        expected = conv(x)
+    assert routed is not None
+    torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-5)
+
+
 def _conv() -> nn.Conv2d:
     return nn.Conv2d(8, 4, 1).eval()
 

@@ -81,6 +81,7 @@ def _applies(x: Tensor, conv: nn.Conv2d) -> bool:
         and x.is_contiguous()
         and conv.weight.is_contiguous()
         and torch.backends.mkldnn.is_available()
+        and hasattr(torch, "mkldnn_convolution")
         and bool(torch.backends.mkldnn.enabled)
         and not torch.is_autocast_enabled("cpu")
     )
