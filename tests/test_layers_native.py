@@ -93,13 +93,42 @@ def test_native_space_to_depth_equals_pad_then_rearrange(
     assert got.is_contiguous(memory_format=layout)
 
 
+@FAST
+@given(
+    size=st.tuples(st.integers(1, 40), st.integers(1, 70)),
+    filter_size=st.integers(1, 7),
+    stride=st.sampled_from([(2, 2), (3, 2), (1, 2)]),
+    pad_mode=st.sampled_from(["reflect", "replicate", "zero"]),
+    ceil_source=st.sampled_from([None, (3, 1, 1), (2, 0, 1)]),
+)
 @needs_kernels
+def test_native_blur_at_column_stride_2_matches_on_narrow_and_wide_maps(
+    size: tuple[int, int],
+    filter_size: int,
+    stride: tuple[int, int],
+    pad_mode: str,
+    ceil_source: tuple[int, int, int] | None,
+) -> None:
+    # NCHW maps up to 32 wide take the flat whole-plane passes, wider ones the per-row loop
+    blur = BlurPool(
+        5, filter_size=filter_size, stride=stride, pad_mode=pad_mode, ceil_source=ceil_source
+    )
+    x = torch.randn(2, 5, *size, generator=torch.Generator().manual_seed(sum(size)))
+    with native.disabled():
+        expected = blur(x)
+    got = blur(x)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-6), f"{blur} on {tuple(x.shape)}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("stride", [(2, 3), (2, 2)])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("pad_mode", ["reflect", "replicate", "zero"])
 def test_native_blur_uses_every_thread_and_matches_the_pytorch_formulation(
-    layout: torch.memory_format, pad_mode: str
+    layout: torch.memory_format, pad_mode: str, stride: tuple[int, int]
 ) -> None:
-    blur = BlurPool(24, filter_size=5, stride=(2, 3), pad_mode=pad_mode)
+    blur = BlurPool(24, filter_size=5, stride=stride, pad_mode=pad_mode)
     x = torch.randn(3, 24, 37, 30).contiguous(memory_format=layout)
     with native.disabled():
         expected = blur(x)

@@ -118,6 +118,75 @@ static float *row_buffer(int64_t Wp, int64_t left, int64_t W, int64_t C) {
     return (float *)malloc(sizeof(float) * (size_t)(span * C));
 }
 
+/* planes at most this wide take `blur_plane_stride2` (8 x C x 28 x 28 and 8 x C x 14 x 14:
+ * 1.3x and 1.15x faster than the per-row loop; at 56 wide the per-row loop, which prefetches
+ * as it goes, was faster on inputs coming from memory) */
+#define FLAT_WIDTH 32
+
+/* The run [i0, i1) of output rows whose taps are f consecutive input rows starting at
+ * 2i - top, all inside the input (rows[i * f + k] == 2i - top + k): the rows a flat pass can
+ * filter. Returns i1 - i0 and sets *first = i0, *top. */
+static int64_t regular_rows(const int64_t *rows, int64_t f, int64_t Ho, int64_t H, int64_t *first,
+                            int64_t *top) {
+    int64_t i0 = 0, count = 0;
+    for (int64_t i = 0; i < Ho; ++i) {
+        const int64_t start = rows[i * f];
+        int regular = start >= 0 && start + f <= H && (count == 0 || start - 2 * i == -*top);
+        for (int64_t k = 1; regular && k < f; ++k) regular = rows[i * f + k] == start + k;
+        if (regular) {
+            if (count == 0) {
+                i0 = i;
+                *top = 2 * i - start;
+            }
+            ++count;
+        } else if (count > 0) {
+            break;
+        }
+    }
+    *first = i0;
+    return count;
+}
+
+/* One narrow plane at stride 2 in both dims, in flat passes instead of short per-row loops.
+ * Taking input rows in pairs turns the vertical filter of every regular output row into one
+ * sweep, v[2iW + w] = sum_k taps[k] * x[(2i - top + k) W + w], which also filters the odd rows
+ * (the second half of each 2W slot, unused); those halves then hold the padded columns, so the
+ * horizontal filter of all rows is one sweep too, o[iW + j] = sum_k taps[k] * v[2(iW + j) + k]
+ * (v here counted from the left padding), compacted to Wo per row at the end. Needs Wp <= 2W.
+ * v: left + 2W * Ho + 2W floats, o: W * Ho. */
+static void blur_plane_stride2(const float *xp, float *yp, int64_t H, int64_t W, int64_t Ho,
+                               int64_t Wo, int64_t f, const float *taps, const int64_t *rows,
+                               const int64_t *cols, int64_t Wp, int64_t left, float *v,
+                               float *o) {
+    float *base = v + left; /* row i's column c lives at base[2iW + c], c in [-left, Wp - left) */
+    int64_t i0 = 0, top = 0;
+    const int64_t count = regular_rows(rows, f, Ho, H, &i0, &top);
+    for (int64_t i = 0; i < Ho; ++i)
+        if (i < i0 || i >= i0 + count) blur_rows(xp, W, rows + i * f, f, taps, base + 2 * i * W, W);
+    if (count > 0) {
+        const int64_t start = 2 * i0 * W, n = 2 * (count - 1) * W + W;
+        int assign = 1;
+        for (int64_t k = 0; k < f; k += 4) {
+            const int m = f - k < 4 ? (int)(f - k) : 4;
+            const float *src[4];
+            for (int t = 0; t < m; ++t) src[t] = xp + start + (k + t - top) * W;
+            add_rows(base + start, src, taps + k, m, n, assign);
+            assign = 0;
+        }
+    }
+    for (int64_t i = 0; i < Ho; ++i) {
+        float *row = base + 2 * i * W;
+        for (int64_t p = 0; p < Wp; ++p) {
+            if (p == left) p = left + W;
+            if (p >= Wp) break;
+            row[p - left] = cols[p] < 0 ? 0.0f : row[cols[p]];
+        }
+    }
+    blur_columns(v, o, (Ho - 1) * W + Wo, f, 2, taps);
+    for (int64_t i = 0; i < Ho; ++i)
+        for (int64_t j = 0; j < Wo; ++j) yp[i * Wo + j] = o[i * W + j];
+}
+
 /* x: planes x H x W (NCHW, N * C planes) -> y: planes x Ho x Wo. Returns 0, or 1 when out of
  * memory. */
 int surgeon_blur2d_nchw(const float *x, float *y, int64_t planes, int64_t H, int64_t W,
@@ -125,15 +194,26 @@ int surgeon_blur2d_nchw(const float *x, float *y, int64_t planes, int64_t H, int
                         const float *taps, const int64_t *rows, const int64_t *cols, int64_t Wp,
                         int64_t left, int threads) {
     int failed = 0;
+    const int flat = sw == 2 && Wp <= 2 * W && W <= FLAT_WIDTH;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        float *buffer = row_buffer(Wp, left, W, 1);
+        const int64_t flat_size = left + 2 * W * Ho + 2 * W + W * Ho; /* v, then o */
+        float *buffer = flat ? (float *)malloc(sizeof(float) * (size_t)flat_size)
+                             : row_buffer(Wp, left, W, 1);
         if (!buffer) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t plane = 0; plane < planes; ++plane) {
             if (!buffer) continue;
             const float *xp = x + plane * H * W;
             float *yp = y + plane * Ho * Wo;
+            if (flat) {
+                /* the next plane streams into cache while this one is filtered */
+                for (int64_t l = 0; plane + 1 < planes && l < (H * W * 4 + 63) / 64; ++l)
+                    __builtin_prefetch((const char *)(xp + H * W) + 64 * l);
+                float *o = buffer + left + 2 * W * Ho + 2 * W;
+                blur_plane_stride2(xp, yp, H, W, Ho, Wo, f, taps, rows, cols, Wp, left, buffer, o);
+                continue;
+            }
             float *inner = buffer + left;
             /* the next plane streams into cache while this one is filtered: two of its rows
              * per output row here, 64-byte lines */
