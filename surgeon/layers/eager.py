@@ -14,6 +14,9 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 __all__ = ["inference_route"]
 
+# tensor subclasses (FakeTensor, DTensor) must see aten ops; parameters are plain tensors
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
 
 def inference_route(*tensors: Tensor) -> bool:
     """Whether `tensors` (float32 CPU, plain tensors or parameters) may take a route that no
@@ -33,6 +36,3 @@ def inference_route(*tensors: Tensor) -> bool:
         and not (grad and t.requires_grad)
         for t in tensors
     )
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
