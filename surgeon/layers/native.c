@@ -75,6 +75,17 @@ static void add_rows(float *restrict dst, const float *const *s, const float *a,
     }
 }
 
+/* dst[0:n] = sum_k taps[k] * src[k * step + (0:n)] over k < f: taps at a fixed step, four a pass */
+static void add_taps(float *dst, const float *src, int64_t step, const float *taps, int64_t f,
+                     int64_t n) {
+    for (int64_t k = 0; k < f; k += 4) {
+        const int m = f - k < 4 ? (int)(f - k) : 4;
+        const float *s[4];
+        for (int t = 0; t < m; ++t) s[t] = src + (k + t) * step;
+        add_rows(dst, s, taps + k, m, n, k == 0);
+    }
+}
+
 /* dst[0:n] = sum_k taps[k] * rows_k[0:n] over the taps whose row is not -1, four rows a pass */
 static void blur_rows(const float *base, int64_t row_size, const int64_t *rows, int64_t f,
                       const float *taps, float *dst, int64_t n) {
@@ -163,16 +174,9 @@ static void blur_plane_stride2(const float *xp, float *yp, int64_t H, int64_t W,
     const int64_t count = regular_rows(rows, f, Ho, H, &i0, &top);
     for (int64_t i = 0; i < Ho; ++i)
         if (i < i0 || i >= i0 + count) blur_rows(xp, W, rows + i * f, f, taps, base + 2 * i * W, W);
-    if (count > 0) {
-        const int64_t start = 2 * i0 * W, n = 2 * (count - 1) * W + W;
-        int assign = 1;
-        for (int64_t k = 0; k < f; k += 4) {
-            const int m = f - k < 4 ? (int)(f - k) : 4;
-            const float *src[4];
-            for (int t = 0; t < m; ++t) src[t] = xp + start + (k + t - top) * W;
-            add_rows(base + start, src, taps + k, m, n, assign);
-            assign = 0;
-        }
+    if (count > 0) { /* row i0's first tap is input row 2 i0 - top */
+        const int64_t start = 2 * i0 * W;
+        add_taps(base + start, xp + (2 * i0 - top) * W, W, taps, f, 2 * (count - 1) * W + W);
     }
     for (int64_t i = 0; i < Ho; ++i) {
         float *row = base + 2 * i * W;
@@ -252,16 +256,7 @@ int surgeon_blur2d_nhwc(const float *x, float *y, int64_t N, int64_t H, int64_t 
             fill_padding(buffer, inner, cols, Wp, left, W, C);
             float *out = y + line * Wo * C;
             for (int64_t j = 0; j < Wo; ++j) {
-                const float *window = buffer + sw * j * C;
-                float *o = out + j * C;
-                int assign = 1;
-                for (int64_t k = 0; k < f; k += 4) { /* four taps a pass over the channels */
-                    const int m = f - k < 4 ? (int)(f - k) : 4;
-                    const float *s[4];
-                    for (int t = 0; t < m; ++t) s[t] = window + (k + t) * C;
-                    add_rows(o, s, taps + k, m, C, assign);
-                    assign = 0;
-                }
+                add_taps(out + j * C, buffer + sw * j * C, C, taps, f, C);
             }
         }
         free(buffer);
