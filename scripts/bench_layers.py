@@ -115,11 +115,13 @@ def explicit_phase_major(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x[..., a::2, b::2] for a in range(2) for b in range(2)], dim=1)
 
 
-def blur_candidates(channels: int, filter_size: int) -> dict[str, tuple[Candidate, str, str]]:
+def blur_candidates(
+    channels: int, filter_size: int, device: str = "cpu"
+) -> dict[str, tuple[Candidate, str, str]]:
     from timm.layers import BlurPool2d
 
-    row = binomial_filter(filter_size, 1)
-    full = binomial_filter(filter_size, 2)[None, None].repeat(channels, 1, 1, 1)
+    row = binomial_filter(filter_size, 1).to(device)
+    full = binomial_filter(filter_size, 2)[None, None].repeat(channels, 1, 1, 1).to(device)
     tall = row.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
     wide = row.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
     left, right = (filter_size - 1) // 2, filter_size // 2
@@ -135,8 +137,8 @@ def blur_candidates(channels: int, filter_size: int) -> dict[str, tuple[Candidat
             F.conv2d(x, tall, stride=(2, 1), groups=channels), wide, stride=(1, 2), groups=channels
         )
 
-    ours = BlurPool(channels, filter_size=filter_size)
-    timm_blur = BlurPool2d(channels, filt_size=filter_size, stride=2).eval()
+    ours = BlurPool(channels, filter_size=filter_size).to(device)
+    timm_blur = BlurPool2d(channels, filt_size=filter_size, stride=2).eval().to(device)
     return {
         "surgeon BlurPool": (ours, "surgeon", ""),
         "surgeon without compiled kernels": (without_kernels(ours), "context", ""),
