@@ -427,3 +427,15 @@ def test_blurpool_exports_to_onnx_with_dynamic_axes(filter_size: int) -> None:
         x = torch.randn(shape)
         (out,) = session.run(None, {"x": x.numpy()})
         assert torch.allclose(torch.from_numpy(out), blur(x), atol=1e-5), shape
+
+
+@pytest.mark.parametrize("pad_mode", PAD_MODES)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_blurpool_off_the_cpu_gives_the_cpu_shape(
+    pad_mode: str, memory_format: torch.memory_format
+) -> None:
+    # GPUs run pad + convolution directly; the meta device runs that path without one
+    blur = BlurPool(4, pad_mode=pad_mode, ceil_source=(3, 1, 1))
+    x = torch.randn(2, 4, 13, 16).contiguous(memory_format=memory_format)
+    expected = blur(x)
+    assert blur.to("meta")(x.to("meta")).shape == expected.shape

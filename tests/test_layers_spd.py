@@ -678,3 +678,23 @@ def check_padded_space_to_depth(
         return
     (grad_got,) = torch.autograd.grad((got * weights).sum(), x)
     assert torch.equal(grad_got, grad_expected)
+
+
+@pytest.mark.parametrize("order", ["phase", "channel"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_space_to_depth_off_the_cpu_gives_the_cpu_shape_and_layout(
+    order: str, memory_format: torch.memory_format
+) -> None:
+    # GPUs take their own formulations (pixel_unshuffle, pad + view copy); the meta device
+    # runs them without one, so their shapes and layouts are checked here
+    x = torch.randn(2, 8, 12, 10).contiguous(memory_format=memory_format)
+    expected = space_to_depth(x, (2, 2), order)
+    got = space_to_depth(x.to("meta"), (2, 2), order)
+    assert got.shape == expected.shape
+    assert got.is_contiguous(memory_format=memory_format), f"{order}: layout not kept"
+    layer = SpaceToDepthConv.from_conv(nn.Conv2d(8, 6, 3, 2, 1))[0].eval()
+    odd = x[..., :11, :9]  # padded on both sides
+    with torch.no_grad():
+        expected = layer(odd)
+        got = layer.to("meta")(odd.to("meta"))
+    assert got.shape == expected.shape

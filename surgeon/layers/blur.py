@@ -218,6 +218,10 @@ class BlurPool(nn.Module):
         if f == 1 and not self.ceil_mode:
             index: tuple[Any, ...] = (Ellipsis, *(slice(None, None, s) for s in self.stride))
             return x[index].clone()
+        if x.device.type != "cpu":
+            # the compiled kernel and the border corrections are CPU tunings; on a GPU one pad
+            # and one convolution measured fastest (H200, docs/benchmarks.md)
+            return self._reference(x, mode, [(left, r) for r in rights])
         if self.dims == 2:
             taps, rows, cols = _kernel_tables(
                 (sizes[0], sizes[1]), (lengths[0], lengths[1]), self.stride, f, mode
