@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import copy
 import platform
-import random
 import statistics
 import sys
 import traceback
@@ -39,6 +38,7 @@ from bench_layers import (  # noqa: E402
     SPD_SHAPES,
     blur_candidates,
     explicit_phase_major,
+    interleaved,
     slicing_cat,
     slicing_stack,
 )
@@ -63,25 +63,19 @@ def tf32_off() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def cuda_ms(candidate: Candidate, x: Any) -> float:
+    """Milliseconds of one call between two CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    candidate(x)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def cuda_time(candidates: dict[str, Candidate], x: Any, rounds: int) -> dict[str, list[float]]:
     """Milliseconds per call from CUDA events, `rounds` interleaved rounds after 5 warm-ups."""
-    for _ in range(5):
-        for run in candidates.values():
-            run(x)
-    torch.cuda.synchronize()
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    names = list(candidates)
-    order = random.Random(0)
-    for _ in range(rounds):
-        order.shuffle(names)
-        for name in names:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            candidates[name](x)
-            end.record()
-            end.synchronize()
-            samples[name].append(start.elapsed_time(end))
-    return samples
+    return interleaved(candidates, x, rounds, measure=cuda_ms, warmup=5)
 
 
 # --------------------------------------------------------------------------- correctness

@@ -156,15 +156,28 @@ def blur_candidates(
 # --------------------------------------------------------------------------- timing
 
 
-def time_each(candidates: dict[str, Candidate], x: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median milliseconds per candidate over `repeats` interleaved rounds (each round calls
-    every candidate once, in a shuffled order), after 3 warm-up rounds. Interleaving shares out
-    what drifts during a run (the allocator's cached blocks, other processes) between the
-    candidates instead of handing it to whichever ran at the time."""
-    for _ in range(3):
+def cpu_ms(candidate: Candidate, x: torch.Tensor) -> float:
+    """Milliseconds of one call: the thread's CPU time with one torch thread, else wall time."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    start = clock()
+    candidate(x)
+    return (clock() - start) * 1e3
+
+
+def interleaved(
+    candidates: dict[str, Candidate],
+    x: torch.Tensor,
+    repeats: int,
+    measure: Callable[[Candidate, torch.Tensor], float] = cpu_ms,
+    warmup: int = 3,
+) -> dict[str, list[float]]:
+    """Each candidate's times over `repeats` interleaved rounds (each round calls every
+    candidate once, in a shuffled order), after `warmup` rounds. Interleaving shares out what
+    drifts during a run (the allocator's cached blocks, other processes) between the candidates
+    instead of handing it to whichever ran at the time."""
+    for _ in range(warmup):
         for candidate in candidates.values():
             candidate(x)
-    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     names = list(candidates)
     order = random.Random(0)
@@ -173,10 +186,14 @@ def time_each(candidates: dict[str, Candidate], x: torch.Tensor, repeats: int) -
         # more of it in cache than one that follows a copy, so none may always follow the same
         order.shuffle(names)
         for name in names:
-            start = clock()
-            candidates[name](x)
-            samples[name].append(clock() - start)
-    return {name: statistics.median(times) * 1e3 for name, times in samples.items()}
+            samples[name].append(measure(candidates[name], x))
+    return samples
+
+
+def time_each(candidates: dict[str, Candidate], x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median milliseconds per candidate over `repeats` interleaved rounds."""
+    samples = interleaved(candidates, x, repeats)
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def bench_spd(repeats: int) -> list[Row]:
