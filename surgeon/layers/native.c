@@ -180,11 +180,7 @@ static void blur_plane_stride2(const float *xp, float *yp, int64_t H, int64_t W,
     }
     for (int64_t i = 0; i < Ho; ++i) {
         float *row = base + 2 * i * W;
-        for (int64_t p = 0; p < Wp; ++p) {
-            if (p == left) p = left + W;
-            if (p >= Wp) break;
-            row[p - left] = cols[p] < 0 ? 0.0f : row[cols[p]];
-        }
+        fill_padding(row - left, row, cols, Wp, left, W, 1);
     }
     blur_columns(v, o, (Ho - 1) * W + Wo, f, 2, taps);
     for (int64_t i = 0; i < Ho; ++i)
