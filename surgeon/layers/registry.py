@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import reprlib
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -104,7 +105,10 @@ def _add(
 def _arguments(cls: type[nn.Module]) -> dict[str, _Argument]:
     """The recorded arguments of `cls.__init__`, from its signature and type hints."""
     init: Any = cls.__init__
-    hints = typing.get_type_hints(init)
+    try:
+        hints = typing.get_type_hints(init)
+    except Exception as exc:  # an annotation naming what its module does not define
+        raise TypeError(f"{cls.__qualname__}.__init__'s type hints do not resolve: {exc}") from exc
     arguments: dict[str, _Argument] = {}
     for parameter in list(inspect.signature(init).parameters.values())[1:]:
         if parameter.name in _NOT_RECORDED:
@@ -304,27 +308,31 @@ def build_module(spec: Mapping[str, Any]) -> nn.Module:
 
 def _build(spec: Any, where: str) -> nn.Module:
     if not isinstance(spec, Mapping):
-        raise ValueError(f"{where}a layer spec is an object with 'type' and 'args', got {spec!r}")
+        raise ValueError(
+            f"{where}a layer spec is an object with 'type' and 'args', got {_short(spec)}"
+        )
     name = spec.get("type")
     if not isinstance(name, str) or name not in _ENTRIES:
         known = ", ".join(sorted(_ENTRIES))
-        raise ValueError(f"{where}unknown layer type {name!r}; registered types: {known}")
+        raise ValueError(f"{where}unknown layer type {_short(name)}; registered types: {known}")
     entry = _ENTRIES[name]
     if entry.config is None:
         _expect_keys(spec, {"type", "children"}, name, where)
         children = spec["children"]
         if not isinstance(children, list):
-            raise ValueError(f"{where}Sequential: 'children' must be a list, got {children!r}")
+            raise ValueError(
+                f"{where}Sequential: 'children' must be a list, got {_short(children)}"
+            )
         return nn.Sequential(
             *(_build(child, f"{where}Sequential child {i}: ") for i, child in enumerate(children))
         )
     _expect_keys(spec, {"type", "args"}, name, where)
     args = spec["args"]
     if not isinstance(args, Mapping):
-        raise ValueError(f"{where}{name}: 'args' must be an object, got {args!r}")
+        raise ValueError(f"{where}{name}: 'args' must be an object, got {_short(args)}")
     unexpected = sorted(set(args) - set(entry.arguments))
     if unexpected:
-        raise ValueError(f"{where}{name}: unexpected argument {unexpected[0]!r}")
+        raise ValueError(f"{where}{name}: unexpected argument {_short(unexpected[0])}")
     kwargs: dict[str, Any] = {}
     for key, argument in entry.arguments.items():
         if key not in args:
@@ -336,7 +344,7 @@ def _build(spec: Any, where: str) -> nn.Module:
         except _Mismatch:
             raise ValueError(
                 f"{where}{name}: argument {key!r} must be {_describe(argument.hint)}, "
-                f"got {args[key]!r}"
+                f"got {_short(args[key])}"
             ) from None
     try:
         return entry.cls(**kwargs)
@@ -352,6 +360,11 @@ def _expect_keys(spec: Mapping[str, Any], keys: set[str], name: str, where: str)
     extra = sorted(set(spec) - keys)
     if extra:
         raise ValueError(f"{where}{name}: the spec has an unexpected key {extra[0]!r}")
+
+
+def _short(value: Any) -> str:
+    """`repr(value)`, abbreviated: error lines stay short whatever the data holds."""
+    return reprlib.repr(value)
 
 
 def _class_name(module: nn.Module) -> str:
