@@ -25,7 +25,8 @@ from surgeon.checkpoint import (
     write_checkpoint,
 )
 from surgeon.errors import CheckpointError
-from surgeon.layers.spd import SpaceToDepthConv, phase_major_kernel
+from surgeon.layers.spd import SpaceToDepthConv
+from surgeon.layers.transfer import phase_major_kernel
 from surgeon.models import LoadedModel, ModelSpec, build_model, example_inputs, load_state
 from surgeon.patch import PatchReport, patch
 from surgeon.policy import policy_from_dict

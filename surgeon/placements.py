@@ -26,12 +26,11 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.utils import _reverse_repeat_tuple
 
 from surgeon.errors import AnalysisError
+from surgeon.layers.stride_pad import StridePad
 from surgeon.sites import resampling
 from surgeon.trace import Analysis, Region, analyse
 
@@ -605,33 +604,6 @@ def regeometry(g: Geometry, stride: int, factor: int = 1) -> Resize:
     return Resize(
         strides, dilation, (0,) * dims, tuple(zip(lo, hi, strict=True)), dilates or factor == 1
     )
-
-
-class StridePad(nn.Module):
-    """Pads a map (low, high per spatial dimension) before a layer whose padding is asymmetric.
-
-    Max pooling pads with -inf (as its own padding does), convolutions per their padding_mode,
-    average pooling with zeros. No parameters, so nothing is added to the state dict.
-    """
-
-    def __init__(
-        self, pad: tuple[tuple[int, int], ...], mode: str = "constant", value: float = 0.0
-    ) -> None:
-        super().__init__()
-        self.pad = pad
-        self.mode = mode
-        self.value = value
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = tuple(v for low_high in reversed(self.pad) for v in low_high)
-        if self.mode == "constant":
-            return F.pad(x, flat, value=self.value)
-        return F.pad(x, flat, mode=self.mode)
-
-    def extra_repr(self) -> str:
-        return f"pad={self.pad}, mode={self.mode}" + (
-            f", value={self.value}" if self.mode == "constant" else ""
-        )
 
 
 _PAD_MODES = {

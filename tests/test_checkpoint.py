@@ -745,7 +745,8 @@ def test_a_checkpoint_with_channel_major_spd_kernels_loads_converted(tmp_path: P
     from dataclasses import replace
 
     from surgeon.api import build_manifest, load
-    from surgeon.layers.spd import SpaceToDepthConv, channel_major_kernel
+    from surgeon.layers.spd import SpaceToDepthConv
+    from surgeon.layers.transfer import channel_major_kernel
     from surgeon.models import example_inputs, load_model
     from surgeon.patch import patch, resolve_policy
 
