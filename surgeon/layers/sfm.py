@@ -87,7 +87,7 @@ class SaliencyOffsets(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, dims, *S): the offset of every position, in pixels, dims in spatial order."""
-        excess = torch.expm1(self.predict(x))
+        excess = torch.exp(self.predict(x)) - 1.0  # not expm1: ONNX has no such op
         weight = self.window if self.window.dtype == x.dtype else self.window.to(x.dtype)
         total = torch.zeros_like(x[:, : self.dims])
         for k, dilation in enumerate(self.dilations):
