@@ -89,7 +89,7 @@ class SaliencyOffsets(nn.Module):
         """(N, dims, *S): the offset of every position, in pixels, dims in spatial order."""
         excess = torch.exp(self.predict(x)) - 1.0  # not expm1: ONNX has no such op
         weight = self.window if self.window.dtype == x.dtype else self.window.to(x.dtype)
-        total = torch.zeros_like(x[:, : self.dims])
+        parts: list[Tensor] = []
         for k, dilation in enumerate(self.dilations):
             saliency = excess[:, k : k + 1]
             pad = self.radius * dilation
@@ -97,8 +97,8 @@ class SaliencyOffsets(nn.Module):
                 sums = F.conv2d(saliency, weight, None, 1, pad, dilation)
             else:
                 sums = F.conv3d(saliency, weight, None, 1, pad, dilation)
-            total = total + sums[:, 1:] * float(dilation) / (1.0 + sums[:, :1])
-        return total
+            parts.append(sums[:, 1:] * float(dilation) / (1.0 + sums[:, :1]))
+        return torch.stack(parts).sum(0)
 
 
 class AdaptiveResampling(nn.Module):
