@@ -312,6 +312,18 @@ def test_aps_scripts_alone() -> None:
         assert torch.equal(scripted(x), aps(x)), shape
 
 
+def test_linked_aps_block_exports_with_torch_export_dynamic_shapes() -> None:
+    block = Block()
+    dynamic = {0: torch.export.Dim("batch", max=64)}
+    dynamic |= {2: torch.export.Dim("h", min=4, max=256), 3: torch.export.Dim("w", min=4, max=256)}
+    program = torch.export.export(
+        block, (torch.randn(2, 3, 10, 12),), dynamic_shapes={"x": dynamic}
+    )
+    for shape in [(3, 3, 9, 13), (1, 3, 16, 7)]:
+        x = torch.randn(shape)
+        assert torch.allclose(program.module()(x), block(x), atol=1e-6), shape
+
+
 @pytest.mark.parametrize("norm", ["l2", "l1", "linf"])
 def test_aps_block_exports_to_onnx_with_argmax_and_gather(norm: str) -> None:
     ort = pytest.importorskip("onnxruntime")

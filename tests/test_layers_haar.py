@@ -214,6 +214,16 @@ def test_haar_traces_and_scripts_with_dynamic_sizes() -> None:
         assert torch.allclose(scripted(x), haar(x), atol=1e-6), shape
 
 
+def test_haar_exports_with_torch_export_dynamic_shapes() -> None:
+    haar, _ = HaarConv.from_conv(nn.Conv2d(4, 6, 3, 2, 1, groups=2))
+    dynamic = {0: torch.export.Dim("batch", max=64)}
+    dynamic |= {2: torch.export.Dim("h", min=4, max=256), 3: torch.export.Dim("w", min=4, max=256)}
+    program = torch.export.export(haar, (torch.randn(2, 4, 10, 12),), dynamic_shapes={"x": dynamic})
+    for shape in [(3, 4, 9, 13), (1, 4, 16, 7)]:
+        x = torch.randn(shape)
+        assert torch.allclose(program.module()(x), haar(x), atol=1e-6), shape
+
+
 @pytest.mark.parametrize("name", ["k2 (paper)", "k3 p1 grouped", "k7 p3"])
 def test_haar_exports_to_onnx_with_dynamic_axes(name: str) -> None:
     ort = pytest.importorskip("onnxruntime")

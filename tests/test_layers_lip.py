@@ -130,6 +130,17 @@ def test_lip_traces_and_scripts_with_dynamic_sizes() -> None:
         assert torch.allclose(scripted(x), lip(x), atol=1e-6), shape
 
 
+def test_lip_exports_with_torch_export_dynamic_shapes() -> None:
+    # ceil_mode is left out: PyTorch's own ceil_mode pools do not export with dynamic sizes
+    lip = trained(LIP(3))
+    dynamic = {0: torch.export.Dim("batch", max=64)}
+    dynamic |= {2: torch.export.Dim("h", min=4, max=256), 3: torch.export.Dim("w", min=4, max=256)}
+    program = torch.export.export(lip, (torch.randn(2, 3, 10, 12),), dynamic_shapes={"x": dynamic})
+    for shape in [(3, 3, 9, 13), (1, 3, 16, 7)]:
+        x = torch.randn(shape)
+        assert torch.allclose(program.module()(x), lip(x), atol=1e-6), shape
+
+
 @pytest.mark.parametrize(("count_include_pad", "ceil_mode"), [(True, False), (False, True)])
 def test_lip_exports_to_onnx_with_dynamic_axes(count_include_pad: bool, ceil_mode: bool) -> None:
     ort = pytest.importorskip("onnxruntime")

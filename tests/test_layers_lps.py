@@ -239,6 +239,16 @@ def test_lps_traces_and_scripts_in_evaluation() -> None:
         assert torch.equal(scripted(x), lps(x)), shape
 
 
+def test_lps_exports_with_torch_export_dynamic_shapes() -> None:
+    lps = randomised(LPS(4, stride=(2, 3))).eval()
+    dynamic = {0: torch.export.Dim("batch", max=64)}
+    dynamic |= {2: torch.export.Dim("h", min=4, max=256), 3: torch.export.Dim("w", min=4, max=256)}
+    program = torch.export.export(lps, (torch.randn(2, 4, 10, 12),), dynamic_shapes={"x": dynamic})
+    for shape in [(3, 4, 9, 13), (1, 4, 16, 7)]:
+        x = torch.randn(shape)
+        assert torch.equal(program.module()(x), lps(x)), shape
+
+
 def test_lps_exports_to_onnx_with_dynamic_axes() -> None:
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")

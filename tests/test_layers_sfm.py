@@ -195,6 +195,19 @@ def test_sfm_layers_trace_and_script_with_dynamic_sizes(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["resampling", "upsampling"])
+def test_sfm_layers_export_with_torch_export_dynamic_shapes(kind: str) -> None:
+    layer = trained(ARS(3) if kind == "resampling" else MSAU(3, scale_factor=2))
+    dynamic = {0: torch.export.Dim("batch", max=64)}
+    dynamic |= {2: torch.export.Dim("h", min=4, max=256), 3: torch.export.Dim("w", min=4, max=256)}
+    program = torch.export.export(
+        layer, (torch.randn(2, 3, 10, 12),), dynamic_shapes={"x": dynamic}
+    )
+    for shape in [(3, 3, 9, 13), (1, 3, 16, 7)]:
+        x = torch.randn(shape)
+        assert torch.allclose(program.module()(x), layer(x), atol=1e-5), (kind, shape)
+
+
+@pytest.mark.parametrize("kind", ["resampling", "upsampling"])
 def test_sfm_layers_export_to_onnx_with_grid_sample(kind: str) -> None:
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")

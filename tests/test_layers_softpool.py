@@ -153,6 +153,17 @@ def test_softpool_traces_and_scripts_with_dynamic_sizes() -> None:
         assert torch.allclose(scripted(x), pool(x), atol=1e-6), shape
 
 
+def test_softpool_exports_with_torch_export_dynamic_shapes() -> None:
+    # ceil_mode is left out: PyTorch's own ceil_mode pools do not export with dynamic sizes
+    pool = SoftPool(kernel_size=3, stride=2, padding=1)
+    dynamic = {0: torch.export.Dim("batch", max=64)}
+    dynamic |= {2: torch.export.Dim("h", min=4, max=256), 3: torch.export.Dim("w", min=4, max=256)}
+    program = torch.export.export(pool, (torch.randn(2, 3, 10, 12),), dynamic_shapes={"x": dynamic})
+    for shape in [(3, 3, 9, 13), (1, 3, 16, 7)]:
+        x = torch.randn(shape)
+        assert torch.allclose(program.module()(x), pool(x), atol=1e-6), shape
+
+
 def test_softpool_exports_to_onnx_with_dynamic_axes() -> None:
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")

@@ -38,19 +38,37 @@ def haar_transform(x: Tensor) -> Tensor:
     height), 3 HH. Equal to `haar_matrix(d)` applied to each channel's phases in
     `space_to_depth` order, and its own inverse.
     """
-    dims = x.dim() - 2
-    scale = 1.0 / math.sqrt(2.0)
+    if torch.jit.is_scripting():
+        return _haar_by_reshape(x)
+    if torch.compiler.is_compiling():
+        # torch.export / torch.compile: strided slices, whose lengths the symbolic shape
+        # engine matches without proving that a padded length splits evenly
+        return _haar_by_slices(x)
+    return _haar_by_reshape(x)
+
+
+def _haar_by_reshape(x: Tensor) -> Tensor:
     y = x.unsqueeze(2)  # (N, C, bands, *S): the band axis grows by 2 per dim
-    for i in range(dims):
-        axis = 3 + i
+    for axis in range(3, x.dim() + 1):
         shape = list(y.shape)
         split = shape[:axis] + [shape[axis] // 2, 2] + shape[axis + 1 :]  # noqa: RUF005
         pairs = y.reshape(split)
-        even = pairs.select(axis + 1, 0)
-        odd = pairs.select(axis + 1, 1)
-        y = torch.stack([(even + odd) * scale, (even - odd) * scale], dim=3)
-        y = y.flatten(2, 3)  # (N, C, bands * 2, ...): new bit least significant
+        y = _haar_step(pairs.select(axis + 1, 0), pairs.select(axis + 1, 1))
     return y.flatten(1, 2)
+
+
+def _haar_by_slices(x: Tensor) -> Tensor:
+    y = x.unsqueeze(2)
+    for axis in range(3, x.dim() + 1):
+        index = (slice(None),) * axis
+        y = _haar_step(y[(*index, slice(0, None, 2))], y[(*index, slice(1, None, 2))])
+    return y.flatten(1, 2)
+
+
+def _haar_step(even: Tensor, odd: Tensor) -> Tensor:
+    """Low and high of each pair as a new least significant band bit."""
+    scale = 1.0 / math.sqrt(2.0)
+    return torch.stack([(even + odd) * scale, (even - odd) * scale], dim=3).flatten(2, 3)
 
 
 def haar_matrix(dims: int) -> Tensor:

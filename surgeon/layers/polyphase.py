@@ -183,7 +183,7 @@ class PolyphaseSampling(nn.Module):
         for i in range(self.dims):
             size = x.shape[2 + i]
             stride = self.stride[i]
-            if torch.jit.is_tracing() or size % stride != 0:
+            if torch.jit.is_tracing() or torch.compiler.is_compiling() or size % stride != 0:
                 blocks = (size + stride - 1) // stride
                 index = torch.arange(blocks * stride, device=x.device) % size
                 x = x.index_select(2 + i, index)
