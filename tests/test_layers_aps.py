@@ -346,3 +346,10 @@ def test_aps_block_exports_to_onnx_with_argmax_and_gather(norm: str) -> None:
         expected = block(x)
         error = (torch.from_numpy(out) - expected).norm() / expected.norm()
         assert error <= 1e-5, (shape, float(error))
+
+
+def test_aps_runs_off_the_cpu_with_the_cpu_shapes() -> None:
+    # the meta device has no data: any host read or CPU-only index would fail here
+    block = Block()
+    x = torch.randn(2, 3, 9, 10)
+    assert block.to("meta")(x.to("meta")).shape == Block()(x).shape

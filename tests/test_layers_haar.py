@@ -242,3 +242,13 @@ def test_haar_exports_to_onnx_with_dynamic_axes(name: str) -> None:
     for x in conv_inputs(conv)[1:]:
         (out,) = session.run(None, {"x": x.numpy()})
         assert relative(torch.from_numpy(out), conv(x)) <= 1e-5, (name, tuple(x.shape))
+
+
+def test_haar_runs_off_the_cpu_with_the_cpu_shapes() -> None:
+    # built from a conv on the meta device (no data), the layer lands there too
+    conv = nn.Conv2d(4, 6, 3, 2, 1)
+    x = torch.randn(2, 4, 9, 10)
+    expected = conv(x).shape
+    haar, _ = HaarConv.from_conv(conv.to("meta"))
+    assert haar.conv.weight.device.type == "meta"
+    assert haar(x.to("meta")).shape == expected

@@ -160,3 +160,9 @@ def test_lip_exports_to_onnx_with_dynamic_axes(count_include_pad: bool, ceil_mod
         (out,) = session.run(None, {"x": x.numpy()})
         expected = lip(x).detach()
         assert float((torch.from_numpy(out) - expected).norm() / expected.norm()) <= 1e-5, shape
+
+
+def test_lip_runs_off_the_cpu_with_the_cpu_shapes() -> None:
+    x = torch.randn(2, 3, 9, 10)
+    lip = LIP(3, ceil_mode=True)
+    assert lip.to("meta")(x.to("meta")).shape == LIP(3, ceil_mode=True)(x).shape

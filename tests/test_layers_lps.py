@@ -268,3 +268,11 @@ def test_lps_exports_to_onnx_with_dynamic_axes() -> None:
         x = torch.randn(shape)
         (out,) = session.run(None, {"x": x.numpy()})
         assert relative(torch.from_numpy(out), lps(x)) <= 1e-5, shape
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_lps_runs_off_the_cpu_with_the_cpu_shapes(train: bool) -> None:
+    # the meta device has no data: any host read or CPU-only index would fail here
+    lps = LPS(4, stride=3).train(train)
+    x = torch.randn(2, 4, 9, 10)
+    assert lps.to("meta")(x.to("meta")).shape == LPS(4, stride=3).train(train)(x).shape

@@ -227,3 +227,12 @@ def test_sfm_layers_export_to_onnx_with_grid_sample(kind: str) -> None:
         x = torch.randn(shape)
         (out,) = session.run(None, {"x": x.numpy()})
         assert relative(torch.from_numpy(out), layer(x)) <= 1e-5, (kind, shape)
+
+
+@pytest.mark.parametrize("kind", ["resampling", "upsampling"])
+def test_sfm_layers_run_off_the_cpu_with_the_cpu_shapes(kind: str) -> None:
+    def build() -> nn.Module:
+        return ARS(3) if kind == "resampling" else MSAU(3, scale_factor=2)
+
+    x = torch.randn(2, 3, 9, 10)
+    assert build().to("meta")(x.to("meta")).shape == build()(x).shape

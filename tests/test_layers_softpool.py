@@ -182,3 +182,9 @@ def test_softpool_exports_to_onnx_with_dynamic_axes() -> None:
         (out,) = session.run(None, {"x": x.numpy()})
         expected = pool(x)
         assert float((torch.from_numpy(out) - expected).norm() / expected.norm()) <= 1e-5, shape
+
+
+def test_softpool_runs_off_the_cpu_with_the_cpu_shapes() -> None:
+    pool = SoftPool(kernel_size=3, stride=2, padding=1, ceil_mode=True)
+    x = torch.randn(2, 3, 9, 10)
+    assert pool(x.to("meta")).shape == pool(x).shape
