@@ -32,7 +32,7 @@ def trained(lip: LIP, seed: int = 0) -> LIP:
 def test_lip_equals_average_pooling_at_init_for_every_configuration() -> None:
     cases = 0
     for k, s, p, ceil, cip in itertools.product(
-        [1, 2, 3, 4, 5], [1, 2, 3], [0, 1, 2], *[[False, True]] * 2
+        [1, 2, 3, 4, 5], [1, 2, 3, 4], [0, 1, 2], *[[False, True]] * 2
     ):
         if 2 * p > k:
             continue

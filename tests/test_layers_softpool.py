@@ -56,6 +56,7 @@ CASES = [
     dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
     dict(kernel_size=3, stride=2, ceil_mode=True),
     dict(kernel_size=2, stride=3, ceil_mode=True),
+    dict(kernel_size=4, stride=4, padding=1, ceil_mode=True),
     dict(kernel_size=3, stride=2, padding=1, dilation=2),
     dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0)),
 ]

@@ -178,8 +178,9 @@ class PolyphaseSampling(nn.Module):
         return F.conv3d(x, weight, None, 1, 0, 1, self.channels)
 
     def _wrap(self, x: Tensor) -> Tensor:
-        # sizes the stride does not divide are wrapped circularly on the right; a trace keeps
-        # the gather for every size (a size check would freeze into the graph)
+        # sizes the stride does not divide are wrapped circularly on the right; traces and
+        # torch.export keep the gather for every size (a size check would freeze into the
+        # graph, and the gathered length is a multiple of the stride by construction)
         for i in range(self.dims):
             size = x.shape[2 + i]
             stride = self.stride[i]
@@ -190,7 +191,8 @@ class PolyphaseSampling(nn.Module):
         return x
 
     def _components(self, x: Tensor) -> Tensor:
-        """(N, C, T_1, s_1, .., T_d, s_d): a view, component r at [..., t_i, r_i, ...]."""
+        """(N, C, T_1, s_1, .., T_d, s_d), component r at [..., t_i, r_i, ...] (a view of a
+        contiguous map)."""
         shape = [x.shape[0], x.shape[1]]
         for i in range(self.dims):
             shape.append(x.shape[2 + i] // self.stride[i])
