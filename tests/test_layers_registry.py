@@ -17,9 +17,17 @@ from torch import nn
 import surgeon.layers
 from surgeon.fold import fold_space_to_depth
 from surgeon.layers import (
+    AdaptivePolyphaseSampling,
+    AdaptiveResampling,
+    AdaptiveUpsampling,
     BlurPool,
+    HaarConv,
+    LearnablePolyphaseSampling,
+    LocalImportancePool,
+    PolyphaseSampling,
     PoolPad,
     ResizeConv,
+    SoftPool,
     SpaceToDepthConv,
     StridePad,
     SubPixelConv,
@@ -29,6 +37,7 @@ from surgeon.layers import (
     register_layer,
     registered_layers,
 )
+from surgeon.layers.sfm import SaliencyOffsets
 
 
 def _spd_conv(conv: nn.Module, **kwargs: Any) -> nn.Module:
@@ -41,6 +50,11 @@ def _spd_pool(*args: Any, **kwargs: Any) -> nn.Module:
 
 def _folded(conv: nn.Module) -> nn.Module:
     return fold_space_to_depth(SpaceToDepthConv.from_conv(conv)[0])
+
+
+def _evaluating(layer: nn.Module) -> nn.Module:
+    """A layer in eval mode: LPS draws Gumbel noise in training."""
+    return layer.eval()
 
 
 def _sub_pixel(*args: Any) -> nn.Module:
@@ -92,6 +106,27 @@ SAMPLES: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
         lambda: ResizeConv(4, 2, (3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1), (0, 0, 0), groups=2),
         (1, 4, 3, 3, 4),
     ),
+    ("aps", lambda: AdaptivePolyphaseSampling(4, norm="l1"), (2, 4, 9, 8)),
+    (
+        "aps blurred, stride 3",
+        lambda: AdaptivePolyphaseSampling(3, stride=3, filter_size=3, norm="linf"),
+        (2, 3, 9, 10),
+    ),
+    ("lps", lambda: _evaluating(LearnablePolyphaseSampling(8, hidden_channels=2)), (2, 8, 9, 8)),
+    ("haar from a k2 s2 conv", lambda: HaarConv.from_conv(nn.Conv2d(4, 6, 2, 2))[0], (1, 4, 8, 9)),
+    (
+        "haar from a k3 s2 conv",
+        lambda: HaarConv.from_conv(nn.Conv2d(4, 6, 3, 2, 1))[0],
+        (1, 4, 9, 9),
+    ),
+    (
+        "lip ceil_mode",
+        lambda: LocalImportancePool(4, kernel_size=3, stride=2, padding=1, ceil_mode=True),
+        (1, 4, 9, 8),
+    ),
+    ("softpool", lambda: SoftPool(kernel_size=3, stride=2, padding=1), (1, 3, 9, 8)),
+    ("sfm resampling", lambda: AdaptiveResampling(4, radius=1, dilations=(1, 2)), (1, 4, 9, 10)),
+    ("msau upsampling", lambda: AdaptiveUpsampling(4, scale_factor=2.0), (1, 4, 5, 6)),
     ("conv1d", lambda: nn.Conv1d(3, 4, 3, padding="same", padding_mode="reflect"), (1, 3, 9)),
     ("conv2d", lambda: nn.Conv2d(4, 4, 3, 2, 1, groups=2, bias=False), (1, 4, 9, 8)),
     ("conv3d", lambda: nn.Conv3d(2, 3, (1, 3, 3), (1, 2, 2), dilation=2), (1, 2, 5, 9, 9)),
@@ -184,8 +219,25 @@ def test_every_registered_type_has_a_sample() -> None:
     assert not missing, f"registered types without a round-trip sample in SAMPLES: {missing}"
 
 
-def test_every_module_class_under_surgeon_layers_is_registered() -> None:
+# module classes under surgeon/layers that are parts of registered layers, never placed alone
+PARTS: dict[type[nn.Module], str] = {
+    PolyphaseSampling: "the base class of AdaptivePolyphaseSampling and LearnablePolyphaseSampling",
+    SaliencyOffsets: "built inside AdaptiveResampling and AdaptiveUpsampling",
+}
+
+
+def test_parts_are_only_bases_or_submodules_of_registered_layers() -> None:
     registered = set(registered_layers().values())
+    inside = {type(m) for _, factory, _ in SAMPLES for m in factory().modules()}
+    for part, why in PARTS.items():
+        assert part not in registered, f"{part.__qualname__} is registered, not a part"
+        assert any(issubclass(cls, part) for cls in registered) or part in inside, (
+            f"{part.__qualname__} is listed as a part ({why}) but no registered layer uses it"
+        )
+
+
+def test_every_module_class_under_surgeon_layers_is_registered() -> None:
+    registered = set(registered_layers().values()) | set(PARTS)
     found = set()
     for info in pkgutil.iter_modules(surgeon.layers.__path__, "surgeon.layers."):
         module = importlib.import_module(info.name)

@@ -25,10 +25,17 @@ from typing import Any, Literal, TypeVar, Union
 
 from torch import nn
 
+from surgeon.layers.aps import AdaptivePolyphaseSampling
 from surgeon.layers.blur import BlurPool
 from surgeon.layers.folded import FoldedSpaceToDepthConv
+from surgeon.layers.haar import HaarConv
+from surgeon.layers.lip import LocalImportancePool
+from surgeon.layers.lps import LearnablePolyphaseSampling
+from surgeon.layers.msau import AdaptiveUpsampling
 from surgeon.layers.pool_pad import PoolPad
 from surgeon.layers.resize_conv import ResizeConv
+from surgeon.layers.sfm import AdaptiveResampling
+from surgeon.layers.softpool import SoftPool
 from surgeon.layers.spd import SpaceToDepthConv
 from surgeon.layers.stride_pad import StridePad
 from surgeon.layers.sub_pixel import SubPixelConv
@@ -507,6 +514,13 @@ def _register_builtins() -> None:
         StridePad,
         SubPixelConv,
         ResizeConv,
+        AdaptivePolyphaseSampling,
+        LearnablePolyphaseSampling,
+        HaarConv,
+        LocalImportancePool,
+        SoftPool,
+        AdaptiveResampling,
+        AdaptiveUpsampling,
     ):
         register_layer(layer)
 
