@@ -218,8 +218,26 @@ def _manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
 
 
 def check_writable(directory: Path, *, force: bool = False) -> None:
-    """Fail early (before any slow work) if `write_checkpoint` would refuse `directory`."""
-    _check_target(Path(os.path.abspath(directory)), force=force)
+    """Fail early (before any slow work) if `write_checkpoint` would refuse `directory` or could
+    not write it: the hidden sibling it writes into (and any missing parent) is created and
+    removed again, so a target on a read-only or pseudo file system (/proc) is caught here."""
+    target = Path(os.path.abspath(directory))
+    if not target.name:
+        raise OutputError(f"cannot write a checkpoint to {target}; choose a directory below it")
+    try:
+        _check_target(target, force=force)
+    except OSError as err:
+        raise _output_error(err, target, needed=0) from err
+    created = _make_parents(target)
+    tmp: Path | None = None
+    try:
+        tmp = _make_tmp_sibling(target)
+    except OSError as err:
+        raise _output_error(err, target, needed=0) from err
+    finally:
+        _discard(tmp)
+        for parent in reversed(created):
+            _rmdir_quietly(parent)
 
 
 def _check_target(directory: Path, *, force: bool) -> bool:
@@ -445,7 +463,10 @@ def _output_error(err: OSError, directory: Path, *, needed: int) -> OutputError:
             f"cannot write {directory}: a parent of it is a file, not a directory; "
             "choose another output directory"
         )
-    return OutputError(f"cannot write {directory}: {err.strerror or err} ({where})")
+    return OutputError(
+        f"cannot write {directory}: {err.strerror or err} ({where}); "
+        "choose another output directory"
+    )
 
 
 # --- reading -------------------------------------------------------------------------------

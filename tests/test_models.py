@@ -86,7 +86,7 @@ def test_default_input_sizes_come_from_metadata() -> None:
 
 def test_detection_models_build_without_weights_and_take_image_lists() -> None:
     loaded = load_model("ssdlite320_mobilenet_v3_large")
-    assert loaded.task == "detection" and loaded.weights == "random"
+    assert loaded.task == "detection" and loaded.weights == {"kind": "random", "seed": 0}
     (images,) = example_inputs(loaded.task, (3, 64, 64))
     assert isinstance(images, list) and images[0].shape == (3, 64, 64)
 
