@@ -24,6 +24,7 @@ import pickle
 import re
 import secrets
 import shutil
+import stat
 import sys
 import types
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -192,11 +193,16 @@ def _contiguous_tensors(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def _write_weights(path: Path, tensors: Mapping[str, Tensor]) -> None:
     """safetensors straight to `path`, then fsync. Its I/O errors come back as OSError with
     the errno the Rust side reports, so they get the same one-line messages as any write."""
+    # safetensors writes its files 0600; the weights get the mode open() gives every other file
+    # of the checkpoint (0666 minus the umask), learnt from creating the file that way first
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = stat.S_IMODE(path.stat().st_mode)
     try:
         safetensors.torch.save_file(dict(tensors), str(path), metadata={"format": "pt"})
     except safetensors.SafetensorError as err:
         code = re.search(r"code: (\d+)", str(err))
         raise OSError(int(code.group(1)) if code else errno.EIO, str(err), str(path)) from err
+    os.chmod(path, mode)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 

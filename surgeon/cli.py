@@ -108,13 +108,16 @@ def _load(
     )
 
     size = parse_input_size(input_size) if input_size else None
-    loaded = load_model(
-        model,
-        kwargs=parse_kwargs(kwargs or []),
-        pretrained=pretrained if pretrained is not None else False,
-        weights=weights,
-        seed=seed,
-    )
+    # torch hub announces a download on stdout; stdout carries only the command's output
+    # (`surgeon scan m --pretrained --json > sites.json` must stay valid JSON)
+    with contextlib.redirect_stdout(sys.stderr):
+        loaded = load_model(
+            model,
+            kwargs=parse_kwargs(kwargs or []),
+            pretrained=pretrained if pretrained is not None else False,
+            weights=weights,
+            seed=seed,
+        )
     if size is not None:
         loaded.input_size = size
     err.print(

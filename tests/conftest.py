@@ -1,10 +1,15 @@
-"""Shared fixtures: small models and a deterministic console for render tests."""
+"""Shared fixtures: small models, a deterministic console for render tests, hermetic caches."""
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import io
+import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -12,10 +17,39 @@ import pytest
 import torch
 from rich.console import Console
 
+from tests.hubcache import HubCache
+
+# The model caches of this test session: temporary, never the developer's, and offline. This
+# runs before anything imports huggingface_hub, which reads HF_HOME and HF_HUB_OFFLINE once at
+# import; torch hub reads TORCH_HOME on every call (tests may point it elsewhere).
+_CACHES = Path(tempfile.mkdtemp(prefix="surgeon-test-caches-"))
+atexit.register(shutil.rmtree, _CACHES, ignore_errors=True)
+os.environ["TORCH_HOME"] = str(_CACHES / "torch")
+os.environ["HF_HOME"] = str(_CACHES / "huggingface")
+os.environ["HF_HUB_OFFLINE"] = "1"
+for _name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+    os.environ.pop(_name, None)
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def hub_cache() -> Iterator[HubCache]:
+    """The session's Hugging Face hub cache, for seeding; seeded repositories are removed after
+    the test."""
+    from huggingface_hub import constants
+
+    root = _CACHES / "huggingface" / "hub"
+    assert Path(constants.HF_HUB_CACHE) == root, (
+        f"huggingface_hub was imported before conftest set HF_HOME: its cache is "
+        f"{constants.HF_HUB_CACHE}, not {root}"
+    )
+    cache = HubCache(root)
+    yield cache
+    cache.remove_seeded()
 
 
 @pytest.fixture
