@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import atexit
 import importlib.util
 import io
-import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -17,18 +13,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from tests.hubcache import HubCache
+from tests.hubcache import HubCache, session_caches
 
-# The model caches of this test session: temporary, never the developer's, and offline. This
-# runs before anything imports huggingface_hub, which reads HF_HOME and HF_HUB_OFFLINE once at
-# import; torch hub reads TORCH_HOME on every call (tests may point it elsewhere).
-_CACHES = Path(tempfile.mkdtemp(prefix="surgeon-test-caches-"))
-atexit.register(shutil.rmtree, _CACHES, ignore_errors=True)
-os.environ["TORCH_HOME"] = str(_CACHES / "torch")
-os.environ["HF_HOME"] = str(_CACHES / "huggingface")
-os.environ["HF_HUB_OFFLINE"] = "1"
-for _name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-    os.environ.pop(_name, None)
+# The model caches of this test session: temporary, never the developer's, and offline; set
+# before anything imports huggingface_hub (torch hub reads TORCH_HOME on every call, so tests
+# may point it elsewhere).
+_CACHES = session_caches()
 
 
 @pytest.fixture(autouse=True)

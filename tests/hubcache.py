@@ -11,7 +11,10 @@ A test writes a weights file of the right architecture (random, seeded) where th
 
 from __future__ import annotations
 
+import atexit
+import os
 import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
@@ -19,9 +22,28 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 
-__all__ = ["REVISION", "HubCache", "seed_torch_hub"]
+__all__ = ["REVISION", "HubCache", "seed_torch_hub", "session_caches"]
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+_session: list[Path] = []
+
+
+def session_caches() -> Path:
+    """This process's model caches: a temporary directory that `TORCH_HOME` and `HF_HOME` point
+    to, with `HF_HUB_OFFLINE=1`; created on the first call, the same one afterwards (conftest
+    runs twice when a test imports `tests.conftest`). Call it before huggingface_hub is
+    imported: it reads HF_HOME and HF_HUB_OFFLINE once, at import."""
+    if not _session:
+        root = Path(tempfile.mkdtemp(prefix="surgeon-test-caches-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        os.environ["TORCH_HOME"] = str(root / "torch")
+        os.environ["HF_HOME"] = str(root / "huggingface")
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+            os.environ.pop(name, None)
+        _session.append(root)
+    return _session[0]
 
 
 def seed_torch_hub(url: str, state: Mapping[str, Tensor]) -> Path:
