@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import importlib.metadata
 import os
 import sys
 from pathlib import Path
@@ -13,7 +12,6 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from surgeon import __version__
 from surgeon.errors import ExitCode, SurgeonError
 from surgeon.models import DEFAULT_TAG
 
@@ -67,11 +65,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 def _print_version(value: bool) -> None:
     if not value:
         return
-    out.print(f"surgeon {__version__}", highlight=False)
-    libraries = ", ".join(
-        f"{name} {importlib.metadata.version(name)}" for name in ("torch", "torchvision", "timm")
-    )
-    out.print(libraries, highlight=False)
+    from surgeon.api import versions
+
+    found = versions()
+    out.print(f"surgeon {found.pop('surgeon')}", highlight=False)
+    out.print(", ".join(f"{name} {version}" for name, version in found.items()), highlight=False)
     raise typer.Exit()
 
 
@@ -121,8 +119,10 @@ def _load(
     if size is not None:
         loaded.input_size = size
     err.print(
-        f"[dim]model {loaded.spec.text} ({describe_weights(loaded.weights)}), "
-        f"input {'x'.join(map(str, loaded.input_size))}[/dim]",
+        f"model {loaded.spec.text} ({describe_weights(loaded.weights)}), "
+        f"input {'x'.join(map(str, loaded.input_size))}",
+        style="dim",
+        markup=False,
         highlight=False,
     )
     return loaded, example_inputs(loaded.task, loaded.input_size)

@@ -114,3 +114,13 @@ def test_hugging_face_offline_without_cache_is_one_line_about_the_network(
     assert "HF_HUB_OFFLINE=1" in line and "no cached copy" in line, line
     assert str(hub_cache.repo_dir("timm/test_efficientnet.r160_in1k")) in line
     assert "import spec" not in line and stdout == ""
+
+
+def test_a_model_name_read_as_the_pretrained_tag_gets_a_hint(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, _, err = run_cli(capsys, "scan", "--pretrained", "resnet18")
+    assert code == 2
+    (line,) = _error_lines(err)
+    assert "--pretrained read 'resnet18' as its weights tag" in line
+    assert "put the model name before --pretrained" in line
