@@ -289,6 +289,8 @@ def check_report_path(path: Path) -> None:
     from surgeon.errors import OutputError
 
     _renderer(path)
+    if path.is_dir():
+        raise OutputError(f"cannot write the report to {path}: it is a directory; pass a file")
     missing = [p for p in path.absolute().parents if not p.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -82,6 +82,25 @@ def test_an_unwritable_output_fails_before_the_model_is_built(
     assert line.startswith("error: cannot write") and "/proc/surgeon-test" in line
 
 
+def test_a_report_path_that_is_a_directory_fails_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "r.md").mkdir()
+    code, stdout, err = run_cli(
+        capsys,
+        "patch",
+        "resnet18",
+        "--policy",
+        "spd",
+        "--dry-run",
+        "--report",
+        str(tmp_path / "r.md"),
+    )
+    assert code == 1 and stdout == ""
+    (line,) = err.strip().splitlines()
+    assert "is a directory" in line
+
+
 @pytest.fixture
 def umask() -> Iterator[None]:
     previous = os.umask(0o022)
