@@ -24,6 +24,7 @@ import pickle
 import re
 import secrets
 import shutil
+import stat
 import sys
 import types
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -192,11 +193,16 @@ def _contiguous_tensors(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def _write_weights(path: Path, tensors: Mapping[str, Tensor]) -> None:
     """safetensors straight to `path`, then fsync. Its I/O errors come back as OSError with
     the errno the Rust side reports, so they get the same one-line messages as any write."""
+    # safetensors writes its files 0600; the weights get the mode open() gives every other file
+    # of the checkpoint (0666 minus the umask), learnt from creating the file that way first
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = stat.S_IMODE(path.stat().st_mode)
     try:
         safetensors.torch.save_file(dict(tensors), str(path), metadata={"format": "pt"})
     except safetensors.SafetensorError as err:
         code = re.search(r"code: (\d+)", str(err))
         raise OSError(int(code.group(1)) if code else errno.EIO, str(err), str(path)) from err
+    os.chmod(path, mode)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
@@ -218,8 +224,26 @@ def _manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
 
 
 def check_writable(directory: Path, *, force: bool = False) -> None:
-    """Fail early (before any slow work) if `write_checkpoint` would refuse `directory`."""
-    _check_target(Path(os.path.abspath(directory)), force=force)
+    """Fail early (before any slow work) if `write_checkpoint` would refuse `directory` or could
+    not write it: the hidden sibling it writes into (and any missing parent) is created and
+    removed again, so a target on a read-only or pseudo file system (/proc) is caught here."""
+    target = Path(os.path.abspath(directory))
+    if not target.name:
+        raise OutputError(f"cannot write a checkpoint to {target}; choose a directory below it")
+    try:
+        _check_target(target, force=force)
+    except OSError as err:
+        raise _output_error(err, target, needed=0) from err
+    created = _make_parents(target)
+    tmp: Path | None = None
+    try:
+        tmp = _make_tmp_sibling(target)
+    except OSError as err:
+        raise _output_error(err, target, needed=0) from err
+    finally:
+        _discard(tmp)
+        for parent in reversed(created):
+            _rmdir_quietly(parent)
 
 
 def _check_target(directory: Path, *, force: bool) -> bool:
@@ -445,7 +469,10 @@ def _output_error(err: OSError, directory: Path, *, needed: int) -> OutputError:
             f"cannot write {directory}: a parent of it is a file, not a directory; "
             "choose another output directory"
         )
-    return OutputError(f"cannot write {directory}: {err.strerror or err} ({where})")
+    return OutputError(
+        f"cannot write {directory}: {err.strerror or err} ({where}); "
+        "choose another output directory"
+    )
 
 
 # --- reading -------------------------------------------------------------------------------

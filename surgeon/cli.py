@@ -13,13 +13,17 @@ import typer
 from rich.console import Console
 
 from surgeon.errors import ExitCode, SurgeonError
+from surgeon.models import DEFAULT_TAG
 
 app = typer.Typer(
     name="surgeon",
     help="Find every strided convolution and pooling layer in a model and replace it by policy.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
+    # typer's plain help formatter, as Click CLIs print it: a flag is listed without a type.
+    # The Rich help panels of the typer this project runs (0.29) print `<bool>` after every
+    # flag (`--debug <bool>`, `--help <bool>`), as if each one took a value.
+    rich_markup_mode=None,
 )
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, soft_wrap=True)
@@ -28,7 +32,9 @@ _state: dict[str, Any] = {"debug": False}
 ModelArg = Annotated[
     str,
     typer.Argument(
-        help="torchvision/timm name (resnet50, timm:resnet50) or package.module:factory."
+        help="torchvision/timm name, with a pretrained tag if wanted (resnet50, "
+        "resnet50.a1_in1k, torchvision:resnet50.IMAGENET1K_V2), hf-hub:ORG/NAME, "
+        "or package.module:factory."
     ),
 ]
 InputSizeOpt = Annotated[
@@ -44,14 +50,41 @@ WeightsOpt = Annotated[
     typer.Option("--weights", help="State dict to load: .safetensors, or .pt/.pth (weights_only)."),
 ]
 PretrainedOpt = Annotated[
-    bool, typer.Option("--pretrained", help="Download the library's pretrained weights.")
+    str | None,
+    typer.Option(
+        "--pretrained",
+        metavar="[TAG]",
+        help="Load the library's pretrained weights: the default ones, or those TAG names "
+        "(IMAGENET1K_V2, a1_in1k). Read from the torch hub / Hugging Face caches, "
+        "downloaded if missing.",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    from surgeon.api import versions
+
+    found = versions()
+    out.print(f"surgeon {found.pop('surgeon')}", highlight=False)
+    out.print(", ".join(f"{name} {version}" for name, version in found.items()), highlight=False)
+    raise typer.Exit()
 
 
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the versions of surgeon, torch, torchvision and timm, and exit.",
+        ),
+    ] = False,
 ) -> None:
     _state["debug"] = debug
 
@@ -61,23 +94,36 @@ def _load(
     input_size: str | None,
     kwargs: list[str] | None,
     weights: Path | None,
-    pretrained: bool,
+    pretrained: str | None,
     seed: int = 0,
 ) -> tuple[Any, tuple[Any, ...]]:
-    from surgeon.models import example_inputs, load_model, parse_input_size, parse_kwargs
+    from surgeon.models import (
+        describe_weights,
+        example_inputs,
+        load_model,
+        parse_input_size,
+        parse_kwargs,
+    )
 
     size = parse_input_size(input_size) if input_size else None
-    import torch
-
-    torch.manual_seed(seed)  # random initialisation is reproducible: same seed, same checkpoint
-    loaded = load_model(
-        model, kwargs=parse_kwargs(kwargs or []), pretrained=pretrained, weights=weights
-    )
+    # torch hub announces a download on stdout; stdout carries only the command's output
+    # (`surgeon scan m --pretrained --json > sites.json` must stay valid JSON)
+    with contextlib.redirect_stdout(sys.stderr):
+        loaded = load_model(
+            model,
+            kwargs=parse_kwargs(kwargs or []),
+            pretrained=pretrained if pretrained is not None else False,
+            weights=weights,
+            seed=seed,
+        )
     if size is not None:
         loaded.input_size = size
     err.print(
-        f"[dim]model {loaded.spec.text} ({loaded.weights} weights), "
-        f"input {'x'.join(map(str, loaded.input_size))}[/dim]"
+        f"model {loaded.spec.text} ({describe_weights(loaded.weights)}), "
+        f"input {'x'.join(map(str, loaded.input_size))}",
+        style="dim",
+        markup=False,
+        highlight=False,
     )
     return loaded, example_inputs(loaded.task, loaded.input_size)
 
@@ -88,7 +134,7 @@ def scan(
     input_size: InputSizeOpt = None,
     model_kwarg: KwargOpt = None,
     weights: WeightsOpt = None,
-    pretrained: PretrainedOpt = False,
+    pretrained: PretrainedOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """List every strided convolution and pooling site the graph walker finds."""
@@ -140,13 +186,19 @@ def patch(
         typer.Option("--report", help="Also write the report: FILE.md, FILE.json or FILE.html."),
     ] = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the diff; write nothing.")
+        bool,
+        typer.Option("--dry-run", help="Print the diff and write --report; no checkpoint."),
     ] = False,
     strict: Annotated[
         bool, typer.Option("--strict", help="A rule that matches no site is an error.")
     ] = False,
     plugin: PluginOpt = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for randomly initialised layers.")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed", help="Seed for the random initialisation of the model and of new layers."
+        ),
+    ] = 0,
     output_stride: Annotated[
         int | None,
         typer.Option(
@@ -156,7 +208,7 @@ def patch(
     input_size: InputSizeOpt = None,
     model_kwarg: KwargOpt = None,
     weights: WeightsOpt = None,
-    pretrained: PretrainedOpt = False,
+    pretrained: PretrainedOpt = None,
     fold: Annotated[
         bool,
         typer.Option(
@@ -181,6 +233,11 @@ def patch(
         schema = action_schemas()["dilate"]
         resolved = resolved.with_params("dilate", {"output_stride": output_stride}, schema)
     target = out_dir or _default_out(model, policy)
+    # every output is probed before the model is built: a bad path fails in a second
+    if report_file is not None:
+        from surgeon.report import check_report_path
+
+        check_report_path(report_file)
     if not dry_run:
         from surgeon.checkpoint import check_writable
 
@@ -193,11 +250,12 @@ def patch(
         out.print_json(patch_json(report))
     else:
         render_patch(report, out)
-    if dry_run:
-        err.print("dry run: nothing written")
-        return
-    if report_file is not None:
+    if report_file is not None:  # a report is not a checkpoint: written in a dry run too
         write_report(report, report_file)
+    if dry_run:
+        wrote = f"; wrote {report_file}" if report_file is not None else ""
+        err.print(f"dry run: no checkpoint written{wrote}", highlight=False)
+        return
     record = None
     if fold:
         from surgeon.fold import fold as fold_layers
@@ -435,7 +493,7 @@ def placements(
     """Count (or list) the legal placements of the downsampling layers of MODEL."""
     from surgeon.placements import PlacementSpace
 
-    loaded, args = _load(model, input_size, model_kwarg, None, False)
+    loaded, args = _load(model, input_size, model_kwarg, None, None)
     space = PlacementSpace.of(loaded.model, args)
     steps = count if count is not None else space.current.steps
     out.print(f"current placement ({space.current.steps} steps): {', '.join(space.current.layers)}")
@@ -454,10 +512,32 @@ def policies() -> None:
         out.print(f"[bold]{name:12s}[/bold] {description}")
 
 
+def _pretrained_alone(args: list[str]) -> list[str]:
+    """`--pretrained` with no tag after it becomes `--pretrained DEFAULT`.
+
+    typer has no options with an optional value, so this gives `--pretrained` Click's rule for
+    them: the next word is its tag unless it starts with `-` or there is none."""
+    normalised: list[str] = []
+    for i, arg in enumerate(args):
+        normalised.append(arg)
+        if arg == "--pretrained" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            normalised.append(DEFAULT_TAG)
+    return normalised
+
+
+def _tag_taken(args: list[str]) -> str | None:
+    """The word `--pretrained` took as its tag, if one followed it."""
+    for i, arg in enumerate(args[:-1]):
+        if arg == "--pretrained" and not args[i + 1].startswith("-"):
+            return args[i + 1]
+    return None
+
+
 def main() -> None:
     """Entry point: run the app; SurgeonErrors become one line on stderr and an exit code."""
+    args = sys.argv[1:]
     try:
-        app(standalone_mode=False, prog_name="surgeon")
+        app(args=_pretrained_alone(args), standalone_mode=False, prog_name="surgeon")
     except SurgeonError as exc:
         if _state["debug"]:
             raise
@@ -477,6 +557,12 @@ def main() -> None:
             ctx = getattr(exc, "ctx", None)
             see = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
             message = exc.format_message().rstrip(".")
+            tag = _tag_taken(args)
+            if tag is not None and message.startswith("Missing argument"):
+                see = (
+                    f"; --pretrained read {tag!r} as its weights tag: put the model name "
+                    "before --pretrained"
+                )
             err.print(f"[bold red]error:[/bold red] {message}{see}", highlight=False)
             sys.exit(getattr(exc, "exit_code", ExitCode.USAGE_ERROR))
         if _state["debug"]:

@@ -459,13 +459,14 @@ def resolve_preprocessing(model: nn.Module, spec: str, input_size: Sequence[int]
     """The model's own evaluation preprocessing at `input_size` (C, H, W).
 
     timm: `resolve_data_config` + `create_transform` (crop_pct kept for other sizes);
-    torchvision: the default weights' `transforms()` (resize/crop ratio kept for other sizes);
+    torchvision: the `transforms()` of the weights the spec names, else of the default weights
+    (resize/crop ratio kept for other sizes);
     anything else: resize to size/0.875, centre crop, ImageNet mean and std.
     """
     c, h, w = (int(s) for s in input_size)
     size = (c, h, w)
     source, _, name = spec.partition(":")
-    if c == 3 and source == "timm":
+    if c == 3 and source in ("timm", "hf-hub"):  # hub names are timm models
         import timm.data
         import timm.models
 
@@ -493,13 +494,14 @@ def resolve_preprocessing(model: nn.Module, spec: str, input_size: Sequence[int]
         from torchvision import transforms
         from torchvision.models import get_model_weights
 
+        architecture, _, tag = name.partition(".")  # resnet50.IMAGENET1K_V2: those weights
         try:
-            weights = get_model_weights(name).DEFAULT
+            weights = get_model_weights(architecture)[tag or "DEFAULT"]
             preset = weights.transforms()
             crop, resize = int(preset.crop_size[0]), int(preset.resize_size[0])
             mean, std = tuple(preset.mean), tuple(preset.std)
             interpolation = str(preset.interpolation.value)
-        except (ValueError, AttributeError, TypeError, IndexError):
+        except (ValueError, AttributeError, TypeError, IndexError, KeyError):
             return _default_preprocessing(size)
         label = f"torchvision {weights} transforms"
         if (h, w) == (crop, crop):

@@ -1,10 +1,11 @@
-"""Shared fixtures: small models and a deterministic console for render tests."""
+"""Shared fixtures: small models, a deterministic console for render tests, hermetic caches."""
 
 from __future__ import annotations
 
 import importlib.util
 import io
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -12,10 +13,33 @@ import pytest
 import torch
 from rich.console import Console
 
+from tests.hubcache import HubCache, session_caches
+
+# The model caches of this test session: temporary, never the developer's, and offline; set
+# before anything imports huggingface_hub (torch hub reads TORCH_HOME on every call, so tests
+# may point it elsewhere).
+_CACHES = session_caches()
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def hub_cache() -> Iterator[HubCache]:
+    """The session's Hugging Face hub cache, for seeding; seeded repositories are removed after
+    the test."""
+    from huggingface_hub import constants
+
+    root = _CACHES / "huggingface" / "hub"
+    assert Path(constants.HF_HUB_CACHE) == root, (
+        f"huggingface_hub was imported before conftest set HF_HOME: its cache is "
+        f"{constants.HF_HUB_CACHE}, not {root}"
+    )
+    cache = HubCache(root)
+    yield cache
+    cache.remove_seeded()
 
 
 @pytest.fixture

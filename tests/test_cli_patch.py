@@ -86,8 +86,11 @@ def test_spd_exact_with_weights_keeps_the_function_through_the_cli(
     assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-5
 
 
-def test_dry_run_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_run_writes_the_report_but_no_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "never"
+    report = tmp_path / "diff.md"
     code, stdout, err = run_cli(
         capsys,
         "patch",
@@ -97,11 +100,15 @@ def test_dry_run_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[st
         "--out",
         str(out),
         "--dry-run",
+        "--report",
+        str(report),
         "--input-size",
         "3x64x64",
     )
-    assert code == 0 and "BlurPool" in stdout and "dry run" in err
-    assert not out.exists()
+    assert code == 0 and "BlurPool" in stdout and "dry run: no checkpoint written" in err
+    assert not out.exists(), "a dry run wrote a checkpoint"
+    assert report.is_file(), "a dry run dropped the --report file"
+    assert "BlurPool" in report.read_text() and f"wrote {report}" in err
 
 
 def test_existing_output_is_refused_before_any_work(
