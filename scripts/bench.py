@@ -52,7 +52,7 @@ from surgeon.fold import fold  # noqa: E402
 from surgeon.layers.spd import SpaceToDepthConv  # noqa: E402
 from surgeon.models import load_model  # noqa: E402
 from surgeon.patch import patch  # noqa: E402
-from surgeon.policy import list_builtin_policies  # noqa: E402
+from surgeon.policy_loader import list_builtin_policies  # noqa: E402
 
 LATENCY = "## Model latency: patched vs original"
 CLI = "## CLI wall time"

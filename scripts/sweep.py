@@ -367,7 +367,7 @@ def rounding_sensitivity(
 
 def builtin_policies() -> list[str]:
     """The stems of the built-in policies in configs/."""
-    from surgeon.policy import list_builtin_policies
+    from surgeon.policy_loader import list_builtin_policies
 
     return [name for name, _ in list_builtin_policies()]
 

@@ -28,7 +28,7 @@ from surgeon.errors import CheckpointError
 from surgeon.layers.spd import SpaceToDepthConv, phase_major_kernel
 from surgeon.models import LoadedModel, ModelSpec, build_model, example_inputs, load_state
 from surgeon.patch import PatchReport, patch
-from surgeon.policy import policy_from_dict
+from surgeon.policy_loader import policy_from_dict
 from surgeon.report import patch_markdown
 from surgeon.rewrites import action_schemas, load_plugin
 

@@ -448,7 +448,7 @@ def placements(
 @app.command()
 def policies() -> None:
     """List the built-in policies."""
-    from surgeon.policy import list_builtin_policies
+    from surgeon.policy_loader import list_builtin_policies
 
     for name, description in list_builtin_policies():
         out.print(f"[bold]{name:12s}[/bold] {description}")

@@ -12,16 +12,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from surgeon.errors import PatchError
-from surgeon.policy import (
-    BUILTIN_POLICY_DIR,
-    KEEP,
-    Decision,
-    Policy,
-    check_strict,
-    decide,
-    load_policy,
-    unused_rules,
-)
+from surgeon.policy import KEEP, Decision, Policy, check_strict, decide, unused_rules
+from surgeon.policy_loader import BUILTIN_POLICY_DIR, load_policy
 from surgeon.rewrites import ModelEditor, SkipSite, action_schemas, get_rewrite
 from surgeon.rewrites.base import Edit
 from surgeon.scan import ScanResult, scan_analysis

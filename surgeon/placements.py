@@ -485,7 +485,7 @@ class PlacementSpace:
 def placement_policy(placement: Placement | Sequence[str], name: str = "placement") -> Policy:
     """A policy that applies `placement` with the `relocate` action: the listed layers downsample,
     every other candidate layer runs at stride 1."""
-    from surgeon.policy import policy_from_dict
+    from surgeon.policy_loader import policy_from_dict
     from surgeon.rewrites import action_schemas
 
     layers = placement.layers if isinstance(placement, Placement) else tuple(placement)

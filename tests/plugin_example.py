@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from surgeon.policy import ActionSchema, ParamSpec
+from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.rewrites import Edit, ModelEditor, SkipSite, register_rewrite
 from surgeon.sites import Site
 

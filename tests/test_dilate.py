@@ -186,7 +186,7 @@ rules:
     params: {output_stride: 16}
 """
     from surgeon.errors import PatchError
-    from surgeon.policy import parse_policy
+    from surgeon.policy_loader import parse_policy
 
     policy = parse_policy(text, "half.yaml", action_schemas())
     with pytest.raises(PatchError) as info:

@@ -132,7 +132,7 @@ def test_functional_sites_rewrite_only_their_owner_module() -> None:
 
 
 def test_init_random_reinitialises_and_says_so() -> None:
-    from surgeon.policy import policy_from_dict
+    from surgeon.policy_loader import policy_from_dict
     from surgeon.rewrites import action_schemas
 
     policy = policy_from_dict(
@@ -162,7 +162,7 @@ def test_report_renders_every_site_deterministically(console) -> None:  # type: 
 
 def test_strict_turns_unused_rules_into_errors() -> None:
     from surgeon.errors import PolicyError
-    from surgeon.policy import policy_from_dict
+    from surgeon.policy_loader import policy_from_dict
     from surgeon.rewrites import action_schemas
 
     policy = policy_from_dict(

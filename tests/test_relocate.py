@@ -10,7 +10,8 @@ from torch import nn
 
 from surgeon.patch import patch
 from surgeon.placements import PlacementSpace, placement_policy
-from surgeon.policy import Policy, policy_from_dict
+from surgeon.policy import Policy
+from surgeon.policy_loader import policy_from_dict
 from surgeon.rewrites import action_schemas
 
 _V1 = [

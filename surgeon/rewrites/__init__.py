@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 from surgeon.errors import PolicyError
-from surgeon.policy import ActionSchema
+from surgeon.schema import ActionSchema
 from surgeon.rewrites.allconv import AllConvRewrite
 from surgeon.rewrites.antialias import AntialiasRewrite
 from surgeon.rewrites.base import Edit, ModelEditor, Rewrite, SkipSite

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgeon.arithmetic import pool_output_size, same_padding
-from surgeon.policy import ActionSchema, ParamSpec
+from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.rewrites.base import Edit, ModelEditor, SkipSite
 from surgeon.sites import Site
 

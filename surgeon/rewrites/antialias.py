@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from surgeon.layers.blur import BlurPool
-from surgeon.policy import ActionSchema, ParamSpec
+from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.rewrites.base import Edit, ModelEditor, SkipSite
 from surgeon.sites import Neighbour, Site
 

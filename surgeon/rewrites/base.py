@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import fx, nn
 
-from surgeon.policy import ActionSchema
+from surgeon.schema import ActionSchema
 from surgeon.sites import Site
 from surgeon.trace import Analysis, SurgeonTracer, default_leaves
 

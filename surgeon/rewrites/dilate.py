@@ -33,7 +33,7 @@ from torch import fx, nn
 
 from surgeon.errors import AnalysisError
 from surgeon.placements import Geometry, StrideGraph, regeometry, resize_layer
-from surgeon.policy import ActionSchema, ParamSpec
+from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.rewrites.base import Edit, ModelEditor, SkipSite
 from surgeon.sites import Site, find_sites, resampling
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from surgeon.errors import AnalysisError
 from surgeon.placements import Geometry, Layer, StrideGraph, regeometry, resize_layer
-from surgeon.policy import ActionSchema, ParamSpec
+from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.rewrites.base import Edit, ModelEditor, SkipSite
 from surgeon.sites import Site
 

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from surgeon.layers.spd import SpaceToDepthConv
-from surgeon.policy import ActionSchema, ParamSpec
+from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.rewrites.base import Edit, ModelEditor, SkipSite
 from surgeon.sites import Site
 

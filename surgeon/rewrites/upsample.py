@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgeon.arithmetic import transposed_output_size
-from surgeon.policy import ActionSchema, ParamSpec
+from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.rewrites.base import Edit, ModelEditor, SkipSite
 from surgeon.sites import Site
 
