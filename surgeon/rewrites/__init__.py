@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 
 from surgeon.errors import PolicyError
-from surgeon.schema import ActionSchema
 from surgeon.rewrites.allconv import AllConvRewrite
 from surgeon.rewrites.antialias import AntialiasRewrite
 from surgeon.rewrites.base import Edit, ModelEditor, Rewrite, SkipSite
@@ -13,6 +12,7 @@ from surgeon.rewrites.dilate import DilateRewrite
 from surgeon.rewrites.relocate import RelocateRewrite
 from surgeon.rewrites.spd import SpdRewrite
 from surgeon.rewrites.upsample import UpsampleRewrite
+from surgeon.schema import ActionSchema
 
 __all__ = [
     "Edit",

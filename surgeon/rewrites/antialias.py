@@ -21,8 +21,8 @@ from typing import Any
 from torch import nn
 
 from surgeon.layers.blur import BlurPool
-from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.rewrites.base import Edit, ModelEditor, SkipSite
+from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.sites import Neighbour, Site
 
 __all__ = ["AntialiasRewrite"]

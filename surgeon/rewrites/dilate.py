@@ -33,8 +33,8 @@ from torch import fx, nn
 
 from surgeon.errors import AnalysisError
 from surgeon.placements import Geometry, StrideGraph, regeometry, resize_layer
-from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.rewrites.base import Edit, ModelEditor, SkipSite
+from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.sites import Site, find_sites, resampling
 
 __all__ = ["DilateRewrite", "DilationPlan"]

@@ -32,8 +32,8 @@ from typing import Any
 
 from surgeon.errors import AnalysisError
 from surgeon.placements import Geometry, Layer, StrideGraph, regeometry, resize_layer
-from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.rewrites.base import Edit, ModelEditor, SkipSite
+from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.sites import Site
 
 __all__ = ["RelocateRewrite"]

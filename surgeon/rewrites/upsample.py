@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgeon.arithmetic import transposed_output_size
-from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.rewrites.base import Edit, ModelEditor, SkipSite
+from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.sites import Site
 
 __all__ = ["ResizeConv", "SubPixelConv", "UpsampleRewrite", "shuffle"]
