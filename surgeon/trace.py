@@ -35,6 +35,7 @@ __all__ = [
     "Region",
     "SurgeonTracer",
     "analyse",
+    "call_owner",
     "counted_forward",
     "default_leaves",
     "snapshot",
@@ -143,6 +144,17 @@ class Region:
     def qualify(self, target: str) -> str:
         """The model-level qualified name of a module path relative to this region."""
         return f"{self.path}.{target}" if self.path and target else (self.path or target)
+
+    def owner(self, node: fx.Node) -> str:
+        """The model-level path of the module whose own forward makes the call at `node`."""
+        return self.qualify(call_owner(node))
+
+
+def call_owner(node: fx.Node) -> str:
+    """The path, relative to the traced root, of the module whose own forward makes the call
+    at `node` ("" for the root's forward), from the tracer's module stack."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return str(list(stack.values())[-1][0]) if stack else ""
 
 
 @dataclass
