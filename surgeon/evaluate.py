@@ -47,6 +47,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from surgeon.errors import UsageError
+from surgeon.submodules import count_params
 
 __all__ = [
     "EvalOptions",
@@ -56,7 +57,6 @@ __all__ = [
     "ShiftConsistency",
     "accuracy",
     "count_macs",
-    "count_params",
     "default_max_shift",
     "evaluate",
     "evaluate_model",
@@ -370,11 +370,6 @@ def accuracy(
     finally:
         model.train(was_training)
     return correct1 / total, correct5 / total, total
-
-
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (buffers such as fixed blur filters not included)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def count_macs(model: nn.Module, example: tuple[Any, ...]) -> int:

@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from surgeon.errors import AnalysisError
+from surgeon.submodules import count_params
 
 __all__ = [
     "Analysis",
@@ -350,10 +351,6 @@ def _refuse_quantized(model: nn.Module) -> None:
     )
 
 
-def _param_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def analyse(
     model: nn.Module,
     example_args: tuple[Any, ...],
@@ -391,7 +388,7 @@ def analyse(
             if p in recorder.calls and p in recorder.inputs
         ]
         if called:
-            for child_path, child in sorted(called, key=lambda pc: -_param_count(pc[1])):
+            for child_path, child in sorted(called, key=lambda pc: -count_params(pc[1])):
                 child_args, child_kwargs = recorder.inputs[child_path]
                 cover(child_path, child, child_args, child_kwargs)
             return
