@@ -22,7 +22,6 @@ import contextlib
 import copy
 import json
 import os
-import secrets
 import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from surgeon import __version__
+from surgeon.checkpoint.atomic import temporary_file
 from surgeon.errors import AnalysisError, OutputError, PatchError, UsageError
 from surgeon.fold import Choice, FoldRecord, fold
 
@@ -191,7 +191,7 @@ def export(
             "fold": record.to_dict() if record else None,
         }
         writer = {"torchscript": _torchscript, "onnx": _onnx, "exported-program": _exported_program}
-        with _temporary_sibling(target) as tmp:
+        with temporary_file(target) as tmp:
             method_used, notes, runner = writer[format](model, example, tmp, metadata, method, name)
             checks = tuple(
                 _check(runner, x, expected, format, name, tolerance)
@@ -458,27 +458,6 @@ def _check_target(target: Path, *, force: bool) -> None:
         raise OutputError(f"{target} exists; pass --force to replace it")
     if target.parent.exists() and not target.parent.is_dir():
         raise OutputError(f"cannot write {target}: {target.parent} is not a directory")
-
-
-@contextlib.contextmanager
-def _temporary_sibling(target: Path) -> Iterator[Path]:
-    """A hidden temporary path next to `target` (same filesystem, so os.replace is atomic),
-    removed on the way out unless it was renamed into place."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {target.parent}: {exc.strerror or exc}") from exc
-    # the suffix stays last: torch.export.save/load want a name ending in .pt2
-    tmp = target.with_name(
-        f".{target.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{target.suffix}"
-    )
-    try:
-        yield tmp
-    except OSError as exc:
-        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 @contextlib.contextmanager

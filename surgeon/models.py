@@ -260,7 +260,7 @@ def build_model(
         raise ModelSpecError(f"cannot build {spec.text}: {exc}") from exc
     source = "pretrained" if pretrained else "random"
     if weights is not None:
-        from surgeon.checkpoint import check_state_dict_fits, load_weights_file
+        from surgeon.checkpoint.weights import check_state_dict_fits, load_weights_file
 
         state = load_weights_file(weights)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -19,10 +19,11 @@ import pytest
 import safetensors.torch
 import torch
 
-from surgeon import checkpoint
 from surgeon.checkpoint import (
     MANIFEST_SCHEMA,
+    atomic,
     check_state_dict_fits,
+    files,
     load_weights_file,
     read_checkpoint,
     require_trusted_import,
@@ -189,7 +190,7 @@ def test_force_replaces_an_existing_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
 ) -> None:
     if not exchange:
-        monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     target = tmp_path / "ckpt"
     write_checkpoint(target, {"w": torch.ones(2)}, make_manifest(), {"old.md": "old"})
     write_checkpoint(target, {"w": torch.zeros(3)}, make_manifest(), force=True)
@@ -263,7 +264,7 @@ def test_disk_full_is_an_output_error_and_leaves_nothing_behind(
         path.write_bytes(data[: len(data) // 2])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(checkpoint, "_write_file", write_half_then_fail)
+    monkeypatch.setattr(files, "write_file", write_half_then_fail)
     target = tmp_path / "new" / "ckpt"
     with pytest.raises(OutputError, match=r"not enough disk space to write .*ckpt") as info:
         write_checkpoint(target, make_state_dict(), make_manifest())
@@ -281,7 +282,7 @@ def test_disk_full_while_replacing_keeps_the_previous_checkpoint(
     def fail(path: Path, data: bytes) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(checkpoint, "_write_file", fail)
+    monkeypatch.setattr(files, "write_file", fail)
     with pytest.raises(OutputError, match="not enough disk space"):
         write_checkpoint(target, {"w": torch.zeros(2)}, make_manifest(), force=True)
     assert sorted((p.name, p.read_bytes()) for p in target.iterdir()) == before
