@@ -29,6 +29,7 @@ from typing import Any
 from torch import fx, nn
 
 from surgeon.calls import function_name
+from surgeon.layers.registry import build_module, module_spec
 from surgeon.sites import Site
 from surgeon.submodules import set_submodule
 from surgeon.trace import Analysis, SurgeonTracer, call_owner, default_leaves
@@ -44,6 +45,8 @@ __all__ = [
     "Undo",
     "Wrap",
     "direct_calls",
+    "op_from_dict",
+    "op_to_dict",
     "perform",
 ]
 
@@ -55,7 +58,12 @@ Undo = Callable[[], None]
 
 class EditError(Exception):
     """An operation does not apply to the model as it is (a missing path or call, an owner that
-    does not trace); the message says which and why."""
+    does not trace), or its data does not describe one; the message says which and why, and
+    `field` names the operation's field at fault ("path", "module", "before[1]", ...)."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -99,16 +107,67 @@ class ReplaceCall:
 EditOp = Replace | Wrap | SetAttrs | ReplaceCall
 
 
-def _module_at(model: nn.Module, path: str) -> nn.Module:
+def op_to_dict(op: EditOp) -> dict[str, Any]:
+    """The operation as JSON data; new modules as layer specs of the layer registry (their
+    weights are not included: they come from the checkpoint's state dict). TypeError when a
+    module is of a type the registry does not know."""
+    if isinstance(op, Replace):
+        return {"op": "replace", "path": op.path, "module": module_spec(op.module)}
+    if isinstance(op, Wrap):
+        return {
+            "op": "wrap",
+            "path": op.path,
+            "before": [module_spec(m) for m in op.before],
+            "after": [module_spec(m) for m in op.after],
+        }
+    if isinstance(op, SetAttrs):
+        return {"op": "set_attrs", "path": op.path, "attrs": dict(op.attrs)}
+    return {
+        "op": "replace_call",
+        "owner": op.owner,
+        "function": op.function,
+        "index": op.index,
+        "attr": op.attr,
+        "module": module_spec(op.module),
+    }
+
+
+def _build(spec: Mapping[str, Any], field: str) -> nn.Module:
+    try:
+        return build_module(spec)
+    except ValueError as exc:
+        raise EditError(str(exc), field) from exc
+
+
+def op_from_dict(data: Mapping[str, Any]) -> EditOp:
+    """The operation JSON data describes, its new modules freshly built from the layer
+    registry; EditError (one line, naming the layer type and argument) for a spec the
+    registry refuses. The data's shape is checked by the manifest schema first."""
+    kind = data["op"]
+    if kind == "replace":
+        return Replace(data["path"], _build(data["module"], "module"))
+    if kind == "wrap":
+        before = tuple(_build(s, f"before[{i}]") for i, s in enumerate(data["before"]))
+        after = tuple(_build(s, f"after[{i}]") for i, s in enumerate(data["after"]))
+        return Wrap(data["path"], before, after)
+    if kind == "set_attrs":
+        return SetAttrs(data["path"], dict(data["attrs"]))
+    if kind == "replace_call":
+        module = _build(data["module"], "module")
+        return ReplaceCall(data["owner"], data["function"], data["index"], data["attr"], module)
+    raise EditError(f"unknown edit operation {kind!r}", "op")
+
+
+def _module_at(model: nn.Module, path: str, field: str = "path") -> nn.Module:
     try:
         return model.get_submodule(path)
     except AttributeError as exc:
-        raise EditError(f"no module at {path!r}") from exc
+        raise EditError(f"the model has no module {path!r}", field) from exc
 
 
 def _put(model: nn.Module, path: str, new: nn.Module) -> Undo:
     if not path:
-        raise EditError("the model itself cannot be replaced by path")
+        raise EditError("the model itself cannot be replaced by path", "path")
     _module_at(model, path)
     old = set_submodule(model, path, new)
 
@@ -134,7 +193,9 @@ def _set_attrs(model: nn.Module, op: SetAttrs) -> Undo:
     module = _module_at(model, op.path)
     unknown = [key for key in op.attrs if key not in GEOMETRY_ATTRS or not hasattr(module, key)]
     if unknown:
-        raise EditError(f"{type(module).__name__} at {op.path!r} has no {unknown[0]!r} to set")
+        raise EditError(
+            f"{type(module).__name__} at {op.path!r} has no {unknown[0]!r} to set", "attrs"
+        )
     state = vars(module)
     # a conv keeps its padding twice: as given, and reversed for F.pad (non-zero padding modes)
     saved = {
@@ -191,22 +252,24 @@ def _owner_graph(module: nn.Module, owner: str) -> fx.GraphModule:
             graph = tracer.trace(module)
         except Exception as exc:  # fx failures surface as many types
             raise EditError(
-                f"{owner or 'the model'} does not trace with torch.fx ({type(exc).__name__})"
+                f"{owner or 'the model'} does not trace with torch.fx ({type(exc).__name__})",
+                "owner",
             ) from exc
     return fx.GraphModule(tracer.root, graph, type(module).__name__)
 
 
 def _replace_call(model: nn.Module, op: ReplaceCall) -> tuple[nn.Module, Undo]:
-    owner = _module_at(model, op.owner)
+    owner = _module_at(model, op.owner, "owner")
     gm = _owner_graph(owner, op.owner)
     calls = direct_calls(gm.graph, op.function)
     if not 0 <= op.index < len(calls):
         raise EditError(
             f"{op.owner or 'the model'} makes {len(calls)} direct {op.function} call(s) in its "
-            f"forward, so there is no call number {op.index}"
+            f"forward, so there is no call number {op.index}",
+            "index",
         )
     if hasattr(gm, op.attr):
-        raise EditError(f"{op.owner or 'the model'} already has an attribute {op.attr!r}")
+        raise EditError(f"{op.owner or 'the model'} already has an attribute {op.attr!r}", "attr")
     target = calls[op.index]
     gm.add_submodule(op.attr, op.module)
     with gm.graph.inserting_before(target):

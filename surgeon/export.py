@@ -143,7 +143,7 @@ def export(
 ) -> ExportResult:
     """Export a patched model to `format` at `path`, check the file, and say what was done.
 
-    `source` is a checkpoint directory (rebuilt with `surgeon.api.load`; its manifest gives the
+    `source` is a checkpoint directory (rebuilt with `surgeon.load`; its manifest gives the
     example size) or an nn.Module (then pass `example_input`, or `input_size` as C×H×W). The
     model must take one tensor (N, C, *spatial). `fold_layers` folds SPD layers first (True or
     "fastest": per layer, whichever form times faster; "folded": all); a module passed in is
@@ -230,23 +230,19 @@ def _resolve_source(
             example_input = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
         return source, _one_image_tensor(example_input, name), name, info
 
-    from surgeon.api import load
-    from surgeon.checkpoint import MANIFEST_FILE
+    from surgeon.checkpoint.files import read_manifest
+    from surgeon.checkpoint.manifest import summarize
+    from surgeon.checkpoint.restore import load_checkpoint
     from surgeon.models import example_inputs
 
     directory = Path(source)
-    model = load(directory, trust_import=trust_import, plugins=plugins)
-    manifest = json.loads((directory / MANIFEST_FILE).read_text())
-    spec = manifest["model"]
-    name = f"{spec['spec']} ({directory})"
-    info = {
-        "checkpoint": str(directory),
-        "model": spec["spec"],
-        "policy": manifest["policy"].get("name"),
-    }
+    model = load_checkpoint(directory, trust_import=trust_import, plugins=plugins)
+    summary = summarize(read_manifest(directory))
+    name = f"{summary.spec} ({directory})"
+    info = {"checkpoint": str(directory), "model": summary.spec, "policy": summary.policy}
     if example_input is None:
-        size = tuple(input_size) if input_size else tuple(int(s) for s in spec["input_size"])
-        task = spec.get("task", "classification")
+        size = tuple(input_size) if input_size else summary.input_size
+        task = summary.task
         args = example_inputs(task, size)
         if len(args) != 1:
             raise UsageError(

@@ -79,6 +79,10 @@ class LoadedModel:
     task: Task
     input_size: tuple[int, ...]
     weights: str  # "random", "pretrained" or the weights file path
+    # where the weights came from, as a checkpoint records it (`surgeon heal` rebuilds the
+    # unpatched model from it): {"kind": "random", "seed": ...}, {"kind": "file", "path": ...,
+    # "sha256": ...} or {"kind": "pretrained", "name": ...}
+    source_weights: dict[str, Any] = field(default_factory=lambda: {"kind": "unrecorded"})
 
 
 @cache
@@ -234,10 +238,12 @@ def _task(spec: ModelSpec) -> Task:
 
 
 def build_model(
-    spec: ModelSpec, *, pretrained: bool = False, weights: Path | None = None
+    spec: ModelSpec, *, pretrained: bool = False, weights: Path | None = None, seed: int = 0
 ) -> LoadedModel:
-    """Build the model (random init unless `pretrained`), load `weights` if given, eval mode."""
+    """Build the model (random init from `seed` unless `pretrained`), load `weights` if given,
+    eval mode. The same seed builds the same random weights."""
     task = _task(spec)
+    torch.manual_seed(seed)
     try:
         if spec.source == "torchvision":
             model = _build_torchvision(spec, task, pretrained)
@@ -259,7 +265,13 @@ def build_model(
             ) from exc
         raise ModelSpecError(f"cannot build {spec.text}: {exc}") from exc
     source = "pretrained" if pretrained else "random"
+    record: dict[str, Any] = (
+        {"kind": "pretrained", "name": spec.text}
+        if pretrained
+        else {"kind": "random", "seed": seed}
+    )
     if weights is not None:
+        from surgeon.checkpoint.files import sha256_file
         from surgeon.checkpoint.weights import check_state_dict_fits, load_weights_file
 
         state = load_weights_file(weights)
@@ -267,8 +279,11 @@ def build_model(
         check_state_dict_fits(expected, state, source=weights)
         load_state(model, state)
         source = str(weights)
+        path = Path(weights).resolve()
+        record = {"kind": "file", "path": str(path), "sha256": sha256_file(path)}
     model.eval()
-    return LoadedModel(model, spec, task, _default_input_size(spec, task, model), source)
+    size = _default_input_size(spec, task, model)
+    return LoadedModel(model, spec, task, size, source, record)
 
 
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
@@ -292,9 +307,11 @@ def load_model(
     kwargs: Mapping[str, Any] | None = None,
     pretrained: bool = False,
     weights: Path | None = None,
+    seed: int = 0,
 ) -> LoadedModel:
     """Parse a spec string and build the model: the one call the CLI makes."""
-    return build_model(parse_spec(text, kwargs), pretrained=pretrained, weights=weights)
+    spec = parse_spec(text, kwargs)
+    return build_model(spec, pretrained=pretrained, weights=weights, seed=seed)
 
 
 def example_inputs(

@@ -49,6 +49,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("rewrites", ("surgeon.rewrites.*",)),
     ("patch and its reports", ("surgeon.patch", "surgeon.report", "surgeon.report_html")),
     ("tools built on patch", ("surgeon.placements", "surgeon.fold")),
+    (
+        "recording and loading checkpoints",
+        ("surgeon.checkpoint.record", "surgeon.checkpoint.replay", "surgeon.checkpoint.restore"),
+    ),
     ("tools that consume checkpoints", ("surgeon.export", "surgeon.evaluate")),
     ("the Python surface", ("surgeon.api", "surgeon")),
     ("the command line", ("surgeon.cli",)),

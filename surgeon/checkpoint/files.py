@@ -38,7 +38,7 @@ from surgeon.checkpoint.manifest import (
 )
 from surgeon.errors import CheckpointError, OutputError
 
-__all__ = ["check_writable", "read_checkpoint", "sha256_file", "write_checkpoint"]
+__all__ = ["check_writable", "read_checkpoint", "read_manifest", "sha256_file", "write_checkpoint"]
 
 _EXTRA_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _CHUNK = 1 << 20
@@ -185,6 +185,18 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, Tensor]]
             f"{weights_path} is not a valid safetensors file ({err}); {FIX_MANIFEST}"
         ) from err
     return manifest, tensors
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The validated surgery.json of a checkpoint directory (the weights are not read)."""
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{directory} is not a surgeon checkpoint: {MANIFEST_FILE} is missing"
+        )
+    manifest = _read_manifest(path)
+    validate_manifest(manifest)
+    return manifest
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
