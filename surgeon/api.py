@@ -19,7 +19,7 @@ from surgeon.checkpoint.replay import upgrade_checkpoint
 from surgeon.checkpoint.restore import load_checkpoint
 from surgeon.fold import FoldRecord
 from surgeon.models import LoadedModel
-from surgeon.patch import PatchReport
+from surgeon.patch import PatchReport, resolve_policy
 from surgeon.policy import Policy
 from surgeon.report import patch_markdown
 
@@ -31,7 +31,7 @@ def save(
     model: nn.Module,
     loaded: LoadedModel,
     report: PatchReport,
-    policy: Policy | Mapping[str, Any],
+    policy: Policy | Mapping[str, Any] | str | Path,
     *,
     seed: int = 0,
     plugins: Sequence[str] = (),
@@ -44,10 +44,12 @@ def save(
 
     `loaded` is the source model as `surgeon.models.load_model` built it (spec, input size,
     task, where its weights came from), `report` what `patch` returned (its `ops` are the edits
-    recorded), `policy` the policy applied and `seed` the patch's seed. `fold` is the record of
+    recorded), `policy` the policy applied (a Policy, its dict, a built-in name or a YAML path) and `seed` the patch's seed. `fold` is the record of
     `surgeon.fold.fold` when `model` was folded after patching; `history` the entries of earlier
     surgeries when `model` was loaded from a checkpoint and patched again. An existing
     checkpoint is only replaced with `force`."""
+    if isinstance(policy, (str, Path)):
+        policy = resolve_policy(policy)
     policy_data = policy.to_dict() if isinstance(policy, Policy) else dict(policy)
     manifest = build_manifest(
         loaded,

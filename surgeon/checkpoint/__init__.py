@@ -5,7 +5,13 @@ that a crash never leaves a half-written one, `files` writes and reads checkpoin
 and `weights` reads users' weights files.
 """
 
-from surgeon.checkpoint.files import check_writable, read_checkpoint, sha256_file, write_checkpoint
+from surgeon.checkpoint.files import (
+    check_writable,
+    read_checkpoint,
+    read_manifest,
+    sha256_file,
+    write_checkpoint,
+)
 from surgeon.checkpoint.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -28,6 +34,7 @@ __all__ = [
     "check_writable",
     "load_weights_file",
     "read_checkpoint",
+    "read_manifest",
     "require_trusted_import",
     "sha256_file",
     "validate_manifest",
