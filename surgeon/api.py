@@ -44,10 +44,11 @@ def save(
 
     `loaded` is the source model as `surgeon.models.load_model` built it (spec, input size,
     task, where its weights came from), `report` what `patch` returned (its `ops` are the edits
-    recorded), `policy` the policy applied (a Policy, its dict, a built-in name or a YAML path) and `seed` the patch's seed. `fold` is the record of
-    `surgeon.fold.fold` when `model` was folded after patching; `history` the entries of earlier
-    surgeries when `model` was loaded from a checkpoint and patched again. An existing
-    checkpoint is only replaced with `force`."""
+    recorded), `policy` the policy applied (a Policy, its dict, a built-in name or a YAML
+    path) and `seed` the patch's seed. `fold` is the record of `surgeon.fold.fold` when
+    `model` was folded after patching; `history` the entries of earlier surgeries when `model`
+    was loaded from a checkpoint and patched again. An existing checkpoint is only replaced
+    with `force`."""
     if isinstance(policy, (str, Path)):
         policy = resolve_policy(policy)
     policy_data = policy.to_dict() if isinstance(policy, Policy) else dict(policy)
