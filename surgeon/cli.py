@@ -478,9 +478,10 @@ def main() -> None:
     """Entry point: run the app; SurgeonErrors become one line on stderr and an exit code."""
     import warnings
 
-    warnings.showwarning = _note
     try:
-        app(standalone_mode=False, prog_name="surgeon")
+        with warnings.catch_warnings():
+            warnings.showwarning = _note
+            app(standalone_mode=False, prog_name="surgeon")
     except SurgeonError as exc:
         if _state["debug"]:
             raise

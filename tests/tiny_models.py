@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["tiny_resnet"]
+__all__ = ["tiny_resnet", "tiny_root_pool"]
 
 
 class _Block(nn.Module):
@@ -68,3 +68,21 @@ class TinyResNet(nn.Module):
 def tiny_resnet(width: int = 4, num_classes: int = 3) -> nn.Module:
     """A TinyResNet with `width` stem channels (a few hundred parameters at width 4)."""
     return TinyResNet(width, num_classes)
+
+
+class _RootPool(nn.Module):
+    """The model's own forward calls F.max_pool2d: replacing it makes the model a GraphModule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, 1, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(torch.relu(self.conv(x)), 2, 2)
+        return self.fc(x.mean((2, 3)))
+
+
+def tiny_root_pool() -> nn.Module:
+    """A model whose own forward makes a functional max pool call (a site owned by the root)."""
+    return _RootPool()
