@@ -315,7 +315,7 @@ def load_model(
 
 
 def example_inputs(
-    task: Task, input_size: tuple[int, ...], *, batch: int = 1, seed: int = 0
+    task: Task | str, input_size: tuple[int, ...], *, batch: int = 1, seed: int = 0
 ) -> tuple[Any, ...]:
     """Positional example arguments for a model of this task (seeded random images)."""
     gen = torch.Generator().manual_seed(seed)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import io
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
 from rich.console import Console
+from torch import nn
 
 
 @pytest.fixture(autouse=True)
@@ -39,3 +43,25 @@ def load_script(name: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def _built_models() -> dict[tuple[str, tuple[tuple[str, Any], ...]], nn.Module]:
+    return {}
+
+
+@pytest.fixture
+def fresh_model(
+    _built_models: dict[tuple[str, tuple[tuple[str, Any], ...]], nn.Module],
+) -> Callable[..., nn.Module]:
+    """`fresh_model("resnet50", **kwargs)`: a private copy (eval mode, random init from seed 0)
+    of a model built once per test session, so tests that edit it in place rebuild nothing."""
+    from surgeon.models import load_model
+
+    def make(name: str, **kwargs: Any) -> nn.Module:
+        key = (name, tuple(sorted(kwargs.items())))
+        if key not in _built_models:
+            _built_models[key] = load_model(name, kwargs=kwargs, seed=0).model
+        return copy.deepcopy(_built_models[key]).eval()
+
+    return make

@@ -180,7 +180,7 @@ def _first(manifest: dict[str, Any], op: str) -> dict[str, Any]:
         ),
         (
             lambda m: _first(m, "replace").update(path="layer9.conv1"),
-            r"field 'history\[0\]\.edits\[0\]\.path': the model has no module 'layer9'",
+            r"field 'history\[0\]\.edits\[0\]\.path': the model has no module 'layer9\.conv1'",
         ),
         (
             lambda m: _first(m, "replace").update(path=7),

@@ -287,10 +287,11 @@ def _check(value: Any, expected: Any, where: str) -> None:
         if not isinstance(value, Mapping):
             field_error(where, "an object", value)
         tag = value.get(expected.tag)
-        if tag not in expected.kinds:
+        kind = expected.kinds.get(tag) if isinstance(tag, str) else None
+        if kind is None:
             kinds = ", ".join(repr(k) for k in expected.kinds)
             field_error(f"{where}.{expected.tag}", f"one of {kinds}", tag)
-        _check(value, expected.kinds[tag], where)
+        _check(value, kind, where)
         return
     if expected is Any:
         return

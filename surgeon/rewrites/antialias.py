@@ -80,11 +80,19 @@ class AntialiasRewrite:
     def _pool(self, editor: ModelEditor, site: Site, params: Mapping[str, Any]) -> Edit:
         blur = self._blur(site, params, site.in_channels, ceil=site.ceil_mode)
         if site.padding == "same":
-            original = editor.module(site.module) if not site.functional else None
-            if original is None:
+            if site.functional:
                 raise SkipSite("functional pooling with 'same' padding")
-            dense: nn.Module = type(original)(site.kernel, stride=1)  # timm MaxPool2dSame & co.
-        elif site.op == "max_pool":
+            # timm's MaxPool2dSame & co. pad in their forward: the module itself runs at stride
+            # 1 (keeping its other settings), and the blur follows it
+            same = type(editor.module(site.module)).__name__
+            editor.set_attrs(site.module, stride=(1,) * site.dims)
+            editor.wrap(site.module, after=[blur])
+            description = (
+                f"{same}(k{site.kernel[0]}, s1) + BlurPool(f{blur.filter_size}, s{site.stride[0]})"
+            )
+            return Edit(site.name, "antialias", description, "kept", (site.module,), site.module)
+        dense: nn.Module
+        if site.op == "max_pool":
             dense = _POOL_TYPES["max_pool"][site.dims](
                 site.kernel, stride=1, padding=site.padding, dilation=site.dilation
             )
