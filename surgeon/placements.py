@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from surgeon.calls import meta_shape
@@ -29,7 +27,7 @@ from surgeon.rewrites import action_schemas
 from surgeon.strides import Layer, Problem, Stage, StrideGraph, ranked
 from surgeon.trace import analyse
 
-__all__ = ["Placement", "PlacementSpace", "StridePad", "placement_policy"]
+__all__ = ["Placement", "PlacementSpace", "placement_policy"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,30 +230,3 @@ def placement_policy(placement: Placement | Sequence[str], name: str = "placemen
         ],
     }
     return policy_from_dict(data, action_schemas())
-
-
-class StridePad(nn.Module):
-    """Pads a map (low, high per spatial dimension) before a layer whose padding is asymmetric.
-
-    Max pooling pads with -inf (as its own padding does), convolutions per their padding_mode,
-    average pooling with zeros. No parameters, so nothing is added to the state dict.
-    """
-
-    def __init__(
-        self, pad: tuple[tuple[int, int], ...], mode: str = "constant", value: float = 0.0
-    ) -> None:
-        super().__init__()
-        self.pad = pad
-        self.mode = mode
-        self.value = value
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = tuple(v for low_high in reversed(self.pad) for v in low_high)
-        if self.mode == "constant":
-            return F.pad(x, flat, value=self.value)
-        return F.pad(x, flat, mode=self.mode)
-
-    def extra_repr(self) -> str:
-        return f"pad={self.pad}, mode={self.mode}" + (
-            f", value={self.value}" if self.mode == "constant" else ""
-        )

@@ -812,10 +812,9 @@ def test_a_version_1_checkpoint_with_channel_major_spd_kernels_loads_converted(
     `spd_channel_order` in surgery.json) hold channel-major kernels: `load` converts them."""
     import warnings
 
-    from surgeon.layers.transfer import channel_major_kernel
-
     from surgeon.api import load
     from surgeon.layers.spd import SpaceToDepthConv
+    from surgeon.layers.transfer import channel_major_kernel
 
     source = REPO / "tests" / "data" / "v1" / "tiny-spd"
     trust = ["tests.tiny_models:tiny_resnet"]

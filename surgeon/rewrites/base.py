@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from surgeon.edits import ModelEditor
 from surgeon.geometry import Geometry, Resize
+from surgeon.layers.stride_pad import StridePad
 from surgeon.schema import ActionSchema
 from surgeon.sites import Site
 from surgeon.trace import Analysis
@@ -119,8 +120,6 @@ def change_geometry(editor: ModelEditor, change: LayerChange) -> None:
     """Set a layer's new stride, dilation and padding; behind a `StridePad` (max pools pad with
     -inf, as their own padding does; convs per their padding_mode) when the padding is
     asymmetric."""
-    from surgeon.placements import StridePad  # moves to surgeon.layers with the other layers
-
     g, r = change.geometry, change.resize
     attrs: dict[str, Any] = {"stride": r.stride, "padding": r.padding}
     if g.op != "avg_pool":  # average pooling has no dilation
