@@ -149,7 +149,7 @@ def test_round_trip_is_bit_identical_and_keeps_the_manifest(tmp_path: Path) -> N
         assert torch.equal(got, expected), f"{key} changed in the round trip"
     weights = read_manifest.pop("weights")
     assert read_manifest.pop("format") == "surgeon-checkpoint"
-    assert read_manifest.pop("format_version") == 1
+    assert read_manifest.pop("format_version") == 2
     assert read_manifest == manifest
     assert weights == {
         "file": "model.safetensors",
@@ -634,6 +634,8 @@ IMPORT_MODEL = {
     "name": "never_imported_pkg.models:build",
     "kwargs": {},
     "input_size": [1, 3, 16, 16],
+    "task": "classification",
+    "weights": {"kind": "random", "seed": 0},
 }
 
 
