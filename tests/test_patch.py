@@ -22,8 +22,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / a.abs().max()).item()
 
 
-def _exact_case(spec: str, size: int) -> None:
-    model = load_model(spec).model
+def _exact_case(model: nn.Module, size: int) -> None:
     original = copy.deepcopy(model)
     x = torch.randn(2, 3, size, size)
     patched, report = patch(model, "spd", x)
@@ -39,8 +38,10 @@ def _exact_case(spec: str, size: int) -> None:
 @pytest.mark.parametrize(
     "spec", ["resnet50", "mobilenet_v3_large", "efficientnet_b0", "timm:tf_efficientnet_b0"]
 )
-def test_spd_reproduces_the_original_outputs(spec: str, size: int) -> None:
-    _exact_case(spec, size)
+def test_spd_reproduces_the_original_outputs(
+    fresh_model: Callable[..., nn.Module], spec: str, size: int
+) -> None:
+    _exact_case(fresh_model(spec), size)
 
 
 def test_spd_all_marks_resnet50_max_pool_approximate_and_the_rest_exact(
