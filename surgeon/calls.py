@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from surgeon.submodules import count_params
+
 __all__ = [
     "FUNCTION_OPS",
     "SAME_PADDING_TYPES",
@@ -229,7 +231,7 @@ def module_call(module: nn.Module) -> Call | None:
             bias=module.bias is not None,
             weight_shape=tuple(module.weight.shape),
             padding_mode=module.padding_mode,
-            params=sum(p.numel() for p in module.parameters()),
+            params=count_params(module),
             output_padding=int_tuple(module.output_padding, dims),
             scale=tuple(float(s) for s in stride),
         )
@@ -261,7 +263,7 @@ def module_call(module: nn.Module) -> Call | None:
             bias=module.bias is not None,
             weight_shape=tuple(module.weight.shape),
             padding_mode=module.padding_mode,
-            params=sum(p.numel() for p in module.parameters()),
+            params=count_params(module),
         )
     pools: tuple[tuple[type[nn.Module], Op], ...] = (
         (nn.modules.pooling._MaxPoolNd, "max_pool"),

@@ -277,6 +277,7 @@ def load(
     from surgeon.checkpoint.files import read_manifest
     from surgeon.checkpoint.manifest import summarize
     from surgeon.models import example_inputs
+    from surgeon.submodules import count_params
 
     model_obj = load_checkpoint(directory, trust_import=trust_import or [], plugins=plugin or [])
     info = summarize(read_manifest(directory))
@@ -284,7 +285,7 @@ def load(
 
     with torch.no_grad():
         model_obj(*example_inputs(info.task, info.input_size))
-    params = sum(p.numel() for p in model_obj.parameters())
+    params = count_params(model_obj)
     out.print(
         f"loaded {info.spec} patched with {info.policy}: "
         f"{type(model_obj).__name__}, {params:,} parameters, weights verified, forward pass ok"

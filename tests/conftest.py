@@ -22,6 +22,19 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def _home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(autouse=True)
+def _no_user_home(_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing a test runs (subprocesses included) writes to the user's home or caches."""
+    monkeypatch.setenv("HOME", str(_home))
+    for name, sub in (("TORCH_HOME", "torch"), ("HF_HOME", "hf"), ("XDG_CACHE_HOME", "cache")):
+        monkeypatch.setenv(name, str(_home / sub))
+
+
 @pytest.fixture
 def console() -> Console:
     """A console that renders to text deterministically (as rich's own tests do)."""
