@@ -29,7 +29,6 @@ from surgeon.checkpoint.replay import replay
 from surgeon.checkpoint.weights import check_state_dict_fits
 from surgeon.edits import EditError, op_from_dict, perform
 from surgeon.errors import CheckpointError
-from surgeon.layers.registry import registered_layers
 from surgeon.models import ModelSpec, build_model, load_state
 from surgeon.rewrites import load_plugin
 
@@ -76,8 +75,8 @@ def rebuild(
     trust_import: Collection[str] = (),
     plugins: Collection[str] = (),
 ) -> nn.Module:
-    """The source model of a version-2 manifest with every recorded edit applied (weights as
-    the source model builds them: load the checkpoint's next)."""
+    """The source model of a version-2 manifest with every recorded edit applied; its
+    parameters are left uninitialised (not drawn at random): load the checkpoint's next."""
     require_trusted_import(manifest, trust_import)
     for entry in manifest["history"]:
         for plugin in entry.get("plugins", []):
@@ -89,13 +88,16 @@ def rebuild(
             load_plugin(plugin)
     info = manifest["model"]
     spec = ModelSpec(info["source"], info["name"], dict(info["kwargs"]))
-    with torch.no_grad():
+    # parameters are left as allocated, not drawn at random: the weights are loaded next
+    with torch.no_grad(), _NoRandomParameters():
         return apply_history(build_model(spec).model, manifest["history"])
 
 
-class _NoRandomInit(TorchFunctionMode):
-    """Random initialisation is skipped: `load` overwrites every parameter of a new layer with
-    strict=True, so drawing them first is wasted time (a tenth of loading resnet50-spd)."""
+class _NoRandomParameters(TorchFunctionMode):
+    """Random initialisation of parameters is skipped: `load` overwrites every parameter with
+    strict=True, so drawing them first is wasted time (half of building resnet50). Only draws
+    into an `nn.Parameter` are skipped; buffers (a fixed filter, a random projection kept as a
+    non-persistent buffer) are initialised as the model's code says."""
 
     _DRAWS = frozenset(
         {
@@ -108,6 +110,7 @@ class _NoRandomInit(TorchFunctionMode):
             nn.init.kaiming_normal_,
             nn.init.xavier_uniform_,
             nn.init.xavier_normal_,
+            nn.init.orthogonal_,
         }
     )
 
@@ -118,44 +121,23 @@ class _NoRandomInit(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: Mapping[str, Any] | None = None,
     ) -> Any:
-        if func in self._DRAWS:  # the tensor it fills, untouched
-            return args[0] if args else (kwargs or {})["tensor"]
-        return func(*args, **(kwargs or {}))
-
-
-def _own_types(spec: Any) -> bool:
-    """True when every layer of a spec is surgeon's or torch.nn's, whose constructors draw no
-    buffer at random (a plugin's layer might: it is built with its random initialisation)."""
-    if not isinstance(spec, Mapping):
-        return False
-    cls = registered_layers().get(spec.get("type", ""))
-    own = cls is not None and cls.__module__.startswith(("surgeon.layers", "torch.nn"))
-    return own and all(_own_types(child) for child in spec.get("children", []))
-
-
-def _new_layers(data: Mapping[str, Any]) -> list[Any]:
-    return [data[k] for k in ("module",) if k in data] + [
-        *data.get("before", []),
-        *data.get("after", []),
-    ]
+        kwargs = kwargs or {}
+        if func in self._DRAWS:
+            target = args[0] if args else kwargs.get("tensor")
+            if isinstance(target, nn.Parameter):
+                return target  # left as allocated: the checkpoint's value replaces it
+        return func(*args, **kwargs)
 
 
 def apply_history(model: nn.Module, history: list[Mapping[str, Any]]) -> nn.Module:
     """Apply the edits of every history entry in order; returns the model's root (a new
-    GraphModule only when a call in the root's own forward was replaced). The new layers'
-    parameters are left uninitialised where their types allow: load the weights next.
-    CheckpointError naming the field (`history[0].edits[3].path`) when an edit does not
-    apply."""
+    GraphModule only when a call in the root's own forward was replaced). CheckpointError
+    naming the field (`history[0].edits[3].path`) when an edit does not apply."""
     for h, entry in enumerate(history):
         for i, data in enumerate(entry.get("edits", [])):
             where = f"history[{h}].edits[{i}]"
             try:
-                if all(_own_types(spec) for spec in _new_layers(data)):
-                    with _NoRandomInit():
-                        op = op_from_dict(data)
-                else:
-                    op = op_from_dict(data)
-                model, _ = perform(model, op)
+                model, _ = perform(model, op_from_dict(data))
             except EditError as exc:
                 field = f"{where}.{exc.field}" if exc.field else where
                 raise CheckpointError(
