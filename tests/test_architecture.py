@@ -174,3 +174,12 @@ def test_no_import_cycles() -> None:
     for module in sorted(graph):
         if module not in state and (cycle := visit(module)) is not None:
             raise AssertionError("import cycle: " + " -> ".join(cycle))
+
+
+def test_every_package_is_shipped() -> None:
+    import tomllib
+
+    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    shipped = set(config["tool"]["setuptools"]["packages"])
+    packages = {_module_name(p) for p in PACKAGE.rglob("__init__.py")}
+    assert packages <= shipped, f"add to pyproject's packages: {sorted(packages - shipped)}"
