@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "surgeon"
 
 # (layer, modules); "pkg.*" is a package and everything in it.
@@ -177,8 +179,7 @@ def test_no_import_cycles() -> None:
 
 
 def test_every_package_is_shipped() -> None:
-    import tomllib
-
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
     shipped = set(config["tool"]["setuptools"]["packages"])
     packages = {_module_name(p) for p in PACKAGE.rglob("__init__.py")}
