@@ -1,8 +1,10 @@
-"""Deployment benchmarks: patched vs original latency, CLI wall time, patch time vs graph size.
+"""Deployment benchmarks: patched vs original latency, CLI wall time, patch time vs graph size,
+checkpoint load time.
 
     nice .venv/bin/python scripts/bench.py                  # everything, writes docs/benchmarks.md
     nice .venv/bin/python scripts/bench.py --only latency --models resnet50 --no-write
     .venv/bin/python scripts/bench.py --quick     # tiny models and inputs, prints, never writes
+    .venv/bin/python scripts/bench.py --only load --quick   # smoke run (resnet18), prints only
 
 Each part replaces its own "## ..." section of docs/benchmarks.md (created if missing); every
 other section (e.g. "## Replacement layers" from scripts/bench_layers.py) is kept as it is.
@@ -20,6 +22,9 @@ ratios: on a shared machine other processes only ever add time. Nothing here is 
     process that only imports torchvision and builds resnet50, with a phase breakdown.
 (c) Scaling: `patch(model, "spd")` time against traced-graph size for resnet18 → 152, with a
     least-squares line and the log-log slope (1 = linear).
+(d) Load: `surgeon.load` of a resnet50 SPD checkpoint (format version 2: the recorded edits
+    applied, no tracing or forward pass) against building resnet50 and reading the same
+    safetensors file into it; target at most 1.2×.
 """
 
 from __future__ import annotations
@@ -51,13 +56,14 @@ from bench_layers import ALLOCATOR, pin_allocator  # noqa: E402
 
 from surgeon.fold import fold  # noqa: E402
 from surgeon.layers.spd import SpaceToDepthConv  # noqa: E402
-from surgeon.models import load_model  # noqa: E402
+from surgeon.models import example_inputs, load_model  # noqa: E402
 from surgeon.patch import patch  # noqa: E402
-from surgeon.policy import list_builtin_policies  # noqa: E402
+from surgeon.policy_loader import list_builtin_policies  # noqa: E402
 
 LATENCY = "## Model latency: patched vs original"
 CLI = "## CLI wall time"
 SCALING = "## Patch time vs graph size"
+LOAD = "## Checkpoint load time"
 LATENCY_MODELS = ("resnet50", "mobilenet_v3_large", "convnext_tiny")
 SCALING_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -439,6 +445,66 @@ def _mark_cli(value: float) -> str:
     return f"{value:.2f}" if value <= 1.3 else f"**{value:.2f}**"
 
 
+# --------------------------------------------------------------------------- (d) load
+
+
+def bench_load(model_name: str, repeats: int) -> dict[str, Any]:
+    """`surgeon.load` of MODEL-spd against building MODEL and reading its safetensors, in one
+    warm process, interleaved: CPU seconds per run."""
+    import safetensors.torch
+    import torchvision
+
+    import surgeon
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / f"{model_name}-spd"
+        loaded = load_model(model_name)
+        args = example_inputs(loaded.task, loaded.input_size)
+        model, report = patch(loaded.model, "spd", args, model_name=model_name)
+        surgeon.save(directory, model, loaded, report, "spd")
+        weights = directory / "model.safetensors"
+
+        def baseline() -> None:
+            built = torchvision.models.get_model(model_name)
+            built.load_state_dict(safetensors.torch.load_file(weights), strict=False)
+
+        def load() -> None:
+            surgeon.load(directory)
+
+        runs: dict[str, list[float]] = {"build + read safetensors": [], "surgeon.load": []}
+        for _ in range(repeats):
+            for name, run in (("build + read safetensors", baseline), ("surgeon.load", load)):
+                start = time.process_time()
+                run()
+                runs[name].append(time.process_time() - start)
+                print(f"[load] {name}: {runs[name][-1]:.2f} s CPU", file=sys.stderr)
+    return {name: (min(v), statistics.median(v)) for name, v in runs.items()}
+
+
+def load_section(
+    result: dict[str, Any], model_name: str, repeats: int, loads: tuple[str, str]
+) -> str:
+    base = result["build + read safetensors"][0]
+    lines = [
+        LOAD,
+        "",
+        f"`surgeon.load` of a {model_name} SPD checkpoint (build the source model, apply the "
+        "recorded edits, read and check the safetensors file, `load_state_dict(strict=True)`; "
+        f"no tracing, no policy, no forward pass) against building {model_name} and reading the "
+        f"same safetensors file: CPU seconds, best (median) of {repeats} interleaved runs in one "
+        "warm process. Target: at most 1.2× the build-and-read time.",
+        "",
+        "| step | CPU s | ratio |",
+        "|---|---:|---:|",
+    ]
+    for name, (best, median) in result.items():
+        ratio = best / base
+        mark = f"{ratio:.2f}" if ratio <= 1.2 else f"**{ratio:.2f}**"
+        lines.append(f"| {name} | {best:.3f} ({median:.3f}) | {mark} |")
+    lines += ["", f"Load average (1/5/15 min) before: {loads[0]}, after: {loads[1]}.", ""]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- (c) scaling
 
 
@@ -534,7 +600,7 @@ def write_sections(path: Path, header: str, sections: dict[str, str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["latency", "cli", "scaling"], action="append")
+    parser.add_argument("--only", choices=["latency", "cli", "scaling", "load"], action="append")
     parser.add_argument("--models", nargs="+", default=list(LATENCY_MODELS))
     parser.add_argument("--rounds", type=int, default=20, help="latency rounds per variant")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="latency batch sizes")
@@ -552,7 +618,7 @@ def main() -> None:
         "--quick",
         action="store_true",
         help="checks that the script runs: resnet18 at 64×64, 2 rounds, 1 repeat, scaling over "
-        "resnet18/34 at 32×32; prints, never writes",
+        "resnet18/34 at 32×32, the load benchmark on resnet18; prints, never writes",
     )
     args = parser.parse_args()
     latency_size, scaling_models = 224, SCALING_MODELS
@@ -560,7 +626,7 @@ def main() -> None:
         args.models, args.batch, args.rounds, args.repeats = ["resnet18"], [1], 2, 1
         args.scaling_size, args.no_write = 32, True
         latency_size, scaling_models = 64, SCALING_MODELS[:2]
-    parts = args.only or ["latency", "cli", "scaling"]
+    parts = args.only or ["latency", "cli", "scaling", "load"]
     if "latency" in parts or "scaling" in parts:
         pin_allocator()
     torch.manual_seed(0)
@@ -586,6 +652,10 @@ def main() -> None:
         sections[SCALING] = scaling_section(
             rows, args.repeats, args.scaling_size, (before, _load())
         )
+    if "load" in parts:
+        before = _load()
+        name, repeats = ("resnet18", 2) if args.quick else ("resnet50", args.repeats)
+        sections[LOAD] = load_section(bench_load(name, repeats), name, repeats, (before, _load()))
     if args.no_write:
         print("\n\n".join(sections.values()))
         return

@@ -46,7 +46,7 @@ from bench_layers import (  # noqa: E402
 from surgeon.layers import BlurPool, SpaceToDepthConv, space_to_depth  # noqa: E402
 from surgeon.models import load_model  # noqa: E402
 from surgeon.patch import patch  # noqa: E402
-from surgeon.policy import list_builtin_policies  # noqa: E402
+from surgeon.policy_loader import list_builtin_policies  # noqa: E402
 
 SECTION = "## CUDA"
 Candidate = Callable[[torch.Tensor], Any]

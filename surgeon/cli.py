@@ -65,7 +65,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 def _print_version(value: bool) -> None:
     if not value:
         return
-    from surgeon.api import versions
+    from surgeon.checkpoint.record import versions
 
     found = versions()
     out.print(f"surgeon {found.pop('surgeon')}", highlight=False)
@@ -287,46 +287,41 @@ def info(
     import json as jsonlib
 
     from surgeon.checkpoint import read_checkpoint
+    from surgeon.checkpoint.manifest import summarize
 
     manifest, state = read_checkpoint(directory)
     if json:
         out.print_json(jsonlib.dumps(manifest, sort_keys=True))
         return
-    info = manifest["model"]
-    summary = manifest.get("summary", {})
-    edits = manifest.get("edits", [])
+    info = summarize(manifest)
     out.print(
-        f"[bold]{directory}[/bold]: {info['spec']} "
-        f"patched with policy {manifest['policy'].get('name')}"
+        f"[bold]{directory}[/bold]: {info.spec} patched with policy {info.policy} "
+        f"(format version {info.format_version}; {' + '.join(info.surgeries)})"
     )
     out.print(
-        f"  input {'x'.join(map(str, info['input_size']))}, kwargs {info['kwargs']}, "
-        f"seed {manifest.get('seed', 0)}"
+        f"  input {'x'.join(map(str, info.input_size))}, kwargs {dict(info.kwargs)}, "
+        f"seed {info.seed}"
     )
     out.print(
-        f"  {sum(e['status'] == 'patched' for e in edits)} sites patched, "
-        f"{sum(e['status'] == 'skipped' for e in edits)} skipped; {len(state)} tensors, "
+        f"  {sum(r['status'] == 'patched' for r in info.rows)} sites patched, "
+        f"{sum(r['status'] == 'skipped' for r in info.rows)} skipped; {len(state)} tensors, "
         f"{sum(t.numel() for t in state.values()):,} values"
     )
-    if summary:
+    if info.totals:
         out.print(
-            f"  params {summary['params_before']:,} → {summary['params_after']:,}, "
-            f"MACs {summary['macs_before']:,} → {summary['macs_after']:,}"
+            f"  params {info.totals['params_before']:,} → {info.totals['params_after']:,}, "
+            f"MACs {info.totals['macs_before']:,} → {info.totals['macs_after']:,}"
         )
-    for edit in edits:
-        if edit["status"] == "patched":
-            out.print(
-                f"  {edit['site']}: {edit['replacement']} [{edit['transfer']}]", highlight=False
-            )
-    fold = manifest.get("fold")
-    if isinstance(fold, dict) and isinstance(fold.get("layers"), list):
-        folded = [layer.get("name") for layer in fold["layers"] if layer.get("form") == "folded"]
+    for row in info.rows:
+        if row["status"] == "patched":
+            out.print(f"  {row['site']}: {row['replacement']} [{row['transfer']}]", highlight=False)
+    if info.fold_layers:
         out.print(
-            f"  folded (patch --fold): {len(folded)} of {len(fold['layers'])} SPD layers, "
-            f"each now one strided conv: {', '.join(map(str, folded)) or 'none'}",
+            f"  folded (patch --fold): {len(info.folded)} of {info.fold_layers} SPD layers, "
+            f"each now one strided conv: {', '.join(info.folded) or 'none'}",
             highlight=False,
         )
-    out.print(f"  written {manifest['created']} with {manifest['versions']}", style="dim")
+    out.print(f"  written {info.created} with {dict(info.versions)}", style="dim")
 
 
 @app.command()
@@ -339,21 +334,44 @@ def load(
 ) -> None:
     """Rebuild the patched model from a checkpoint and check that it runs."""
     from surgeon.api import load as load_checkpoint
-    from surgeon.checkpoint import read_checkpoint
+    from surgeon.checkpoint.files import read_manifest
+    from surgeon.checkpoint.manifest import summarize
     from surgeon.models import example_inputs
+    from surgeon.submodules import count_params
 
     model_obj = load_checkpoint(directory, trust_import=trust_import or [], plugins=plugin or [])
-    manifest, _ = read_checkpoint(directory)
-    info = manifest["model"]
+    info = summarize(read_manifest(directory))
     import torch
 
     with torch.no_grad():
-        model_obj(*example_inputs(info.get("task", "classification"), tuple(info["input_size"])))
-    params = sum(p.numel() for p in model_obj.parameters())
+        model_obj(*example_inputs(info.task, info.input_size))
+    params = count_params(model_obj)
     out.print(
-        f"loaded {info['spec']} patched with {manifest['policy'].get('name')}: "
+        f"loaded {info.spec} patched with {info.policy}: "
         f"{type(model_obj).__name__}, {params:,} parameters, weights verified, forward pass ok"
     )
+
+
+@app.command()
+def upgrade(
+    directory: Annotated[Path, typer.Argument(help="A version-1 checkpoint directory.")],
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write the upgraded checkpoint here (default: in place)."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing checkpoint at --out.")
+    ] = False,
+    trust_import: TrustImportOpt = None,
+    plugin: PluginOpt = None,
+) -> None:
+    """Rewrite a version-1 checkpoint as version 2 (its edits recorded; same weights)."""
+    from surgeon.api import upgrade as run_upgrade
+
+    written = run_upgrade(
+        directory, out_dir, force=force, trust_import=trust_import or [], plugins=plugin or []
+    )
+    err.print(f"wrote {written} (checkpoint format version 2)")
 
 
 @app.command(name="eval")
@@ -506,7 +524,7 @@ def placements(
 @app.command()
 def policies() -> None:
     """List the built-in policies."""
-    from surgeon.policy import list_builtin_policies
+    from surgeon.policy_loader import list_builtin_policies
 
     for name, description in list_builtin_policies():
         out.print(f"[bold]{name:12s}[/bold] {description}")
@@ -533,11 +551,20 @@ def _tag_taken(args: list[str]) -> str | None:
     return None
 
 
+def _note(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Library warnings as one `note:` line on stderr (a version-1 checkpoint, for one)."""
+    err.print(f"[yellow]note:[/yellow] {message}", highlight=False)
+
+
 def main() -> None:
     """Entry point: run the app; SurgeonErrors become one line on stderr and an exit code."""
+    import warnings
+
     args = sys.argv[1:]
     try:
-        app(args=_pretrained_alone(args), standalone_mode=False, prog_name="surgeon")
+        with warnings.catch_warnings():
+            warnings.showwarning = _note
+            app(args=_pretrained_alone(args), standalone_mode=False, prog_name="surgeon")
     except SurgeonError as exc:
         if _state["debug"]:
             raise

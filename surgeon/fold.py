@@ -27,12 +27,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from surgeon.edits import EditOp, ModelEditor
 from surgeon.errors import PatchError
 from surgeon.layers.folded import FoldedSpaceToDepthConv
 from surgeon.layers.spd import SpaceToDepthConv
@@ -97,6 +98,8 @@ class FoldRecord:
     layers: tuple[LayerFold, ...]
     choose: str
     threads: int
+    ops: tuple[EditOp, ...] = field(default=(), compare=False)
+    """The edits made: one `Replace` per folded layer (what a checkpoint records)."""
 
     @property
     def folded(self) -> int:
@@ -158,6 +161,29 @@ def fold(
     if unknown:
         raise PatchError(f"fold forms name layers the model does not have: {', '.join(unknown)}")
     shapes = _input_shapes(model, layers, example_input)
+    editor = ModelEditor(model)
+    try:
+        records = _fold_layers(editor, layers, shapes, choose, forms, trim, min_seconds)
+    except BaseException:  # all or nothing, as for patch
+        editor.rollback()
+        raise
+    return model, FoldRecord(
+        tuple(records),
+        choose if forms is None else "replayed",
+        torch.get_num_threads(),
+        tuple(editor.ops),
+    )
+
+
+def _fold_layers(
+    editor: ModelEditor,
+    layers: Mapping[str, SpaceToDepthConv],
+    shapes: Mapping[str, tuple[int, ...]],
+    choose: str,
+    forms: Mapping[str, str] | None,
+    trim: bool,
+    min_seconds: float,
+) -> list[LayerFold]:
     records: list[LayerFold] = []
     generator = torch.Generator().manual_seed(0)
     for name, layer in layers.items():
@@ -187,7 +213,7 @@ def fold(
             ms_kept, ms_folded = _race(layer, folded, x, min_seconds)
             form = "folded" if ms_folded < ms_kept else "kept"
         if form == "folded":
-            _set_module(model, name, folded)
+            editor.replace(name, folded)
         records.append(
             LayerFold(
                 name=name,
@@ -203,9 +229,7 @@ def fold(
                 rel_diff=rel,
             )
         )
-    return model, FoldRecord(
-        tuple(records), choose if forms is None else "replayed", torch.get_num_threads()
-    )
+    return records
 
 
 def _input_shapes(
@@ -268,11 +292,6 @@ def _difference(expected: Tensor, got: Tensor) -> tuple[float, float]:
     worst = (expected.double() - got.double()).abs().max().item() if expected.numel() else 0.0
     scale = expected.double().abs().max().item() if expected.numel() else 0.0
     return worst, worst / scale if scale else worst
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
 
 def _kernel_text(kernel: tuple[int, ...]) -> str:

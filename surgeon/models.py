@@ -433,7 +433,8 @@ def build_model(
     if pretrained:
         record = _pretrained_record(spec, model)
     if weights is not None:
-        from surgeon.checkpoint import check_state_dict_fits, load_weights_file, sha256_file
+        from surgeon.checkpoint.files import sha256_file
+        from surgeon.checkpoint.weights import check_state_dict_fits, load_weights_file
 
         state = load_weights_file(weights)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -491,7 +492,7 @@ def _pretrained_record(spec: ModelSpec, model: nn.Module) -> dict[str, Any]:
         file = _timm_cache_file(cfg)
     if file is None or not file.is_file():
         return {"kind": "pretrained", "name": name, "file": None, "sha256": None}
-    from surgeon.checkpoint import sha256_file
+    from surgeon.checkpoint.files import sha256_file
 
     return {"kind": "pretrained", "name": name, "file": str(file), "sha256": sha256_file(file)}
 
@@ -620,7 +621,7 @@ def load_model(
 
 
 def example_inputs(
-    task: Task, input_size: tuple[int, ...], *, batch: int = 1, seed: int = 0
+    task: Task | str, input_size: tuple[int, ...], *, batch: int = 1, seed: int = 0
 ) -> tuple[Any, ...]:
     """Positional example arguments for a model of this task (seeded random images)."""
     gen = torch.Generator().manual_seed(seed)

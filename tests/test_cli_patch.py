@@ -192,7 +192,9 @@ def test_patch_fold_records_the_fold_and_load_replays_it(
     code, _, err = run_cli(capsys, "patch", *common, "--out", str(folded), "--fold")
     assert code == 0, err
     assert "SPD layers folded" in err
-    record = json.loads((folded / "surgery.json").read_text())["fold"]
+    history = json.loads((folded / "surgery.json").read_text())["history"]
+    assert [entry["kind"] for entry in history] == ["patch", "fold"]
+    record = history[1]
     forms = {layer["name"]: layer["form"] for layer in record["layers"]}
     assert len(forms) == 7 and set(forms.values()) <= {"folded", "kept"}
 
@@ -214,10 +216,10 @@ def test_patch_fold_records_the_fold_and_load_replays_it(
 
     # a fold record that names a form surgeon does not know is refused, nothing is built
     manifest = json.loads((folded / "surgery.json").read_text())
-    manifest["fold"]["layers"][0]["form"] = "squashed"
+    manifest["history"][1]["layers"][0]["form"] = "squashed"
     (folded / "surgery.json").write_text(json.dumps(manifest))
     code, _, err = run_cli(capsys, "load", str(folded))
-    assert code != 0 and "fold.layers" in err and "\n" not in err.strip()
+    assert code != 0 and "history[1].layers[0].form" in err and "\n" not in err.strip()
 
 
 def test_the_console_script_writes_a_complete_checkpoint_and_exits_with_the_code(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -98,6 +99,17 @@ SUBSTITUTIONS = [
         "small example inputs",
     ),
     Substitution(
+        r"^(surgeon upgrade out/old-ckpt)\b",
+        r"\1 --trust-import tests.tiny_models:tiny_resnet",
+        "the version-1 stand-in (tests/data/v1) rebuilds a tiny model from a test factory",
+    ),
+    Substitution(
+        r'surgeon\.upgrade\("out/old-ckpt"\)',
+        'surgeon.upgrade("out/old-ckpt", trust_import=["tests.tiny_models:tiny_resnet"])',
+        "the same stand-in from Python",
+        kinds=("python",),
+    ),
+    Substitution(
         r"^(surgeon eval .*)$",
         r"\1 --pairs 4 --input-size 3x32x32",
         "4 shift-consistency pairs instead of 64, small inputs",
@@ -115,9 +127,15 @@ def _readme_policy(path: Path, readme: str) -> None:
     path.write_text(fenced_blocks(readme, "yaml")[0][2])
 
 
+def _old_checkpoint(path: Path, readme: str) -> None:
+    """The reader's version-1 checkpoint: the committed fixture (a tiny test ResNet)."""
+    shutil.copytree(ROOT / "tests" / "data" / "v1" / "tiny-spd", path)
+
+
 FILES: dict[str, Callable[[Path, str], None]] = {
     "r50.pt": _stand_in_weights,
     "my_policy.yaml": _readme_policy,
+    "out/old-ckpt": _old_checkpoint,
 }
 
 MAKE_SKIPPED = {

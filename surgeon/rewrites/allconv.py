@@ -26,8 +26,8 @@ from torch import nn
 
 from surgeon.arithmetic import pool_output_size
 from surgeon.layers.pool_pad import PoolPad
-from surgeon.policy import ActionSchema, ParamSpec
 from surgeon.rewrites.base import Edit, ModelEditor, SkipSite
+from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.sites import Site
 
 __all__ = ["AllConvRewrite", "PoolPad", "pooling_conv"]

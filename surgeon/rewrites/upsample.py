@@ -24,8 +24,8 @@ from torch import nn
 
 from surgeon.layers.resize_conv import ResizeConv
 from surgeon.layers.sub_pixel import SubPixelConv, shuffle
-from surgeon.policy import ActionSchema, ParamSpec
 from surgeon.rewrites.base import Edit, ModelEditor, SkipSite
+from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.sites import Site
 
 __all__ = ["ResizeConv", "SubPixelConv", "UpsampleRewrite", "shuffle"]
