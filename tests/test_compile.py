@@ -4,8 +4,8 @@ compiles as one graph and gives the eager model's outputs and gradients.
 The default suite compiles with the `aot_eager` backend (TorchDynamo's graph capture and
 AOTAutograd's forward and backward graphs, run by eager kernels): it checks everything
 `torch.compile` does to the replacement layers except Inductor's code generation, whose C++
-compile (gcc) takes tens of seconds per graph even at this size. The same check with Inductor,
-the default backend, is marked slow."""
+compile (gcc) is too slow for the default suite even at this size. The same check with
+Inductor, the default backend, is marked slow."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_patched_model_compiles_as_one_graph_with_eager_outputs_and_gradients(
     _compiled_matches_eager(policy, "aot_eager")
 
 
-@pytest.mark.slow  # Inductor's C++ compile: tens of seconds per graph on 2 cores
+@pytest.mark.slow  # Inductor's C++ compile of every graph
 @pytest.mark.parametrize("policy", POLICIES)
 def test_patched_model_compiled_by_inductor_matches_eager(
     policy: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

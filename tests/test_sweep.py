@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -405,6 +406,22 @@ def test_a_model_built_afresh_per_policy_gives_the_same_outcomes(sweep: ModuleTy
     assert rebuilt["status"] == "pass", rebuilt["reason"]
 
 
+def test_a_model_no_policy_edits_is_built_once_even_when_built_per_policy(
+    sweep: ModuleType,
+) -> None:
+    stages: list[str] = []
+    record = sweep.sweep_model(
+        sweep.Job("import", "tests.sweep_fakes:plain"),
+        side=16,
+        memory_gib=2e-6,  # 2 KiB: no room to keep an original beside each policy's model
+        policies=["spd", "antialias", "allconv"],
+        progress=stages.append,
+    )
+    assert record["memory_plan"] == "rebuild" and record["status"] == "no sites", record
+    # the reloaded checkpoint of an unedited model is the original: the next policy takes it
+    assert "rebuild" not in stages, stages
+
+
 def test_outcome_classes_of_records_old_and_new(sweep: ModuleType) -> None:
     assert sweep.policy_outcome({"status": "pass", "patched": 0}) == "no sites"
     assert sweep.policy_outcome({"status": "no sites", "patched": 0}) == "no sites"
@@ -416,3 +433,34 @@ def test_outcome_classes_of_records_old_and_new(sweep: ModuleType) -> None:
     records = {"timm:a": {"status": "pass", "policies": both}, "timm:b": {"status": "skip"}}
     jobs = [sweep.Job("timm", "a"), sweep.Job("timm", "b")]
     assert sweep.not_passed(jobs, records) == jobs[1:], "no sites is not rerun as a failure"
+
+
+def test_each_record_carries_its_provenance_and_run_settings(
+    sweep: ModuleType, tmp_path: Path
+) -> None:
+    shard = tmp_path / "shard-1-of-1.jsonl"
+    job = sweep.Job("import", "tests.sweep_fakes:tiny")
+    command = ["scripts/sweep.py", "--shard", "1/1"]
+    ran = sweep.run_sweep(
+        [job],
+        shard,
+        policies=["spd"],
+        side=16,
+        quiet=True,
+        command=command,
+        shard=(1, 1),
+        listed={"import": 1},
+    )
+    assert ran == 1
+    record = sweep.read_results(shard)[job.key]
+    assert record["status"] == "pass", record["reason"]
+    prov = record["provenance"]
+    assert prov["command"] == "scripts/sweep.py --shard 1/1"
+    head = sys.modules["provenance"].git("rev-parse", "HEAD")  # None outside a repository
+    assert prov["commit"] == head and isinstance(prov["dirty"], bool), prov
+    assert set(prov["policies"]) == {"spd"} and "torch" in prov["versions"]
+    assert record["settings"]["shard"] == "1/1" and record["listed"] == 1
+    assert record["settings"]["memory_gib"] == sweep.DEFAULT_MEMORY_GIB
+    results = tmp_path / "results.jsonl"
+    assert sweep.merge_results(results, [shard]).models == 1
+    assert sweep.read_results(results)[job.key] == record
