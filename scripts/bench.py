@@ -184,7 +184,6 @@ def bench_latency(
 
 _PHASES = r"""
 import gc, json, sys, tempfile, time
-from surgeon.cli import GC_THRESHOLD
 gc.set_threshold(GC_THRESHOLD)  # as the `surgeon` script sets it
 t0 = time.process_time()
 import torch, torchvision
@@ -271,7 +270,7 @@ def bench_cli(repeats: int) -> dict[str, Any]:
     phases: list[dict[str, float]] = []
     for _ in range(repeats):
         out = subprocess.run(
-            [sys.executable, "-c", _PHASES],
+            [sys.executable, "-c", _PHASES.replace("GC_THRESHOLD", str(GC_THRESHOLD))],
             check=True,
             capture_output=True,
             text=True,

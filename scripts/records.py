@@ -1,7 +1,8 @@
 """Result records on disk, and the provenance part of every page rendered from them.
 
-    from records import write_record, read_record, commit_table, judged_line
-    write_record(RECORDS / "bench" / "latency.json", {"rows": rows}, command=sys.argv)
+    from provenance import provenance
+    from records import RECORDS, write_json, read_record, commit_table, judged_line
+    write_json(RECORDS / "bench" / "latency.json", {"rows": rows, "provenance": provenance(argv)})
 
 A record is one JSON file (benchmarks: one per section, replaced by the next run of that
 section; the sweep keeps one JSON line per model in its own file) holding the measurement and
@@ -24,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from provenance import CODE_PATHS, ROOT, provenance, staleness
+from provenance import CODE_PATHS, ROOT, staleness
 
 __all__ = [
     "RECORDS",
@@ -36,7 +37,6 @@ __all__ = [
     "short",
     "stale_reason",
     "write_json",
-    "write_record",
 ]
 
 RECORDS = ROOT / "docs" / "records"
@@ -68,19 +68,6 @@ def write_json(path: Path, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def write_record(
-    path: Path,
-    body: Mapping[str, Any],
-    *,
-    command: Sequence[str] | str,
-    policies: Iterable[Path] = (),
-) -> dict[str, Any]:
-    """Write one record, `body` plus the provenance of this process; returns the record."""
-    record = {**body, "provenance": provenance(command, policies=policies)}
-    write_json(path, record)
-    return record
 
 
 def read_record(path: Path) -> dict[str, Any] | None:

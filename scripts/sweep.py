@@ -1339,6 +1339,10 @@ def _sources(records: Sequence[Mapping[str, Any]]) -> list[str]:
     return sorted({r["source"] for r in records}, key=lambda s: s != "torchvision")
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 7200 else f"{seconds / 60:.1f} min"
+
+
 def coverage_numbers(records: Sequence[Mapping[str, Any]], current: str) -> dict[str, Any]:
     """The counts the page and the README quote, from the records alone."""
     per_source: dict[str, dict[str, Any]] = {}
@@ -1470,7 +1474,7 @@ def render_coverage(records: Sequence[dict[str, Any]], current: str) -> str:
         "*listed*: the models the source's library listed when the latest record of it ran; "
         "*current* / *stale*: records that did / did not run on the code judged against above.",
         "",
-        f"- Sum of per-model wall times: {wall / 3600:.1f} h for {len(records)} models.",
+        f"- Sum of per-model wall times: {_duration(wall)} for {len(records)} models.",
     ]
     if patch_times:
         lines.append(
