@@ -1623,13 +1623,15 @@ RUN_PLAN = [
     "wait",
     "python scripts/sweep.py --merge out/sweep/shard-1-of-2.jsonl out/sweep/shard-2-of-2.jsonl",
     "python scripts/sweep.py --rerun-failed --threads 2 --memory 22 --timeout 1800",
+    "python scripts/sweep.py --compact",
     "make docs",
     "```",
     "",
     "`--source timm --per-module 1` instead sweeps one seeded pick from each module that "
     "defines timm models (the same pick for the same timm version); models left out keep their "
     "older records, marked stale. A Slurm array runs `--shard $SLURM_ARRAY_TASK_ID/N` per "
-    "task. `--memory` is the worker's resident-memory budget in GiB: a model whose checkpoint "
+    "task; `--compact` leaves one line per model in the results after a rerun appended to "
+    "them. `--memory` is the worker's resident-memory budget in GiB: a model whose checkpoint "
     "reload alone (two float32 copies of its parameters) cannot fit is skipped before it is "
     "built, one that outgrows it is stopped and recorded as a skip, and a model whose "
     "parameters fit four times over keeps its unpatched original in memory (faster) while "
