@@ -602,19 +602,23 @@ def main() -> None:
         sys.exit(ExitCode.USER_ERROR)
 
 
+GC_THRESHOLD = 100_000
+"""Allocations between young-generation garbage collections in the `surgeon` script."""
+
+
 def entry() -> None:
     """The `surgeon` console script: `main`, then exit without the interpreter's teardown.
 
     With torch imported, Python's shutdown (releasing every module, tensor and cached kernel)
-    takes about 0.7 s of CPU on a 2-core machine: a fifth of `surgeon patch resnet50`. Every
+    is a noticeable part of a short command's time (docs/benchmarks.md, "CLI wall time"). Every
     file a command writes is closed (and fsynced) before it returns, so only the standard
     streams are left to flush. `--debug` tracebacks still propagate the usual way.
 
-    Cyclic garbage is collected every 100,000 allocations rather than Python's 700: importing
-    torchvision and tracing a model create hundreds of thousands of objects that live to the
-    end, and the young-generation collections that re-scan them cost 0.45 s of
-    `surgeon patch resnet50` (3.1 -> 2.7 s wall); the process is short-lived either way."""
-    gc.set_threshold(100_000)
+    Cyclic garbage is collected every `GC_THRESHOLD` allocations rather than Python's 700:
+    importing torchvision and tracing a model create hundreds of thousands of objects that live
+    to the end, and young-generation collections would re-scan them again and again; the
+    process is short-lived either way."""
+    gc.set_threshold(GC_THRESHOLD)
     try:
         main()
         code = 0
