@@ -9,12 +9,14 @@ from __future__ import annotations
 __all__ = [
     "AnalysisError",
     "CheckpointError",
+    "DataError",
     "ExitCode",
     "ModelSpecError",
     "OutputError",
     "PatchError",
     "PolicyError",
     "SurgeonError",
+    "TrainingError",
     "UsageError",
     "WeightsError",
 ]
@@ -73,3 +75,11 @@ class PatchError(SurgeonError):
     """The patched model failed verification (a shape changed, an exact transfer was not)."""
 
     exit_code = ExitCode.VERIFY_ERROR
+
+
+class DataError(SurgeonError):
+    """A training data folder is missing, empty, or has too many unreadable images."""
+
+
+class TrainingError(SurgeonError):
+    """Training cannot go on: the loss became NaN/inf, or a state checkpoint does not fit."""
