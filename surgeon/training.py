@@ -328,7 +328,8 @@ class Trainer:
     """Trains `model` in place on an objective; see the module docstring.
 
     `fingerprint` is what must be equal for a state checkpoint to be resumed (the caller adds
-    e.g. the data hash; the learning rate may change); `evaluate(model) -> dict` runs on rank 0 at `eval_every` steps."""
+    e.g. the data hash; the learning rate may change); `evaluate(model) -> dict` runs on
+    rank 0 every `eval_every` steps."""
 
     def __init__(
         self,

@@ -22,9 +22,9 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from surgeon.heal import heal  # noqa: E402
-from surgeon.patch import patch  # noqa: E402
-from tests.heal_fixtures import SIZE, TinyNet  # noqa: E402
+from surgeon.heal import heal
+from surgeon.patch import patch
+from tests.heal_fixtures import SIZE, TinyNet
 
 
 def main() -> None:

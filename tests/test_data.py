@@ -52,7 +52,8 @@ def test_labels_need_class_folders_and_follow_their_sorted_order(tmp_path: Path)
     index = index_images(tmp_path, labels=True)
     assert index.classes == ("c0", "c1", "c2")
     assert index.labels is not None
-    assert [index.classes[label] for label in index.labels] == [f.split("/")[0] for f in index.files]
+    folders = [f.split("/")[0] for f in index.files]
+    assert [index.classes[label] for label in index.labels] == folders
     flat = tmp_path / "flat"
     flat.mkdir()
     with pytest.raises(DataError, match="one sub-folder of images per class"):

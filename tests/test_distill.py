@@ -106,7 +106,8 @@ def test_agreement_counts_equal_top1() -> None:
     s = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     t = torch.tensor([[2.0, 0.0], [3.0, 0.0], [0.5, 0.0]])
     assert int(top1_agreement(s, t)) == 2  # type: ignore[arg-type]
-    assert top1_agreement({"out": torch.randn(3, 2, 2, 2)}, {"out": torch.randn(3, 2, 2, 2)}) is None
+    maps = {"out": torch.randn(3, 2, 2, 2)}
+    assert top1_agreement(maps, maps) is None
 
 
 def test_feature_tap_keeps_outputs_and_removes_its_hooks() -> None:

@@ -273,8 +273,15 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path: Path) -> None
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, str(RUN), str(data), str(killed), str(tmp_path / "resumed.safetensors")]
-        + ["--sleep", "0.15"],
+        [
+            sys.executable,
+            str(RUN),
+            str(data),
+            str(killed),
+            str(tmp_path / "r.safetensors"),
+            "--sleep",
+            "0.15",
+        ],
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -290,14 +297,15 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path: Path) -> None
     step = torch.load(killed / STATE_FILE, weights_only=True)["step"]
     assert 0 < step < 12, f"killed at step {step}: not mid-run"
 
-    resumed = _run(str(data), str(killed), str(tmp_path / "resumed.safetensors"), "--resume")
+    resumed = _run(str(data), str(killed), str(tmp_path / "r.safetensors"), "--resume")
     assert f"resumed from {step}" in resumed.stdout, resumed.stdout
     whole = load_file(tmp_path / "whole.safetensors")
-    again = load_file(tmp_path / "resumed.safetensors")
+    again = load_file(tmp_path / "r.safetensors")
     assert whole.keys() == again.keys()
     differ = [k for k in whole if not torch.equal(whole[k], again[k])]
     assert not differ, f"resumed weights differ from the uninterrupted run's: {differ}"
-    steps = [json.loads(line).get("step") for line in (killed / "log.jsonl").read_text().splitlines()]
+    log = (killed / "log.jsonl").read_text().splitlines()
+    steps = [json.loads(line).get("step") for line in log]
     assert steps == [2, 4, 6, 8, 10, 12], f"log after resume: {steps}"
 
 
@@ -306,8 +314,11 @@ def test_two_gloo_processes_under_torchrun_and_only_rank_0_writes(tmp_path: Path
     write_images(data, 40)
     state = tmp_path / "state"
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-        + [str(RUN), str(data), str(state), str(tmp_path / "w.safetensors"), "--steps", "4"],
+        [
+            *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"),
+            *("2", str(RUN), str(data), str(state), str(tmp_path / "w.safetensors")),
+            *("--steps", "4"),
+        ],
         env=_env(),
         capture_output=True,
         text=True,
