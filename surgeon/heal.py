@@ -107,6 +107,7 @@ class HealOptions:
     seed: int = 0
     input_size: tuple[int, int, int] | None = None
     spec: str = ""
+    preprocessing: Preprocessing | None = None
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -275,12 +276,15 @@ def heal(
       `resume=True` continues the run whose state is there.
     - `input_size` (C, H, W) and `spec` (`timm:...`, `torchvision:...`) choose the
       preprocessing; by default the teacher's timm config, else 3×224×224 with ImageNet
-      statistics.
+      statistics. `preprocessing` (a `surgeon.evaluate.Preprocessing`) replaces it: its
+      `transform` for the held-out images, its size, statistics and interpolation for the
+      training augmentation.
     - Further `HealOptions` fields (`weight_decay`, `warmup`, `grad_clip`, `label_weight`,
       `feature_weight`, `holdout`, `state_every`, `log_every`, `channels_last`) as keywords.
 
-    Returns a `HealResult`; the student is left in eval mode on the training device. Under
-    torchrun every process calls this; only rank 0 writes and logs."""
+    Returns a `HealResult`; the student is left in eval mode on the training device, the
+    teacher on it too, with its modes and requires_grad flags as they were. Under torchrun
+    every process calls this; only rank 0 writes and logs."""
     options = HealOptions(
         steps=steps,
         epochs=epochs,
@@ -372,16 +376,19 @@ def _heal(
     console: Console | None,
 ) -> HealResult:
     index = _index_on_rank0(data, options.labels, dist)
-    size = _input_size(teacher, options)
+    prep = options.preprocessing
+    size = prep.input_size if prep is not None else _input_size(teacher, options)
     if size[0] not in (1, 3):
         raise UsageError(f"image folders give 1 or 3 channels; the model takes {size[0]}")
-    prep = model_preprocessing(teacher, options.spec, size)
+    prep = prep or model_preprocessing(teacher, options.spec, size)
     train_positions, holdout_positions = split_holdout(len(index), options.holdout, options.seed)
     train_set = ImageDataset(index, train_positions, training_transform(prep), channels=size[0])
     per_epoch = steps_per_epoch(len(train_set), options.batch_size, dist.world_size)
     steps = options.steps or math.ceil((options.epochs or 0.0) * max(1, per_epoch))
 
     _seed_everything(options.seed + dist.rank)
+    teacher_modes = [(m, m.training) for m in teacher.modules()]
+    teacher_grads = [(p, p.requires_grad) for p in teacher.parameters()]
     teacher = teacher.to(dist.device).eval().requires_grad_(False)
     if options.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
@@ -462,6 +469,12 @@ def _heal(
             after = holdout.measure(trainer.module, teacher, trainer.autocast)
     finally:
         objective.close()
+        for module, mode in teacher_modes:
+            module.training = mode
+        for param, grad in teacher_grads:
+            param.requires_grad_(grad)
+        if options.channels_last:
+            teacher.to(memory_format=torch.contiguous_format)
     student.eval()
     if options.channels_last:
         student.to(memory_format=torch.contiguous_format)
