@@ -332,3 +332,23 @@ def test_two_gloo_processes_under_torchrun_and_only_rank_0_writes(tmp_path: Path
     assert [r["step"] for r in lines] == [2, 4], "each step must be logged once, by rank 0"
     # 2 processes x batch 8 per step
     assert all(r["images"] == 2 * 2 * 8 for r in lines), lines
+
+
+@pytest.mark.slow
+def test_compiled_student_heals_with_feature_taps(labelled: Path) -> None:
+    """torch.compile of the student (inductor needs a C++ compiler: about a minute on CPU)."""
+    teacher = _trained_teacher(labelled)
+    student, sites = _patched(teacher, "antialias")
+    result = heal(
+        student,
+        teacher,
+        labelled,
+        steps=4,
+        batch_size=16,
+        features=sites,
+        compile=True,
+        input_size=(3, SIZE, SIZE),
+        workers=0,
+        progress=False,
+    )
+    assert result.steps == 4 and "features" in result.losses
