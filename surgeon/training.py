@@ -719,7 +719,11 @@ def read_state(state_dir: Path | None) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch reports a damaged file with several exception types
-        raise TrainingError(f"cannot read the state checkpoint {path}: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise TrainingError(
+            f"cannot read the state checkpoint {path} ({type(exc).__name__}: {first}); "
+            "remove it and start over without --resume"
+        ) from exc
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise TrainingError(f"{path} is not a surgeon training state checkpoint")
     return state
