@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ def test_learning_rate_warms_up_then_follows_a_cosine_to_zero() -> None:
     factors = [trainer._lr_factor(step) for step in range(21)]
     assert factors[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
     assert factors[4] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(factors[4:], factors[5:], strict=False)), factors
+    assert all(a >= b for a, b in itertools.pairwise(factors[4:])), factors
     assert factors[20] == pytest.approx(0.0, abs=1e-12)
 
 
