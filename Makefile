@@ -25,3 +25,4 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy surgeon
+	$(BIN)/python -m pytest -q -n 0 tests/test_architecture.py

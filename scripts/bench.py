@@ -1,7 +1,10 @@
-"""Deployment benchmarks: patched vs original latency, CLI wall time, patch time vs graph size.
+"""Deployment benchmarks: patched vs original latency, CLI wall time, patch time vs graph size,
+checkpoint load time.
 
     nice .venv/bin/python scripts/bench.py                  # everything, writes docs/benchmarks.md
     nice .venv/bin/python scripts/bench.py --only latency --models resnet50 --no-write
+    .venv/bin/python scripts/bench.py --quick     # tiny models and inputs, prints, never writes
+    .venv/bin/python scripts/bench.py --only load --quick   # smoke run (resnet18), prints only
 
 Each part replaces its own "## ..." section of docs/benchmarks.md (created if missing); every
 other section (e.g. "## Replacement layers" from scripts/bench_layers.py) is kept as it is.
@@ -19,6 +22,9 @@ ratios: on a shared machine other processes only ever add time. Nothing here is 
     process that only imports torchvision and builds resnet50, with a phase breakdown.
 (c) Scaling: `patch(model, "spd")` time against traced-graph size for resnet18 → 152, with a
     least-squares line and the log-log slope (1 = linear).
+(d) Load: `surgeon.load` of a resnet50 SPD checkpoint (format version 2: the recorded edits
+    applied, no tracing or forward pass) against building resnet50 and reading the same
+    safetensors file into it; target at most 1.2×.
 """
 
 from __future__ import annotations
@@ -50,13 +56,14 @@ from bench_layers import ALLOCATOR, pin_allocator  # noqa: E402
 
 from surgeon.fold import fold  # noqa: E402
 from surgeon.layers.spd import SpaceToDepthConv  # noqa: E402
-from surgeon.models import load_model  # noqa: E402
+from surgeon.models import example_inputs, load_model  # noqa: E402
 from surgeon.patch import patch  # noqa: E402
-from surgeon.policy import list_builtin_policies  # noqa: E402
+from surgeon.policy_loader import list_builtin_policies  # noqa: E402
 
 LATENCY = "## Model latency: patched vs original"
 CLI = "## CLI wall time"
 SCALING = "## Patch time vs graph size"
+LOAD = "## Checkpoint load time"
 LATENCY_MODELS = ("resnet50", "mobilenet_v3_large", "convnext_tiny")
 SCALING_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -136,10 +143,10 @@ def _clock_name() -> str:
 
 
 def bench_latency(
-    models: Sequence[str], policies: Sequence[str], rounds: int, batch: int
+    models: Sequence[str], policies: Sequence[str], rounds: int, batch: int, size: int = 224
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     for name in models:
         torch.manual_seed(0)
         original = load_model(name).model.eval()
@@ -165,6 +172,7 @@ def bench_latency(
             {
                 "model": name,
                 "batch": batch,
+                "size": size,
                 "policy": "original",
                 "patched": 0,
                 "macs": base_macs,
@@ -176,6 +184,7 @@ def bench_latency(
             row: dict[str, Any] = {
                 "model": name,
                 "batch": batch,
+                "size": size,
                 "policy": policy,
                 "patched": info[policy]["patched"],
                 "macs": info[policy]["macs"],
@@ -196,10 +205,11 @@ def bench_latency(
 
 def latency_section(rows: list[dict[str, Any]], rounds: int, loads: tuple[str, str]) -> str:
     batches = sorted({r["batch"] for r in rows})
+    size = rows[0]["size"]
     lines = [
         LATENCY,
         "",
-        f"Batch {' and '.join(map(str, batches))}, 3×224×224, float32, `torch.no_grad()`, "
+        f"Batch {' and '.join(map(str, batches))}, 3×{size}×{size}, float32, `torch.no_grad()`, "
         f"{torch.get_num_threads()} torch thread(s), eager, {_clock_name()}; best of {rounds} "
         "interleaved rounds (medians in the JSON log of the run). *MAC ratio* is "
         "patched ÷ original MACs (FlopCounterMode), what a compute-bound model would cost; "
@@ -251,12 +261,11 @@ def latency_section(rows: list[dict[str, Any]], rounds: int, loads: tuple[str, s
         "Why rows differ from their MAC ratio. The MAC count (FlopCounterMode) sees "
         "convolutions and matmuls only and prices every MAC the same. SPD's inner convolutions "
         "carry 4× the input channels on a 4× smaller input, 4× the weights for the same "
-        "outputs; `SpaceToDepthConv` runs them through oneDNN directly, in output-channel "
-        "slices under glibc's 32 MiB mmap ceiling (docs/deploy.md). Before that route, "
-        "PyTorch's single-thread GEMM for 1×1 convolutions and page faults on oneDNN's "
-        "per-call weight re-layout put resnet50 spd at batch 1 at 1.21× its MAC ratio. The "
-        "original models' own 1×1 convolutions keep PyTorch's choice, which is why SPD rows "
-        "can come in under their MAC ratio. Grouped, depthwise and narrow-input (stem) SPD "
+        "outputs, as ordinary PyTorch convolutions: on one thread at small batches PyTorch "
+        "runs 1×1 stride-1 convolutions as a GEMM rather than through oneDNN, and oneDNN lays "
+        "a convolution's weights out afresh on every call, both of which cost weight-heavy "
+        "layers more than their MACs (the original models' own 1×1 convolutions pay them "
+        "too). Grouped, depthwise and narrow-input (stem) SPD "
         "layers run as one strided convolution (the folded form, built from the trained "
         "kernel on each call); the others pay a space-to-depth copy outside the MAC count, "
         "which folding removes. antialias moves the stride after the normalisation, "
@@ -436,6 +445,66 @@ def _mark_cli(value: float) -> str:
     return f"{value:.2f}" if value <= 1.3 else f"**{value:.2f}**"
 
 
+# --------------------------------------------------------------------------- (d) load
+
+
+def bench_load(model_name: str, repeats: int) -> dict[str, Any]:
+    """`surgeon.load` of MODEL-spd against building MODEL and reading its safetensors, in one
+    warm process, interleaved: CPU seconds per run."""
+    import safetensors.torch
+    import torchvision
+
+    import surgeon
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / f"{model_name}-spd"
+        loaded = load_model(model_name)
+        args = example_inputs(loaded.task, loaded.input_size)
+        model, report = patch(loaded.model, "spd", args, model_name=model_name)
+        surgeon.save(directory, model, loaded, report, "spd")
+        weights = directory / "model.safetensors"
+
+        def baseline() -> None:
+            built = torchvision.models.get_model(model_name)
+            built.load_state_dict(safetensors.torch.load_file(weights), strict=False)
+
+        def load() -> None:
+            surgeon.load(directory)
+
+        runs: dict[str, list[float]] = {"build + read safetensors": [], "surgeon.load": []}
+        for _ in range(repeats):
+            for name, run in (("build + read safetensors", baseline), ("surgeon.load", load)):
+                start = time.process_time()
+                run()
+                runs[name].append(time.process_time() - start)
+                print(f"[load] {name}: {runs[name][-1]:.2f} s CPU", file=sys.stderr)
+    return {name: (min(v), statistics.median(v)) for name, v in runs.items()}
+
+
+def load_section(
+    result: dict[str, Any], model_name: str, repeats: int, loads: tuple[str, str]
+) -> str:
+    base = result["build + read safetensors"][0]
+    lines = [
+        LOAD,
+        "",
+        f"`surgeon.load` of a {model_name} SPD checkpoint (build the source model, apply the "
+        "recorded edits, read and check the safetensors file, `load_state_dict(strict=True)`; "
+        f"no tracing, no policy, no forward pass) against building {model_name} and reading the "
+        f"same safetensors file: CPU seconds, best (median) of {repeats} interleaved runs in one "
+        "warm process. Target: at most 1.2× the build-and-read time.",
+        "",
+        "| step | CPU s | ratio |",
+        "|---|---:|---:|",
+    ]
+    for name, (best, median) in result.items():
+        ratio = best / base
+        mark = f"{ratio:.2f}" if ratio <= 1.2 else f"**{ratio:.2f}**"
+        lines.append(f"| {name} | {best:.3f} ({median:.3f}) | {mark} |")
+    lines += ["", f"Load average (1/5/15 min) before: {loads[0]}, after: {loads[1]}.", ""]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- (c) scaling
 
 
@@ -531,7 +600,7 @@ def write_sections(path: Path, header: str, sections: dict[str, str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["latency", "cli", "scaling"], action="append")
+    parser.add_argument("--only", choices=["latency", "cli", "scaling", "load"], action="append")
     parser.add_argument("--models", nargs="+", default=list(LATENCY_MODELS))
     parser.add_argument("--rounds", type=int, default=20, help="latency rounds per variant")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="latency batch sizes")
@@ -545,8 +614,19 @@ def main() -> None:
     )
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--no-write", action="store_true", help="print the sections instead")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="checks that the script runs: resnet18 at 64×64, 2 rounds, 1 repeat, scaling over "
+        "resnet18/34 at 32×32, the load benchmark on resnet18; prints, never writes",
+    )
     args = parser.parse_args()
-    parts = args.only or ["latency", "cli", "scaling"]
+    latency_size, scaling_models = 224, SCALING_MODELS
+    if args.quick:
+        args.models, args.batch, args.rounds, args.repeats = ["resnet18"], [1], 2, 1
+        args.scaling_size, args.no_write = 32, True
+        latency_size, scaling_models = 64, SCALING_MODELS[:2]
+    parts = args.only or ["latency", "cli", "scaling", "load"]
     if "latency" in parts or "scaling" in parts:
         pin_allocator()
     torch.manual_seed(0)
@@ -559,7 +639,7 @@ def main() -> None:
         rows = [
             row
             for batch in args.batch
-            for row in bench_latency(args.models, policies, args.rounds, batch)
+            for row in bench_latency(args.models, policies, args.rounds, batch, latency_size)
         ]
         sections[LATENCY] = latency_section(rows, args.rounds, (before, _load()))
     if "cli" in parts:
@@ -568,10 +648,14 @@ def main() -> None:
         sections[CLI] = cli_section(result, args.repeats, (before, _load()))
     if "scaling" in parts:
         before = _load()
-        rows = bench_scaling(SCALING_MODELS, args.repeats, args.scaling_size)
+        rows = bench_scaling(scaling_models, args.repeats, args.scaling_size)
         sections[SCALING] = scaling_section(
             rows, args.repeats, args.scaling_size, (before, _load())
         )
+    if "load" in parts:
+        before = _load()
+        name, repeats = ("resnet18", 2) if args.quick else ("resnet50", args.repeats)
+        sections[LOAD] = load_section(bench_load(name, repeats), name, repeats, (before, _load()))
     if args.no_write:
         print("\n\n".join(sections.values()))
         return

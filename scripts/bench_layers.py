@@ -16,6 +16,7 @@ re-runs itself with M_MMAP_THRESHOLD at its 32 MiB maximum and trimming off
 running a model, so every candidate reuses freed memory the same way.
 
     .venv/bin/python scripts/bench_layers.py [--repeats 30] [--threads 1] [--output FILE]
+    .venv/bin/python scripts/bench_layers.py --quick    # small shapes, 3 rounds, prints only
 """
 
 from __future__ import annotations
@@ -37,11 +38,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from surgeon.layers import BlurPool, binomial_filter, native, space_to_depth
+from surgeon.layers import BlurPool, binomial_filter, space_to_depth
 
 SECTION = "## Replacement layers"
 SPD_SHAPES = [(8, 64, 112, 112), (8, 256, 56, 56), (32, 128, 28, 28), (1, 3, 224, 224)]
 BLUR_SHAPES = [(8, 64, 112, 112), (8, 256, 56, 56), (32, 128, 28, 28), (8, 64, 111, 111)]
+# --quick: one small shape of each kind, to check the script runs (its numbers mean nothing)
+QUICK_SPD_SHAPES = [(2, 16, 16, 16), (1, 3, 16, 16)]
+QUICK_BLUR_SHAPES = [(2, 16, 16, 16), (2, 16, 15, 15)]
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 Candidate = Callable[[torch.Tensor], torch.Tensor]
@@ -84,21 +88,10 @@ def slicing_stack(x: torch.Tensor) -> torch.Tensor:
     ).flatten(1, 2)
 
 
-def without_kernels(candidate: Candidate) -> Candidate:
-    """`candidate` with surgeon's compiled kernels switched off: its PyTorch formulation."""
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with native.disabled():
-            return candidate(x)
-
-    return run
-
-
 def spd_candidates(order: str) -> dict[str, tuple[Candidate, str]]:
     ours = lambda x: space_to_depth(x, (2, 2), order)  # noqa: E731
     candidates: dict[str, tuple[Candidate, str]] = {
         f"surgeon space_to_depth ({order})": (ours, "surgeon"),
-        "surgeon without compiled kernels": (without_kernels(ours), "context"),
         "slicing + cat (SPD-Conv)": (slicing_cat, "reference"),
     }
     if order == "channel":
@@ -141,7 +134,6 @@ def blur_candidates(
     timm_blur = BlurPool2d(channels, filt_size=filter_size, stride=2).eval().to(device)
     return {
         "surgeon BlurPool": (ours, "surgeon", ""),
-        "surgeon without compiled kernels": (without_kernels(ours), "context", ""),
         "reflect pad + depthwise conv": (reflect_pad_conv, "reference", ""),
         "timm BlurPool2d": (
             timm_blur,
@@ -196,11 +188,11 @@ def time_each(candidates: dict[str, Candidate], x: torch.Tensor, repeats: int) -
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def bench_spd(repeats: int) -> list[Row]:
+def bench_spd(repeats: int, shapes: list[tuple[int, ...]] = SPD_SHAPES) -> list[Row]:
     rows = []
     for op, order in SPD_ORDERS.items():
         expected = explicit_phase_major if order == "phase" else lambda x: F.pixel_unshuffle(x, 2)
-        for shape in SPD_SHAPES:
+        for shape in shapes:
             for layout, memory_format in LAYOUTS.items():
                 x = torch.randn(shape).contiguous(memory_format=memory_format)
                 candidates = spd_candidates(order)
@@ -212,9 +204,11 @@ def bench_spd(repeats: int) -> list[Row]:
     return rows
 
 
-def bench_blur(repeats: int, filter_size: int = 4) -> list[Row]:
+def bench_blur(
+    repeats: int, shapes: list[tuple[int, ...]] = BLUR_SHAPES, filter_size: int = 4
+) -> list[Row]:
     rows = []
-    for shape in BLUR_SHAPES:
+    for shape in shapes:
         for layout, memory_format in LAYOUTS.items():
             x = torch.randn(shape).contiguous(memory_format=memory_format)
             candidates = blur_candidates(shape[1], filter_size)
@@ -253,21 +247,12 @@ def machine() -> list[str]:
                 break
     except OSError:
         pass
-    import subprocess
-
     import timm
 
-    compiler = os.environ.get("CC") or "cc"
-    if native.available():
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True)
-        kernels = f"compiled by {version.stdout.splitlines()[0]} ({native.build().name})"
-    else:
-        kernels = "not available (no C compiler, or SURGEON_NATIVE=0): PyTorch formulations"
     return [
         f"- CPU: {cpu}, {os.cpu_count()} logical cores; torch threads: {torch.get_num_threads()}",
         f"- Python {platform.python_version()}, torch {torch.__version__}, "
         f"timm {timm.__version__}, {platform.system()} {platform.release()}",
-        f"- surgeon's kernels (surgeon/layers/native.c): {kernels}",
     ]
 
 
@@ -353,23 +338,21 @@ def section(rows: list[Row], repeats: int, load: tuple[float, float]) -> str:
         "",
         *summary(rows),
         "",
-        "How surgeon's versions work. In eager float32 CPU inference both layers run a small "
-        "C kernel (`surgeon/layers/native.c`, compiled on first use, see docs/deploy.md) that "
-        "reads every input row once. BlurPool filters each output row vertically into a "
-        "padded row buffer (reflect, replicate, zero and ceil-mode extras are index tables) "
-        "and then horizontally with the stride, all taps of a pass in one loop: in NCHW "
-        "memory that replaces a padded copy plus oneDNN's NCHW depthwise convolution, "
-        "prefetches the next plane while it filters one and filters maps up to 32 wide in "
-        "whole-plane passes; in channels-last it vectorises along the channels. "
-        "Space-to-depth deinterleaves two input rows into the four phase rows (NCHW) "
-        "or copies whole channel vectors per phase (channels-last); phase-major order of a "
-        "channels-last input with 8 or more channels stays one PyTorch reshape copy, which "
-        "moves the same runs as fast. *surgeon without compiled kernels* is what runs under "
-        "autograd, autocast, export, for other dtypes or without a C compiler: for "
-        "space-to-depth a view/permute/reshape copy (contiguous) or a complex-number "
-        "interleave (channel-major, channels-last); for BlurPool pad + depthwise conv, with "
-        "the convolution's own zero padding plus border corrections on large channels-last "
-        "maps.",
+        "How surgeon's versions work: PyTorch ops only, chosen per mode and memory layout. "
+        "`space_to_depth` on a contiguous input is one view/permute/reshape copy whose inner "
+        "loop runs along output rows. Phase-major order on a channels-last input is one reshape "
+        "copy that moves runs of (last block dim × channels) values, whole channel vectors, "
+        "with no interleave (below 8 channels, one strided copy per phase). Channel-major order "
+        "on a channels-last input means interleaving the phases of every channel, which no "
+        "plain copy does fast; surgeon writes float pairs as complex numbers (bit-exact) so "
+        "that the interleave runs in a vectorised kernel. `BlurPool` on channels-last inputs of "
+        "at least 2^20 elements and spatial sizes of at least 48 (whose output count the "
+        "convolution's own padding gives, e.g. even sizes for filter 4) filters with the "
+        "convolution's zero padding, so no padded copy of the input is made, then adds what "
+        "the reflected border contributes: per spatial dim one small slab (the input rows the "
+        "padding mirrors) filtered along the other dims and added to the border outputs. Other "
+        "inputs pad then filter, the reference's own formulation, so those rows measure the "
+        "same computation twice.",
         "",
     ]
     return "\n".join(text)
@@ -416,12 +399,21 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: CPU time, else wall-clock)"
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small shapes and 3 rounds, printed, never written: checks that the script runs",
+    )
     args = parser.parse_args()
     pin_allocator()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_before = os.getloadavg()[0]
-    rows = bench_spd(args.repeats) + bench_blur(args.repeats)
+    if args.quick:
+        args.repeats, args.no_write = 3, True
+        rows = bench_spd(3, QUICK_SPD_SHAPES) + bench_blur(3, QUICK_BLUR_SHAPES)
+    else:
+        rows = bench_spd(args.repeats) + bench_blur(args.repeats)
     body = section(rows, args.repeats, (load_before, os.getloadavg()[0]))
     if args.no_write:
         print(body)

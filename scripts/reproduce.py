@@ -51,13 +51,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from surgeon.evaluate import (
-    Preprocessing,
-    count_macs,
-    count_params,
-    default_max_shift,
-    shift_consistency,
-)
+from surgeon.evaluate import Preprocessing, count_macs, default_max_shift, shift_consistency
+from surgeon.submodules import count_params
 
 VARIANTS = ("original", "spd", "antialias")
 # on request: `spd-all` also rewrites max pools; `avgpool` is a control, the original with its

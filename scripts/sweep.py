@@ -24,7 +24,7 @@ results file, so an interrupted sweep resumes where it stopped.
 Model-specific settings live in one place, `model_kwargs`: detection models are built with
 their internal resize at the input size (`min_size`/`max_size`; SSDs keep their fixed size) and
 fixed-size timm models with `img_size` set to the reduced input size; both are recorded with
-the result and replayed by `surgeon.api.load`.
+the result and used by `surgeon.api.load` to build the source model again.
 """
 
 from __future__ import annotations
@@ -367,7 +367,7 @@ def rounding_sensitivity(
 
 def builtin_policies() -> list[str]:
     """The stems of the built-in policies in configs/."""
-    from surgeon.policy import list_builtin_policies
+    from surgeon.policy_loader import list_builtin_policies
 
     return [name for name, _ in list_builtin_policies()]
 

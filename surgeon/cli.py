@@ -13,13 +13,17 @@ import typer
 from rich.console import Console
 
 from surgeon.errors import ExitCode, SurgeonError
+from surgeon.models import DEFAULT_TAG
 
 app = typer.Typer(
     name="surgeon",
     help="Find every strided convolution and pooling layer in a model and replace it by policy.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
+    # typer's plain help formatter, as Click CLIs print it: a flag is listed without a type.
+    # The Rich help panels of the typer this project runs (0.29) print `<bool>` after every
+    # flag (`--debug <bool>`, `--help <bool>`), as if each one took a value.
+    rich_markup_mode=None,
 )
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, soft_wrap=True)
@@ -28,7 +32,9 @@ _state: dict[str, Any] = {"debug": False}
 ModelArg = Annotated[
     str,
     typer.Argument(
-        help="torchvision/timm name (resnet50, timm:resnet50) or package.module:factory."
+        help="torchvision/timm name, with a pretrained tag if wanted (resnet50, "
+        "resnet50.a1_in1k, torchvision:resnet50.IMAGENET1K_V2), hf-hub:ORG/NAME, "
+        "or package.module:factory."
     ),
 ]
 InputSizeOpt = Annotated[
@@ -44,14 +50,41 @@ WeightsOpt = Annotated[
     typer.Option("--weights", help="State dict to load: .safetensors, or .pt/.pth (weights_only)."),
 ]
 PretrainedOpt = Annotated[
-    bool, typer.Option("--pretrained", help="Download the library's pretrained weights.")
+    str | None,
+    typer.Option(
+        "--pretrained",
+        metavar="[TAG]",
+        help="Load the library's pretrained weights: the default ones, or those TAG names "
+        "(IMAGENET1K_V2, a1_in1k). Read from the torch hub / Hugging Face caches, "
+        "downloaded if missing.",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    from surgeon.checkpoint.record import versions
+
+    found = versions()
+    out.print(f"surgeon {found.pop('surgeon')}", highlight=False)
+    out.print(", ".join(f"{name} {version}" for name, version in found.items()), highlight=False)
+    raise typer.Exit()
 
 
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the versions of surgeon, torch, torchvision and timm, and exit.",
+        ),
+    ] = False,
 ) -> None:
     _state["debug"] = debug
 
@@ -61,23 +94,36 @@ def _load(
     input_size: str | None,
     kwargs: list[str] | None,
     weights: Path | None,
-    pretrained: bool,
+    pretrained: str | None,
     seed: int = 0,
 ) -> tuple[Any, tuple[Any, ...]]:
-    from surgeon.models import example_inputs, load_model, parse_input_size, parse_kwargs
+    from surgeon.models import (
+        describe_weights,
+        example_inputs,
+        load_model,
+        parse_input_size,
+        parse_kwargs,
+    )
 
     size = parse_input_size(input_size) if input_size else None
-    import torch
-
-    torch.manual_seed(seed)  # random initialisation is reproducible: same seed, same checkpoint
-    loaded = load_model(
-        model, kwargs=parse_kwargs(kwargs or []), pretrained=pretrained, weights=weights
-    )
+    # torch hub announces a download on stdout; stdout carries only the command's output
+    # (`surgeon scan m --pretrained --json > sites.json` must stay valid JSON)
+    with contextlib.redirect_stdout(sys.stderr):
+        loaded = load_model(
+            model,
+            kwargs=parse_kwargs(kwargs or []),
+            pretrained=pretrained if pretrained is not None else False,
+            weights=weights,
+            seed=seed,
+        )
     if size is not None:
         loaded.input_size = size
     err.print(
-        f"[dim]model {loaded.spec.text} ({loaded.weights} weights), "
-        f"input {'x'.join(map(str, loaded.input_size))}[/dim]"
+        f"model {loaded.spec.text} ({describe_weights(loaded.weights)}), "
+        f"input {'x'.join(map(str, loaded.input_size))}",
+        style="dim",
+        markup=False,
+        highlight=False,
     )
     return loaded, example_inputs(loaded.task, loaded.input_size)
 
@@ -88,7 +134,7 @@ def scan(
     input_size: InputSizeOpt = None,
     model_kwarg: KwargOpt = None,
     weights: WeightsOpt = None,
-    pretrained: PretrainedOpt = False,
+    pretrained: PretrainedOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """List every strided convolution and pooling site the graph walker finds."""
@@ -140,13 +186,19 @@ def patch(
         typer.Option("--report", help="Also write the report: FILE.md, FILE.json or FILE.html."),
     ] = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the diff; write nothing.")
+        bool,
+        typer.Option("--dry-run", help="Print the diff and write --report; no checkpoint."),
     ] = False,
     strict: Annotated[
         bool, typer.Option("--strict", help="A rule that matches no site is an error.")
     ] = False,
     plugin: PluginOpt = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for randomly initialised layers.")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed", help="Seed for the random initialisation of the model and of new layers."
+        ),
+    ] = 0,
     output_stride: Annotated[
         int | None,
         typer.Option(
@@ -156,7 +208,7 @@ def patch(
     input_size: InputSizeOpt = None,
     model_kwarg: KwargOpt = None,
     weights: WeightsOpt = None,
-    pretrained: PretrainedOpt = False,
+    pretrained: PretrainedOpt = None,
     fold: Annotated[
         bool,
         typer.Option(
@@ -181,6 +233,11 @@ def patch(
         schema = action_schemas()["dilate"]
         resolved = resolved.with_params("dilate", {"output_stride": output_stride}, schema)
     target = out_dir or _default_out(model, policy)
+    # every output is probed before the model is built: a bad path fails in a second
+    if report_file is not None:
+        from surgeon.report import check_report_path
+
+        check_report_path(report_file)
     if not dry_run:
         from surgeon.checkpoint import check_writable
 
@@ -193,11 +250,12 @@ def patch(
         out.print_json(patch_json(report))
     else:
         render_patch(report, out)
-    if dry_run:
-        err.print("dry run: nothing written")
-        return
-    if report_file is not None:
+    if report_file is not None:  # a report is not a checkpoint: written in a dry run too
         write_report(report, report_file)
+    if dry_run:
+        wrote = f"; wrote {report_file}" if report_file is not None else ""
+        err.print(f"dry run: no checkpoint written{wrote}", highlight=False)
+        return
     record = None
     if fold:
         from surgeon.fold import fold as fold_layers
@@ -229,46 +287,41 @@ def info(
     import json as jsonlib
 
     from surgeon.checkpoint import read_checkpoint
+    from surgeon.checkpoint.manifest import summarize
 
     manifest, state = read_checkpoint(directory)
     if json:
         out.print_json(jsonlib.dumps(manifest, sort_keys=True))
         return
-    info = manifest["model"]
-    summary = manifest.get("summary", {})
-    edits = manifest.get("edits", [])
+    info = summarize(manifest)
     out.print(
-        f"[bold]{directory}[/bold]: {info['spec']} "
-        f"patched with policy {manifest['policy'].get('name')}"
+        f"[bold]{directory}[/bold]: {info.spec} patched with policy {info.policy} "
+        f"(format version {info.format_version}; {' + '.join(info.surgeries)})"
     )
     out.print(
-        f"  input {'x'.join(map(str, info['input_size']))}, kwargs {info['kwargs']}, "
-        f"seed {manifest.get('seed', 0)}"
+        f"  input {'x'.join(map(str, info.input_size))}, kwargs {dict(info.kwargs)}, "
+        f"seed {info.seed}"
     )
     out.print(
-        f"  {sum(e['status'] == 'patched' for e in edits)} sites patched, "
-        f"{sum(e['status'] == 'skipped' for e in edits)} skipped; {len(state)} tensors, "
+        f"  {sum(r['status'] == 'patched' for r in info.rows)} sites patched, "
+        f"{sum(r['status'] == 'skipped' for r in info.rows)} skipped; {len(state)} tensors, "
         f"{sum(t.numel() for t in state.values()):,} values"
     )
-    if summary:
+    if info.totals:
         out.print(
-            f"  params {summary['params_before']:,} → {summary['params_after']:,}, "
-            f"MACs {summary['macs_before']:,} → {summary['macs_after']:,}"
+            f"  params {info.totals['params_before']:,} → {info.totals['params_after']:,}, "
+            f"MACs {info.totals['macs_before']:,} → {info.totals['macs_after']:,}"
         )
-    for edit in edits:
-        if edit["status"] == "patched":
-            out.print(
-                f"  {edit['site']}: {edit['replacement']} [{edit['transfer']}]", highlight=False
-            )
-    fold = manifest.get("fold")
-    if isinstance(fold, dict) and isinstance(fold.get("layers"), list):
-        folded = [layer.get("name") for layer in fold["layers"] if layer.get("form") == "folded"]
+    for row in info.rows:
+        if row["status"] == "patched":
+            out.print(f"  {row['site']}: {row['replacement']} [{row['transfer']}]", highlight=False)
+    if info.fold_layers:
         out.print(
-            f"  folded (patch --fold): {len(folded)} of {len(fold['layers'])} SPD layers, "
-            f"each now one strided conv: {', '.join(map(str, folded)) or 'none'}",
+            f"  folded (patch --fold): {len(info.folded)} of {info.fold_layers} SPD layers, "
+            f"each now one strided conv: {', '.join(info.folded) or 'none'}",
             highlight=False,
         )
-    out.print(f"  written {manifest['created']} with {manifest['versions']}", style="dim")
+    out.print(f"  written {info.created} with {dict(info.versions)}", style="dim")
 
 
 @app.command()
@@ -281,21 +334,44 @@ def load(
 ) -> None:
     """Rebuild the patched model from a checkpoint and check that it runs."""
     from surgeon.api import load as load_checkpoint
-    from surgeon.checkpoint import read_checkpoint
+    from surgeon.checkpoint.files import read_manifest
+    from surgeon.checkpoint.manifest import summarize
     from surgeon.models import example_inputs
+    from surgeon.submodules import count_params
 
     model_obj = load_checkpoint(directory, trust_import=trust_import or [], plugins=plugin or [])
-    manifest, _ = read_checkpoint(directory)
-    info = manifest["model"]
+    info = summarize(read_manifest(directory))
     import torch
 
     with torch.no_grad():
-        model_obj(*example_inputs(info.get("task", "classification"), tuple(info["input_size"])))
-    params = sum(p.numel() for p in model_obj.parameters())
+        model_obj(*example_inputs(info.task, info.input_size))
+    params = count_params(model_obj)
     out.print(
-        f"loaded {info['spec']} patched with {manifest['policy'].get('name')}: "
+        f"loaded {info.spec} patched with {info.policy}: "
         f"{type(model_obj).__name__}, {params:,} parameters, weights verified, forward pass ok"
     )
+
+
+@app.command()
+def upgrade(
+    directory: Annotated[Path, typer.Argument(help="A version-1 checkpoint directory.")],
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write the upgraded checkpoint here (default: in place)."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing checkpoint at --out.")
+    ] = False,
+    trust_import: TrustImportOpt = None,
+    plugin: PluginOpt = None,
+) -> None:
+    """Rewrite a version-1 checkpoint as version 2 (its edits recorded; same weights)."""
+    from surgeon.api import upgrade as run_upgrade
+
+    written = run_upgrade(
+        directory, out_dir, force=force, trust_import=trust_import or [], plugins=plugin or []
+    )
+    err.print(f"wrote {written} (checkpoint format version 2)")
 
 
 @app.command(name="eval")
@@ -435,7 +511,7 @@ def placements(
     """Count (or list) the legal placements of the downsampling layers of MODEL."""
     from surgeon.placements import PlacementSpace
 
-    loaded, args = _load(model, input_size, model_kwarg, None, False)
+    loaded, args = _load(model, input_size, model_kwarg, None, None)
     space = PlacementSpace.of(loaded.model, args)
     steps = count if count is not None else space.current.steps
     out.print(f"current placement ({space.current.steps} steps): {', '.join(space.current.layers)}")
@@ -448,16 +524,47 @@ def placements(
 @app.command()
 def policies() -> None:
     """List the built-in policies."""
-    from surgeon.policy import list_builtin_policies
+    from surgeon.policy_loader import list_builtin_policies
 
     for name, description in list_builtin_policies():
         out.print(f"[bold]{name:12s}[/bold] {description}")
 
 
+def _pretrained_alone(args: list[str]) -> list[str]:
+    """`--pretrained` with no tag after it becomes `--pretrained DEFAULT`.
+
+    typer has no options with an optional value, so this gives `--pretrained` Click's rule for
+    them: the next word is its tag unless it starts with `-` or there is none."""
+    normalised: list[str] = []
+    for i, arg in enumerate(args):
+        normalised.append(arg)
+        if arg == "--pretrained" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            normalised.append(DEFAULT_TAG)
+    return normalised
+
+
+def _tag_taken(args: list[str]) -> str | None:
+    """The word `--pretrained` took as its tag, if one followed it."""
+    for i, arg in enumerate(args[:-1]):
+        if arg == "--pretrained" and not args[i + 1].startswith("-"):
+            return args[i + 1]
+    return None
+
+
+def _note(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Library warnings as one `note:` line on stderr (a version-1 checkpoint, for one)."""
+    err.print(f"[yellow]note:[/yellow] {message}", highlight=False)
+
+
 def main() -> None:
     """Entry point: run the app; SurgeonErrors become one line on stderr and an exit code."""
+    import warnings
+
+    args = sys.argv[1:]
     try:
-        app(standalone_mode=False, prog_name="surgeon")
+        with warnings.catch_warnings():
+            warnings.showwarning = _note
+            app(args=_pretrained_alone(args), standalone_mode=False, prog_name="surgeon")
     except SurgeonError as exc:
         if _state["debug"]:
             raise
@@ -477,6 +584,12 @@ def main() -> None:
             ctx = getattr(exc, "ctx", None)
             see = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
             message = exc.format_message().rstrip(".")
+            tag = _tag_taken(args)
+            if tag is not None and message.startswith("Missing argument"):
+                see = (
+                    f"; --pretrained read {tag!r} as its weights tag: put the model name "
+                    "before --pretrained"
+                )
             err.print(f"[bold red]error:[/bold red] {message}{see}", highlight=False)
             sys.exit(getattr(exc, "exit_code", ExitCode.USAGE_ERROR))
         if _state["debug"]:

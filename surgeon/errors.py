@@ -6,6 +6,10 @@ so the CLI can print one line instead of a traceback.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+from typing import Any
+
 __all__ = [
     "AnalysisError",
     "CheckpointError",
@@ -19,6 +23,10 @@ __all__ = [
     "TrainingError",
     "UsageError",
     "WeightsError",
+    "describe_value",
+    "did_you_mean",
+    "one_line",
+    "show_value",
 ]
 
 
@@ -83,3 +91,40 @@ class DataError(SurgeonError):
 
 class TrainingError(SurgeonError):
     """Training cannot go on: the loss became NaN/inf, or a state checkpoint does not fit."""
+
+
+# Message helpers: every error is one line, so values are shown short and on one line.
+
+
+def did_you_mean(word: str, options: Iterable[str]) -> str:
+    """` (did you mean 'x'?)` for the closest of `options`, or an empty string."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def one_line(text: str) -> str:
+    """`text` with every run of whitespace, newlines included, as one space."""
+    return " ".join(text.split())
+
+
+def show_value(value: Any) -> str:
+    """A short one-line rendering of a value for messages."""
+    text = one_line(repr(value) if isinstance(value, str) else str(value))
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def describe_value(value: Any) -> str:
+    """What a value is, in YAML/JSON words: `null`, `a list`, `'x' (a string)`, `3`."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return f"{show_value(value)} (a string)"
+    if isinstance(value, int | float):
+        return show_value(value)
+    return f"{show_value(value)} ({type(value).__name__})"

@@ -30,7 +30,6 @@ Every random draw comes from a generator seeded by `seed`: the same call gives t
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
@@ -47,6 +46,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from surgeon.errors import UsageError
+from surgeon.submodules import count_params
 
 __all__ = [
     "EvalOptions",
@@ -56,7 +56,6 @@ __all__ = [
     "ShiftConsistency",
     "accuracy",
     "count_macs",
-    "count_params",
     "default_max_shift",
     "evaluate",
     "evaluate_model",
@@ -372,11 +371,6 @@ def accuracy(
     return correct1 / total, correct5 / total, total
 
 
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (buffers such as fixed blur filters not included)."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def count_macs(model: nn.Module, example: tuple[Any, ...]) -> int:
     """Multiply-accumulates of one forward pass on `example`, by FlopCounterMode (FLOPs / 2)."""
     was_training = model.training
@@ -459,13 +453,14 @@ def resolve_preprocessing(model: nn.Module, spec: str, input_size: Sequence[int]
     """The model's own evaluation preprocessing at `input_size` (C, H, W).
 
     timm: `resolve_data_config` + `create_transform` (crop_pct kept for other sizes);
-    torchvision: the default weights' `transforms()` (resize/crop ratio kept for other sizes);
+    torchvision: the `transforms()` of the weights the spec names, else of the default weights
+    (resize/crop ratio kept for other sizes);
     anything else: resize to size/0.875, centre crop, ImageNet mean and std.
     """
     c, h, w = (int(s) for s in input_size)
     size = (c, h, w)
     source, _, name = spec.partition(":")
-    if c == 3 and source == "timm":
+    if c == 3 and source in ("timm", "hf-hub"):  # hub names are timm models
         import timm.data
         import timm.models
 
@@ -493,13 +488,14 @@ def resolve_preprocessing(model: nn.Module, spec: str, input_size: Sequence[int]
         from torchvision import transforms
         from torchvision.models import get_model_weights
 
+        architecture, _, tag = name.partition(".")  # resnet50.IMAGENET1K_V2: those weights
         try:
-            weights = get_model_weights(name).DEFAULT
+            weights = get_model_weights(architecture)[tag or "DEFAULT"]
             preset = weights.transforms()
             crop, resize = int(preset.crop_size[0]), int(preset.resize_size[0])
             mean, std = tuple(preset.mean), tuple(preset.std)
             interpolation = str(preset.interpolation.value)
-        except (ValueError, AttributeError, TypeError, IndexError):
+        except (ValueError, AttributeError, TypeError, IndexError, KeyError):
             return _default_preprocessing(size)
         label = f"torchvision {weights} transforms"
         if (h, w) == (crop, crop):
@@ -685,16 +681,13 @@ def _load_target(
 ) -> tuple[nn.Module, str, str | None, tuple[int, ...]]:
     """(model, canonical spec, policy name or None, input size) of a spec or checkpoint dir."""
     if Path(target).is_dir():
-        from surgeon.api import load
-        from surgeon.checkpoint import MANIFEST_FILE
+        from surgeon.checkpoint.files import read_manifest
+        from surgeon.checkpoint.manifest import summarize
+        from surgeon.checkpoint.restore import load_checkpoint
 
-        model = load(target, trust_import=options.trust_import, plugins=options.plugins)
-        manifest = json.loads((Path(target) / MANIFEST_FILE).read_text(encoding="utf-8"))
-        info = manifest["model"]
-        task = info.get("task", "classification")
-        size = tuple(int(s) for s in info["input_size"])
-        policy = manifest.get("policy", {}).get("name") or "custom"
-        spec = str(info["spec"])
+        model = load_checkpoint(target, trust_import=options.trust_import, plugins=options.plugins)
+        info = summarize(read_manifest(Path(target)))
+        task, size, policy, spec = info.task, info.input_size, info.policy, info.spec
     else:
         from surgeon.models import load_model
 
@@ -718,7 +711,7 @@ def evaluate(
     progress: ProgressHook | None = None,
 ) -> list[EvalResult]:
     """One EvalResult per target, in order: a model spec (`resnet18`, `timm:resnet18`) or a
-    checkpoint directory written by `surgeon patch` (rebuilt with `surgeon.api.load`)."""
+    checkpoint directory written by `surgeon patch` (rebuilt with `surgeon.load`)."""
     options = options or EvalOptions()
     results = []
     for target in targets:

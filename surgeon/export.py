@@ -22,7 +22,6 @@ import contextlib
 import copy
 import json
 import os
-import secrets
 import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from surgeon import __version__
+from surgeon.checkpoint.atomic import temporary_file
 from surgeon.errors import AnalysisError, OutputError, PatchError, UsageError
 from surgeon.fold import Choice, FoldRecord, fold
 
@@ -143,7 +143,7 @@ def export(
 ) -> ExportResult:
     """Export a patched model to `format` at `path`, check the file, and say what was done.
 
-    `source` is a checkpoint directory (rebuilt with `surgeon.api.load`; its manifest gives the
+    `source` is a checkpoint directory (rebuilt with `surgeon.load`; its manifest gives the
     example size) or an nn.Module (then pass `example_input`, or `input_size` as C×H×W). The
     model must take one tensor (N, C, *spatial). `fold_layers` folds SPD layers first (True or
     "fastest": per layer, whichever form times faster; "folded": all); a module passed in is
@@ -191,7 +191,7 @@ def export(
             "fold": record.to_dict() if record else None,
         }
         writer = {"torchscript": _torchscript, "onnx": _onnx, "exported-program": _exported_program}
-        with _temporary_sibling(target) as tmp:
+        with temporary_file(target) as tmp:
             method_used, notes, runner = writer[format](model, example, tmp, metadata, method, name)
             checks = tuple(
                 _check(runner, x, expected, format, name, tolerance)
@@ -230,23 +230,19 @@ def _resolve_source(
             example_input = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
         return source, _one_image_tensor(example_input, name), name, info
 
-    from surgeon.api import load
-    from surgeon.checkpoint import MANIFEST_FILE
+    from surgeon.checkpoint.files import read_manifest
+    from surgeon.checkpoint.manifest import summarize
+    from surgeon.checkpoint.restore import load_checkpoint
     from surgeon.models import example_inputs
 
     directory = Path(source)
-    model = load(directory, trust_import=trust_import, plugins=plugins)
-    manifest = json.loads((directory / MANIFEST_FILE).read_text())
-    spec = manifest["model"]
-    name = f"{spec['spec']} ({directory})"
-    info = {
-        "checkpoint": str(directory),
-        "model": spec["spec"],
-        "policy": manifest["policy"].get("name"),
-    }
+    model = load_checkpoint(directory, trust_import=trust_import, plugins=plugins)
+    summary = summarize(read_manifest(directory))
+    name = f"{summary.spec} ({directory})"
+    info = {"checkpoint": str(directory), "model": summary.spec, "policy": summary.policy}
     if example_input is None:
-        size = tuple(input_size) if input_size else tuple(int(s) for s in spec["input_size"])
-        task = spec.get("task", "classification")
+        size = tuple(input_size) if input_size else summary.input_size
+        task = summary.task
         args = example_inputs(task, size)
         if len(args) != 1:
             raise UsageError(
@@ -458,27 +454,6 @@ def _check_target(target: Path, *, force: bool) -> None:
         raise OutputError(f"{target} exists; pass --force to replace it")
     if target.parent.exists() and not target.parent.is_dir():
         raise OutputError(f"cannot write {target}: {target.parent} is not a directory")
-
-
-@contextlib.contextmanager
-def _temporary_sibling(target: Path) -> Iterator[Path]:
-    """A hidden temporary path next to `target` (same filesystem, so os.replace is atomic),
-    removed on the way out unless it was renamed into place."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {target.parent}: {exc.strerror or exc}") from exc
-    # the suffix stays last: torch.export.save/load want a name ending in .pt2
-    tmp = target.with_name(
-        f".{target.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{target.suffix}"
-    )
-    try:
-        yield tmp
-    except OSError as exc:
-        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 @contextlib.contextmanager

@@ -27,22 +27,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from surgeon.arithmetic import conv_output_size
+from surgeon.edits import EditOp, ModelEditor
 from surgeon.errors import PatchError
-from surgeon.layers.spd import (
-    SpaceToDepthConv,
-    _output_length,
-    _same_total,
-    spatial_kernel,
-    strided_conv,
-)
+from surgeon.layers.folded import FoldedSpaceToDepthConv
+from surgeon.layers.spd import SpaceToDepthConv
+from surgeon.layers.transfer import spatial_kernel
 
 __all__ = ["FoldRecord", "FoldedSpaceToDepthConv", "LayerFold", "fold", "fold_space_to_depth"]
 
@@ -52,117 +47,6 @@ Choice = Literal["fastest", "folded"]
 # A folded layer must match the layer it replaces to float32 rounding (relative to the output's
 # magnitude); the sums are only reordered.
 _FOLD_TOLERANCE = 1e-5
-
-
-class FoldedSpaceToDepthConv(nn.Module):
-    """SPD-Conv folded into one strided convolution: the same outputs, no space-to-depth copy.
-
-    Keeps the source layer's arithmetic (the op's kernel, stride, padding, dilation, ceil_mode,
-    offset) so that for an input of length `i` it pads `L = offset + op padding - trim` zeros on
-    the left and `(T - 1)·b + k - i - L` on the right (negative pads crop), then runs `conv`
-    (kernel `k` ≤ b·K, stride b, no padding): exactly the `T` positions the original op
-    produces, for every input size. In eager mode the padding is the convolution's own
-    (symmetric) padding, with only the difference padded or cropped; scripting, tracing and
-    export pad explicitly, so the graph has no size-dependent branch.
-    """
-
-    def __init__(self, source: SpaceToDepthConv, weight: Tensor, trim: tuple[int, ...]) -> None:
-        super().__init__()
-        self.dims = source.dims
-        self.block = source.block
-        self.kernel = source.kernel
-        self.stride = source.stride
-        self.dilation = source.dilation
-        self.padding = source.padding
-        self.same = source.same
-        self.ceil_mode = source.ceil_mode
-        self.offset = source.offset
-        self.keep_op_padding = source.keep_op_padding
-        self.trim = trim
-        inner = source.conv
-        conv_type = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[self.dims - 1]
-        self.conv = conv_type(
-            inner.in_channels // math.prod(self.block),
-            inner.out_channels,
-            tuple(weight.shape[2:]),  # type: ignore[arg-type]
-            stride=self.block,  # type: ignore[arg-type]
-            groups=inner.groups,
-            bias=inner.bias is not None,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
-        with torch.no_grad():
-            self.conv.weight.copy_(weight)
-            if inner.bias is not None:
-                self.conv.bias.copy_(inner.bias)  # type: ignore[union-attr]
-
-    def extra_repr(self) -> str:
-        padding = "'same'" if self.same else str(self.padding)
-        return (
-            f"op_kernel={self.kernel}, op_stride={self.stride}, op_padding={padding}, "
-            f"op_dilation={self.dilation}, offset={self.offset}, trim={self.trim}"
-            + (", ceil_mode=True" if self.ceil_mode else "")
-        )
-
-    def _pads(self, spatial: list[int]) -> tuple[list[int], list[int], list[int]]:
-        """(left pads, right pads, output lengths) per dim; SpaceToDepthConv's arithmetic."""
-        lefts: list[int] = []
-        rights: list[int] = []
-        lengths: list[int] = []
-        for i in range(self.dims):
-            size = spatial[i]
-            kernel = self.kernel[i]
-            stride = self.stride[i]
-            dilation = self.dilation[i]
-            if self.same:
-                total = _same_total(size, kernel, stride, dilation)
-                op_left = total // 2
-                if self.ceil_mode:
-                    length = _output_length(size + total, kernel, stride, 0, dilation, True)
-                else:
-                    length = conv_output_size(size, 1, stride)
-            else:
-                op_left = self.padding[i]
-                length = _output_length(size, kernel, stride, op_left, dilation, self.ceil_mode)
-            left = self.offset[i] - self.trim[i]
-            if self.keep_op_padding:
-                left = left + op_left
-            lefts.append(left)
-            rights.append((length - 1) * self.block[i] + self.conv.kernel_size[i] - size - left)
-            lengths.append(length)
-        return lefts, rights, lengths
-
-    def _conv(self, x: Tensor, padding: list[int]) -> Tensor:
-        weight, bias, stride, groups = (
-            self.conv.weight,
-            self.conv.bias,
-            self.conv.stride,
-            self.conv.groups,
-        )
-        if self.dims == 1:
-            return F.conv1d(x, weight, bias, stride, padding, 1, groups)
-        if self.dims == 2:
-            return F.conv2d(x, weight, bias, stride, padding, 1, groups)
-        return F.conv3d(x, weight, bias, stride, padding, 1, groups)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return self._portable(x)
-        return self._eager(x)
-
-    def _portable(self, x: Tensor) -> Tensor:
-        spatial = x.shape[2:]
-        lefts, rights, _ = self._pads([spatial[i] for i in range(self.dims)])
-        pads: list[int] = []
-        for i in range(self.dims):
-            pads = [lefts[i], rights[i]] + pads  # noqa: RUF005 (TorchScript has no * in lists)
-        return self._conv(F.pad(x, pads), [0] * self.dims)
-
-    @torch.jit.unused
-    def _eager(self, x: Tensor) -> Tensor:
-        lefts, rights, _ = self._pads(list(x.shape[2:]))
-        conv = self.conv
-        return strided_conv(x, conv.weight, conv.bias, conv.stride, lefts, rights, conv.groups)
 
 
 def fold_space_to_depth(layer: SpaceToDepthConv, *, trim: bool = True) -> FoldedSpaceToDepthConv:
@@ -189,7 +73,7 @@ def fold_space_to_depth(layer: SpaceToDepthConv, *, trim: bool = True) -> Folded
                 lows[i], layer.offset[i] + (layer.padding[i] if layer.keep_op_padding else 0)
             )
             weight = weight.narrow(2 + i, lows[i], high - lows[i])
-    return FoldedSpaceToDepthConv(layer, weight.contiguous(), tuple(lows))
+    return FoldedSpaceToDepthConv.from_layer(layer, weight.contiguous(), lows)
 
 
 @dataclass(frozen=True)
@@ -214,6 +98,8 @@ class FoldRecord:
     layers: tuple[LayerFold, ...]
     choose: str
     threads: int
+    ops: tuple[EditOp, ...] = field(default=(), compare=False)
+    """The edits made: one `Replace` per folded layer (what a checkpoint records)."""
 
     @property
     def folded(self) -> int:
@@ -275,6 +161,29 @@ def fold(
     if unknown:
         raise PatchError(f"fold forms name layers the model does not have: {', '.join(unknown)}")
     shapes = _input_shapes(model, layers, example_input)
+    editor = ModelEditor(model)
+    try:
+        records = _fold_layers(editor, layers, shapes, choose, forms, trim, min_seconds)
+    except BaseException:  # all or nothing, as for patch
+        editor.rollback()
+        raise
+    return model, FoldRecord(
+        tuple(records),
+        choose if forms is None else "replayed",
+        torch.get_num_threads(),
+        tuple(editor.ops),
+    )
+
+
+def _fold_layers(
+    editor: ModelEditor,
+    layers: Mapping[str, SpaceToDepthConv],
+    shapes: Mapping[str, tuple[int, ...]],
+    choose: str,
+    forms: Mapping[str, str] | None,
+    trim: bool,
+    min_seconds: float,
+) -> list[LayerFold]:
     records: list[LayerFold] = []
     generator = torch.Generator().manual_seed(0)
     for name, layer in layers.items():
@@ -304,7 +213,7 @@ def fold(
             ms_kept, ms_folded = _race(layer, folded, x, min_seconds)
             form = "folded" if ms_folded < ms_kept else "kept"
         if form == "folded":
-            _set_module(model, name, folded)
+            editor.replace(name, folded)
         records.append(
             LayerFold(
                 name=name,
@@ -320,9 +229,7 @@ def fold(
                 rel_diff=rel,
             )
         )
-    return model, FoldRecord(
-        tuple(records), choose if forms is None else "replayed", torch.get_num_threads()
-    )
+    return records
 
 
 def _input_shapes(
@@ -385,11 +292,6 @@ def _difference(expected: Tensor, got: Tensor) -> tuple[float, float]:
     worst = (expected.double() - got.double()).abs().max().item() if expected.numel() else 0.0
     scale = expected.double().abs().max().item() if expected.numel() else 0.0
     return worst, worst / scale if scale else worst
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
 
 def _kernel_text(kernel: tuple[int, ...]) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,22 +11,23 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from surgeon.edits import EditError, EditOp, ModelEditor
 from surgeon.errors import PatchError
-from surgeon.policy import (
-    BUILTIN_POLICY_DIR,
-    KEEP,
-    Decision,
-    Policy,
-    check_strict,
-    decide,
-    load_policy,
-    unused_rules,
+from surgeon.policy import KEEP, Decision, Policy, check_strict, decide, unused_rules
+from surgeon.policy_loader import BUILTIN_POLICY_DIR, load_policy
+from surgeon.rewrites import (
+    Edit,
+    ModelPlan,
+    ModelRewrite,
+    SkipSite,
+    Target,
+    action_schemas,
+    get_rewrite,
 )
-from surgeon.rewrites import ModelEditor, SkipSite, action_schemas, get_rewrite
-from surgeon.rewrites.base import Edit
 from surgeon.scan import ScanResult, scan_analysis
 from surgeon.sites import Site
-from surgeon.trace import analyse, counted_forward, snapshot
+from surgeon.submodules import count_params
+from surgeon.trace import Analysis, analyse, counted_forward, snapshot
 
 __all__ = ["PatchReport", "SiteRow", "patch", "resolve_policy"]
 
@@ -77,6 +78,8 @@ class PatchReport:
     warnings: tuple[str, ...] = ()
     decisions: tuple[Decision, ...] = field(default=(), repr=False)
     sites: tuple[Site, ...] = field(default=(), repr=False)
+    ops: tuple[EditOp, ...] = field(default=(), repr=False, compare=False)
+    """The edit plan: every change made to the model, in order (what a checkpoint records)."""
 
     @property
     def patched(self) -> int:
@@ -88,7 +91,8 @@ class PatchReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, stable field names (documented in docs/report.md)."""
-        data = asdict(self)
+        data = asdict(replace(self, ops=()))
+        del data["ops"]  # modules, not JSON: the checkpoint records them by layer type and args
         data["decisions"] = [d.to_dict() for d in self.decisions]
         data["sites"] = [s.to_dict() for s in self.sites]
         data["summary"] = {"patched": self.patched, "skipped": self.skipped}
@@ -204,10 +208,6 @@ def _capture(store: dict[str, tuple[Any, Any]], path: str) -> Callable[..., None
     return hook
 
 
-def _params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def patch(
     model: nn.Module,
     policy: Policy | str | Path,
@@ -220,14 +220,44 @@ def patch(
     """Apply `policy` to `model` in place and verify the result on `example_input`.
 
     Returns the patched model (the same object unless a functional call in the model's own
-    forward had to be rewritten, which makes it a GraphModule) and the report. Raises
-    PatchError if an output shape changed.
+    forward had to be rewritten, which makes it a GraphModule) and the report, whose `ops` are
+    the edits made. Raises PatchError if an output shape changed. All or nothing: when anything
+    raises (a PatchError, an analysis error, Ctrl-C), every edit is undone and `model` is left
+    exactly as it was (same module objects, same parameter tensors, same training flags).
     """
     resolved = resolve_policy(policy)
     args = _as_args(example_input)
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}
+    editor = ModelEditor(model)
+    try:
+        patched, report = _patch(editor, resolved, args, strict, seed, model_name)
+    except BaseException:
+        editor.rollback()
+        _restore_modes(modes)
+        raise
+    # the caller's training mode: the root's for new modules, each original module's own
+    patched.train(modes[model])
+    _restore_modes(modes)
+    return patched, report
+
+
+def _restore_modes(modes: Mapping[nn.Module, bool]) -> None:
+    for module, training in modes.items():
+        module.training = training
+
+
+def _patch(
+    editor: ModelEditor,
+    resolved: Policy,
+    args: tuple[Any, ...],
+    strict: bool,
+    seed: int,
+    model_name: str,
+) -> tuple[nn.Module, PatchReport]:
+    model = editor.model
     model.eval()
     analysis = analyse(model, args, reference=True)
+    editor.analysis = analysis
     result: ScanResult = scan_analysis(analysis, args)
     decisions = decide(resolved, result.sites)
     if strict:
@@ -244,29 +274,48 @@ def patch(
             model, args, {s.module: _capture(captured, s.module) for s in targets}
         )
     before_params = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
-    params_before = _params(model)
+    params_before = count_params(model)
 
     torch.manual_seed(seed)
-    editor = ModelEditor(model, analysis)
     edits: dict[str, Edit] = {}
     skipped: dict[str, str] = {}
+    chosen: list[tuple[Site, Decision]] = []
     for site in result.sites:
         decision = by_site[site.name]
         if not decision.changes_site:
             continue
-        assert decision.action is not None
         if site.calls > 1:
             skipped[site.name] = (
                 f"the module is called at {site.calls} places; replacing it would change all"
             )
             continue
+        chosen.append((site, decision))
+    # model-level rewrites plan from the analysis of the untouched model, so they go first
+    for action, plan in _model_plans(analysis, chosen).items():
+        for name, outcome in plan.outcomes.items():
+            if isinstance(outcome, Edit):
+                edits[name] = outcome
+            else:
+                skipped[name] = outcome
+        rewrite = get_rewrite(action)
+        assert isinstance(rewrite, ModelRewrite)
         try:
-            edits[site.name] = get_rewrite(decision.action).apply(editor, site, decision.params)
-        except SkipSite as exc:
+            rewrite.apply(editor, plan)
+        except EditError as exc:
+            raise PatchError(f"could not apply the {action} plan: {exc}") from exc
+    for site, decision in chosen:
+        rewrite = get_rewrite(str(decision.action))
+        if isinstance(rewrite, ModelRewrite):
+            continue
+        mark = editor.mark()
+        try:
+            edits[site.name] = rewrite.apply(editor, site, decision.params)
+        except (SkipSite, EditError) as exc:  # whatever the rewrite changed is undone
+            editor.rollback(mark)
             skipped[site.name] = str(exc)
     try:
         patched = editor.finish()
-    except SkipSite as exc:
+    except EditError as exc:
         raise PatchError(f"could not rewrite functional sites: {exc}") from exc
 
     site_outputs: dict[str, tuple[Any, Any]] = {}
@@ -342,16 +391,13 @@ def patch(
         for r in unused_rules(resolved, decisions)
         if not builtin
     ]
-    model.train(was_training)
-    if patched is not model:
-        patched.train(was_training)
     report = PatchReport(
         model=model_name or type(model).__name__,
         policy=resolved.name,
         input_shapes=result.input_shapes,
         rows=tuple(rows),
         params_before=params_before,
-        params_after=_params(patched),
+        params_after=count_params(patched),
         macs_before=flops_before[""] // 2,
         macs_after=flops_after[""] // 2,
         keys_added=added,
@@ -363,8 +409,25 @@ def patch(
         warnings=tuple(warnings),
         decisions=tuple(decisions),
         sites=result.sites,
+        ops=tuple(editor.ops),
     )
     return patched, report
+
+
+def _model_plans(
+    analysis: Analysis, chosen: Sequence[tuple[Site, Decision]]
+) -> dict[str, ModelPlan]:
+    """The plan of every model-level action the policy chose, from all its sites at once."""
+    targets: dict[str, list[Target]] = {}
+    for site, decision in chosen:
+        if isinstance(get_rewrite(str(decision.action)), ModelRewrite):
+            targets.setdefault(str(decision.action), []).append(Target(site, decision.params))
+    plans = {}
+    for action, items in targets.items():
+        rewrite = get_rewrite(action)
+        assert isinstance(rewrite, ModelRewrite)
+        plans[action] = rewrite.plan(analysis, items)
+    return plans
 
 
 def _site(result: ScanResult, name: str) -> Site:
@@ -420,7 +483,7 @@ def _row(
             rel_diff=None,
             note=skip_reason or "",
         )
-    new_params = sum(_params(patched.get_submodule(p)) for p in edit.modules)
+    new_params = sum(count_params(patched.get_submodule(p)) for p in edit.modules)
     macs_after = sum(flops_after.get(p, 0) for p in edit.modules) // 2
     out_after: tuple[int, ...] | None = None
     max_abs: float | None = None

@@ -5,10 +5,11 @@ Renderers take plain records (ScanResult, PatchReport) and never reach back into
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
-from collections.abc import Sequence
+import secrets
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from surgeon.scan import ScanResult
 from surgeon.sites import Site
 
 __all__ = [
+    "check_report_path",
     "format_count",
     "patch_json",
     "patch_markdown",
@@ -258,8 +260,7 @@ def patch_json(report: PatchReport) -> str:
     return json.dumps(report.to_dict(), indent=2, sort_keys=True, default=str)
 
 
-def write_report(report: PatchReport, path: Path) -> None:
-    """Write the report as Markdown, JSON or HTML (by suffix), atomically."""
+def _renderer(path: Path) -> Callable[[PatchReport], str]:
     from surgeon.errors import OutputError
     from surgeon.report_html import patch_html
 
@@ -267,12 +268,62 @@ def write_report(report: PatchReport, path: Path) -> None:
     render = renderers.get(path.suffix.lower())
     if render is None:
         raise OutputError(f"cannot write a report to {path}: use a .md, .json or .html file name")
-    text = render(report)
+    return render
+
+
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    """A new hidden file next to `path`, opened for writing, mode 0666 minus the umask: the
+    report is read like any other output the user's tools write (mkstemp would make it 0600)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def check_report_path(path: Path) -> None:
+    """Fail before any slow work if `write_report` could not write `path`: the suffix must name
+    a format, and the temporary file it writes first is created and removed again (with any
+    missing parent directory)."""
+    from surgeon.errors import OutputError
+
+    _renderer(path)
+    if path.is_dir():
+        raise OutputError(f"cannot write the report to {path}: it is a directory; pass a file")
+    missing = [p for p in path.absolute().parents if not p.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
+        fd, tmp = _create_temporary(path)
+        os.close(fd)
+        os.unlink(tmp)
     except OSError as exc:
-        raise OutputError(f"cannot write the report to {path}: {exc.strerror or exc}") from exc
+        raise OutputError(
+            f"cannot write the report to {path}: {exc.strerror or exc}; choose another file"
+        ) from exc
+    finally:
+        for parent in missing:  # innermost first
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+
+def write_report(report: PatchReport, path: Path) -> None:
+    """Write the report as Markdown, JSON or HTML (by suffix), atomically."""
+    from surgeon.errors import OutputError
+
+    text = _renderer(path)(report)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_temporary(path)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write the report to {path}: {exc.strerror or exc}; choose another file"
+        ) from exc

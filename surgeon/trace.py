@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from surgeon.errors import AnalysisError
+from surgeon.submodules import count_params
 
 __all__ = [
     "Analysis",
@@ -35,6 +36,7 @@ __all__ = [
     "Region",
     "SurgeonTracer",
     "analyse",
+    "call_owner",
     "counted_forward",
     "default_leaves",
     "snapshot",
@@ -143,6 +145,17 @@ class Region:
     def qualify(self, target: str) -> str:
         """The model-level qualified name of a module path relative to this region."""
         return f"{self.path}.{target}" if self.path and target else (self.path or target)
+
+    def owner(self, node: fx.Node) -> str:
+        """The model-level path of the module whose own forward makes the call at `node`."""
+        return self.qualify(call_owner(node))
+
+
+def call_owner(node: fx.Node) -> str:
+    """The path, relative to the traced root, of the module whose own forward makes the call
+    at `node` ("" for the root's forward), from the tracer's module stack."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return str(list(stack.values())[-1][0]) if stack else ""
 
 
 @dataclass
@@ -338,10 +351,6 @@ def _refuse_quantized(model: nn.Module) -> None:
     )
 
 
-def _param_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def analyse(
     model: nn.Module,
     example_args: tuple[Any, ...],
@@ -379,7 +388,7 @@ def analyse(
             if p in recorder.calls and p in recorder.inputs
         ]
         if called:
-            for child_path, child in sorted(called, key=lambda pc: -_param_count(pc[1])):
+            for child_path, child in sorted(called, key=lambda pc: -count_params(pc[1])):
                 child_args, child_kwargs = recorder.inputs[child_path]
                 cover(child_path, child, child_args, child_kwargs)
             return

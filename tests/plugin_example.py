@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from surgeon.policy import ActionSchema, ParamSpec
 from surgeon.rewrites import Edit, ModelEditor, SkipSite, register_rewrite
+from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.sites import Site
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from surgeon.patch import patch
-from surgeon.policy import policy_from_dict
+from surgeon.policy_loader import policy_from_dict
 from surgeon.rewrites import action_schemas
 
 

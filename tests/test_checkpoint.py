@@ -19,10 +19,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from surgeon import checkpoint
 from surgeon.checkpoint import (
-    MANIFEST_SCHEMA,
+    atomic,
     check_state_dict_fits,
+    files,
     load_weights_file,
     read_checkpoint,
     require_trusted_import,
@@ -30,6 +30,7 @@ from surgeon.checkpoint import (
     validate_manifest,
     write_checkpoint,
 )
+from surgeon.checkpoint.manifest import MANIFEST_SCHEMA, MANIFEST_SCHEMA_V1, schema_paths
 from surgeon.errors import CheckpointError, OutputError, WeightsError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +38,9 @@ CREATED = "2024-01-02T03:04:05+00:00"
 
 
 def make_manifest(**overrides: Any) -> dict[str, Any]:
+    """A format-version-2 manifest as a caller hands it to write_checkpoint."""
+    versions = {"surgeon": "0.1.0", "torch": torch.__version__}
+    conv = {"type": "Conv2d", "args": {"in_channels": 3, "out_channels": 8, "kernel_size": [3, 3]}}
     manifest: dict[str, Any] = {
         "created": CREATED,
         "model": {
@@ -45,11 +49,46 @@ def make_manifest(**overrides: Any) -> dict[str, Any]:
             "name": "resnet18",
             "kwargs": {"num_classes": 10, "zero_init_residual": False, "dropout": 0.5},
             "input_size": [1, 3, 32, 32],
+            "task": "classification",
+            "weights": {"kind": "random", "seed": 0},
         },
-        "policy": {"rules": [{"match": "conv", "action": "spd"}]},
-        "sites": [{"name": "conv1", "op": "conv", "stride": [2, 2]}],
-        "decisions": [{"site": "conv1", "action": "spd", "rule": 0}],
-        "versions": {"surgeon": "0.1.0", "torch": torch.__version__},
+        "history": [
+            {
+                "kind": "patch",
+                "created": CREATED,
+                "versions": versions,
+                "policy": {"rules": [{"match": "conv", "action": "spd"}]},
+                "plugins": [],
+                "seed": 0,
+                "sites": [{"name": "conv1", "op": "conv", "stride": [2, 2]}],
+                "decisions": [{"site": "conv1", "action": "spd", "rule": 0}],
+                "rows": [{"site": "conv1", "status": "patched"}],
+                "summary": {"params_before": 9, "params_after": 9},
+                "edits": [
+                    {"op": "replace", "path": "conv1", "module": conv},
+                    {"op": "wrap", "path": "relu", "before": [], "after": [conv]},
+                    {"op": "set_attrs", "path": "maxpool", "attrs": {"stride": [1, 1]}},
+                    {
+                        "op": "replace_call",
+                        "owner": "",
+                        "function": "max_pool2d",
+                        "index": 0,
+                        "attr": "pool",
+                        "module": conv,
+                    },
+                ],
+            },
+            {
+                "kind": "fold",
+                "created": CREATED,
+                "versions": versions,
+                "choose": "folded",
+                "threads": 1,
+                "layers": [{"name": "conv1", "form": "folded"}],
+                "edits": [],
+            },
+            {"kind": "heal", "created": CREATED, "versions": versions},
+        ],
     }
     manifest.update(overrides)
     return manifest
@@ -110,7 +149,7 @@ def test_round_trip_is_bit_identical_and_keeps_the_manifest(tmp_path: Path) -> N
         assert torch.equal(got, expected), f"{key} changed in the round trip"
     weights = read_manifest.pop("weights")
     assert read_manifest.pop("format") == "surgeon-checkpoint"
-    assert read_manifest.pop("format_version") == 1
+    assert read_manifest.pop("format_version") == 2
     assert read_manifest == manifest
     assert weights == {
         "file": "model.safetensors",
@@ -189,7 +228,7 @@ def test_force_replaces_an_existing_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
 ) -> None:
     if not exchange:
-        monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     target = tmp_path / "ckpt"
     write_checkpoint(target, {"w": torch.ones(2)}, make_manifest(), {"old.md": "old"})
     write_checkpoint(target, {"w": torch.zeros(3)}, make_manifest(), force=True)
@@ -263,7 +302,7 @@ def test_disk_full_is_an_output_error_and_leaves_nothing_behind(
         path.write_bytes(data[: len(data) // 2])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(checkpoint, "_write_file", write_half_then_fail)
+    monkeypatch.setattr(files, "write_file", write_half_then_fail)
     target = tmp_path / "new" / "ckpt"
     with pytest.raises(OutputError, match=r"not enough disk space to write .*ckpt") as info:
         write_checkpoint(target, make_state_dict(), make_manifest())
@@ -281,7 +320,7 @@ def test_disk_full_while_replacing_keeps_the_previous_checkpoint(
     def fail(path: Path, data: bytes) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(checkpoint, "_write_file", fail)
+    monkeypatch.setattr(files, "write_file", fail)
     with pytest.raises(OutputError, match="not enough disk space"):
         write_checkpoint(target, {"w": torch.zeros(2)}, make_manifest(), force=True)
     assert sorted((p.name, p.read_bytes()) for p in target.iterdir()) == before
@@ -478,10 +517,10 @@ def test_unreadable_manifest_is_a_checkpoint_error(written: Path, text: str, mes
 
 def test_newer_format_version_asks_for_an_upgrade(written: Path) -> None:
     manifest = on_disk_manifest(written)
-    manifest["format_version"] = 2
+    manifest["format_version"] = 3
     del manifest["model"]  # a future format may differ: the version is reported first
     write_on_disk_manifest(written, manifest)
-    with pytest.raises(CheckpointError, match=r"format_version 2, newer .*upgrade surgeon"):
+    with pytest.raises(CheckpointError, match=r"format_version 3, newer .*upgrade surgeon"):
         read_checkpoint(written)
 
 
@@ -493,33 +532,47 @@ def test_other_format_is_not_a_surgeon_checkpoint(written: Path) -> None:
         read_checkpoint(written)
 
 
-def schema_paths(schema: dict[str, Any], prefix: str = "") -> list[str]:
-    paths = []
-    for key, sub in schema.items():
-        paths.append(prefix + key)
-        if isinstance(sub, dict):
-            paths += schema_paths(sub, f"{prefix}{key}.")
-    return paths
-
-
 def valid_on_disk_manifest() -> dict[str, Any]:
     return {
         **make_manifest(),
         "format": "surgeon-checkpoint",
-        "format_version": 1,
+        "format_version": 2,
         "weights": {"file": "model.safetensors", "sha256": "0" * 64, "bytes": 8},
     }
 
 
-@pytest.mark.parametrize("path", [p for p in schema_paths(MANIFEST_SCHEMA) if "format" not in p])
+# required fields of the top level, of `model`, and of the patch entry and its first edit
+REQUIRED = [
+    *(k for k in ("created", "weights", "model", "history")),
+    *(f"model.{k}" for k in ("spec", "source", "name", "kwargs", "input_size", "task", "weights")),
+    *(f"history[0].{k}" for k in ("created", "versions", "policy", "seed", "rows", "edits")),
+    "history[0].edits[0].path",
+    "history[0].edits[0].module",
+    "history[0].edits[3].index",
+    "history[1].layers",
+    "model.weights.seed",
+]
+
+
+def _holder(manifest: dict[str, Any], path: str) -> tuple[Any, str]:
+    """The object that holds the last key of `path` (`history[0].edits[1].path`), and the key."""
+    *parents, last = path.split(".")
+    holder: Any = manifest
+    for key in parents:
+        name, _, index = key.partition("[")
+        holder = holder[name]
+        for i in index.rstrip("]").split("]["):
+            if i:
+                holder = holder[int(i)]
+    return holder, last
+
+
+@pytest.mark.parametrize("path", REQUIRED)
 def test_every_missing_field_is_named(path: str) -> None:
     manifest = valid_on_disk_manifest()
-    *parents, last = path.split(".")
-    holder = manifest
-    for key in parents:
-        holder = holder[key]
+    holder, last = _holder(manifest, path)
     del holder[last]
-    with pytest.raises(CheckpointError, match=f"required field '{path}' is missing"):
+    with pytest.raises(CheckpointError, match=f"required field '{re.escape(path)}' is missing"):
         validate_manifest(manifest)
 
 
@@ -537,10 +590,22 @@ def test_every_missing_field_is_named(path: str) -> None:
         ("model.input_size", [1, 3.0, 32], "'model.input_size\\[1\\]' must be an integer"),
         ("model.input_size", [], "non-empty list of positive integers"),
         ("model.input_size", [1, 0, 32], "non-empty list of positive integers"),
-        ("policy", [], "'policy' must be an object"),
-        ("sites", {}, "'sites' must be a list of objects"),
-        ("decisions", ["spd"], "'decisions\\[0\\]' must be an object"),
-        ("versions", {"torch": 2}, "'versions.torch' must be a string"),
+        ("history[0].policy", [], "'history\\[0\\].policy' must be an object"),
+        ("history[0].sites", {}, "'history\\[0\\].sites' must be a list of objects"),
+        ("history[0].decisions", ["spd"], "'history\\[0\\].decisions\\[0\\]' must be an object"),
+        ("history[0].versions", {"torch": 2}, "'history\\[0\\].versions.torch' must be a string"),
+        (
+            "history[0].kind",
+            "graft",
+            "'history\\[0\\].kind' must be one of 'patch', 'fold', 'heal'",
+        ),
+        ("history[0].edits[0].op", "swap", "'history\\[0\\].edits\\[0\\].op' must be one of"),
+        ("history[0].edits[2].attrs", {"stride": 2}, "edits\\[2\\].attrs.stride' must be a list"),
+        ("history[0].edits[3].index", "0", "edits\\[3\\].index' must be an integer"),
+        ("history[1].layers", [{"name": "a", "form": "x"}], "layers\\[0\\].form' must be one of"),
+        ("history", {}, "'history' must be a list of objects"),
+        ("model.task", "painting", "'model.task' must be one of"),
+        ("model.weights", {"kind": "file", "path": "w.pt"}, "'model.weights.sha256' is missing"),
         ("weights.file", "../../etc/passwd", "'weights.file' must be one of 'model.safetensors'"),
         ("weights.sha256", "abc", "64 lowercase hex digits"),
         ("weights.bytes", -1, "a size in bytes"),
@@ -548,10 +613,7 @@ def test_every_missing_field_is_named(path: str) -> None:
 )
 def test_wrong_field_types_are_named(path: str, value: Any, expected: str) -> None:
     manifest = valid_on_disk_manifest()
-    *parents, last = path.split(".")
-    holder = manifest
-    for key in parents:
-        holder = holder[key]
+    holder, last = _holder(manifest, path)
     holder[last] = value
     with pytest.raises(CheckpointError, match=expected):
         validate_manifest(manifest)
@@ -572,6 +634,8 @@ IMPORT_MODEL = {
     "name": "never_imported_pkg.models:build",
     "kwargs": {},
     "input_size": [1, 3, 16, 16],
+    "task": "classification",
+    "weights": {"kind": "random", "seed": 0},
 }
 
 
@@ -735,31 +799,52 @@ def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
 
 def test_docs_describe_every_manifest_field() -> None:
     docs = (REPO / "docs" / "checkpoint.md").read_text()
-    undocumented = [p for p in schema_paths(MANIFEST_SCHEMA) if f"`{p}`" not in docs]
+    paths = set(schema_paths(MANIFEST_SCHEMA))
+    undocumented = sorted(p for p in paths if f"`{p}`" not in docs)
     assert not undocumented, f"docs/checkpoint.md does not describe: {undocumented}"
+    old = {p for p in schema_paths(MANIFEST_SCHEMA_V1) if "." not in p and "[" not in p}
+    missing = sorted(p for p in old if f"`{p}`" not in docs)
+    assert not missing, f"docs/checkpoint.md does not name these version-1 fields: {missing}"
 
 
-def test_a_checkpoint_with_channel_major_spd_kernels_loads_converted(tmp_path: Path) -> None:
-    """Checkpoints written before SPD-Conv of ungrouped convs went phase-major (no
+def test_a_version_1_checkpoint_with_channel_major_spd_kernels_loads_converted(
+    tmp_path: Path,
+) -> None:
+    """Version-1 checkpoints written before SPD-Conv of ungrouped convs went phase-major (no
     `spd_channel_order` in surgery.json) hold channel-major kernels: `load` converts them."""
-    from dataclasses import replace
+    import warnings
 
-    from surgeon.api import build_manifest, load
-    from surgeon.layers.spd import SpaceToDepthConv, channel_major_kernel
-    from surgeon.models import example_inputs, load_model
-    from surgeon.patch import patch, resolve_policy
+    from surgeon.api import load
+    from surgeon.layers.spd import SpaceToDepthConv
+    from surgeon.layers.transfer import channel_major_kernel
 
-    loaded = replace(load_model("resnet18"), input_size=(3, 32, 32))
-    model, report = patch(loaded.model, "spd", example_inputs(loaded.task, (3, 32, 32)))
+    source = REPO / "tests" / "data" / "v1" / "tiny-spd"
+    trust = ["tests.tiny_models:tiny_resnet"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load(source, trust_import=trust)
     state = dict(model.state_dict())
     dense = [n for n, m in model.named_modules() if isinstance(m, SpaceToDepthConv)]
     assert dense and all(model.get_submodule(n).phase_major for n in dense)
     for name in dense:
         block = model.get_submodule(name).block
         state[f"{name}.conv.weight"] = channel_major_kernel(state[f"{name}.conv.weight"], block)
-    manifest = build_manifest(loaded, report, resolve_policy("spd").to_dict())
+    old = tmp_path / "old"
+    old.mkdir()
+    weights_name = "model.safetensors"
+    safetensors.torch.save_file(state, str(old / weights_name), metadata={"format": "pt"})
+    manifest = on_disk_manifest(source)
     del manifest["spd_channel_order"]
-    write_checkpoint(tmp_path / "old", state, manifest)
+    weights = old / "model.safetensors"
+    manifest["weights"] = {
+        "file": "model.safetensors",
+        "sha256": sha256_file(weights),
+        "bytes": weights.stat().st_size,
+    }
+    write_on_disk_manifest(old, manifest)
     x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = load(old, trust_import=trust)
     with torch.no_grad():
-        assert torch.equal(load(tmp_path / "old")(x), model.eval()(x))
+        assert torch.equal(converted(x), model(x))

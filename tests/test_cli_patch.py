@@ -86,8 +86,11 @@ def test_spd_exact_with_weights_keeps_the_function_through_the_cli(
     assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-5
 
 
-def test_dry_run_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_run_writes_the_report_but_no_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "never"
+    report = tmp_path / "diff.md"
     code, stdout, err = run_cli(
         capsys,
         "patch",
@@ -97,11 +100,15 @@ def test_dry_run_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[st
         "--out",
         str(out),
         "--dry-run",
+        "--report",
+        str(report),
         "--input-size",
         "3x64x64",
     )
-    assert code == 0 and "BlurPool" in stdout and "dry run" in err
-    assert not out.exists()
+    assert code == 0 and "BlurPool" in stdout and "dry run: no checkpoint written" in err
+    assert not out.exists(), "a dry run wrote a checkpoint"
+    assert report.is_file(), "a dry run dropped the --report file"
+    assert "BlurPool" in report.read_text() and f"wrote {report}" in err
 
 
 def test_existing_output_is_refused_before_any_work(
@@ -185,7 +192,9 @@ def test_patch_fold_records_the_fold_and_load_replays_it(
     code, _, err = run_cli(capsys, "patch", *common, "--out", str(folded), "--fold")
     assert code == 0, err
     assert "SPD layers folded" in err
-    record = json.loads((folded / "surgery.json").read_text())["fold"]
+    history = json.loads((folded / "surgery.json").read_text())["history"]
+    assert [entry["kind"] for entry in history] == ["patch", "fold"]
+    record = history[1]
     forms = {layer["name"]: layer["form"] for layer in record["layers"]}
     assert len(forms) == 7 and set(forms.values()) <= {"folded", "kept"}
 
@@ -207,10 +216,10 @@ def test_patch_fold_records_the_fold_and_load_replays_it(
 
     # a fold record that names a form surgeon does not know is refused, nothing is built
     manifest = json.loads((folded / "surgery.json").read_text())
-    manifest["fold"]["layers"][0]["form"] = "squashed"
+    manifest["history"][1]["layers"][0]["form"] = "squashed"
     (folded / "surgery.json").write_text(json.dumps(manifest))
     code, _, err = run_cli(capsys, "load", str(folded))
-    assert code != 0 and "fold.layers" in err and "\n" not in err.strip()
+    assert code != 0 and "history[1].layers[0].form" in err and "\n" not in err.strip()
 
 
 def test_the_console_script_writes_a_complete_checkpoint_and_exits_with_the_code(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -38,9 +39,9 @@ def _layer4(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ("output_stride", "replace"), [(8, [False, True, True]), (16, [False, False, True])]
 )
 def test_dilated_resnet50_equals_torchvisions_replace_stride_with_dilation(
-    output_stride: int, replace: list[bool]
+    fresh_model: Callable[..., nn.Module], output_stride: int, replace: list[bool]
 ) -> None:
-    model = torchvision.models.resnet50().eval()
+    model = fresh_model("resnet50")
     original = copy.deepcopy(model)
     reference = torchvision.models.resnet50(replace_stride_with_dilation=replace).eval()
     reference.load_state_dict(model.state_dict())
@@ -63,8 +64,10 @@ def test_dilated_resnet50_equals_torchvisions_replace_stride_with_dilation(
     assert not report.keys_added and not report.keys_removed and not report.keys_renamed
 
 
-def test_dilated_features_equal_the_originals_on_every_fth_position() -> None:
-    model = torchvision.models.resnet18().eval()
+def test_dilated_features_equal_the_originals_on_every_fth_position(
+    fresh_model: Callable[..., nn.Module],
+) -> None:
+    model = fresh_model("resnet18")
     original = copy.deepcopy(model)
     x = torch.randn(1, 3, 56, 56)
     patch(model, _dilate(8), x)
@@ -73,8 +76,10 @@ def test_dilated_features_equal_the_originals_on_every_fth_position() -> None:
     torch.testing.assert_close(dense[..., ::4, ::4], sparse, atol=1e-5, rtol=1e-5)
 
 
-def test_dilate_rows_say_the_map_grows_on_purpose(console: object) -> None:
-    model = torchvision.models.resnet18().eval()
+def test_dilate_rows_say_the_map_grows_on_purpose(
+    fresh_model: Callable[..., nn.Module], console: object
+) -> None:
+    model = fresh_model("resnet18")
     _, report = patch(model, _dilate(16), torch.randn(1, 3, 64, 64))
     rows = {r.site: r for r in report.rows}
     kept = rows["layer3.0.conv1"]
@@ -174,7 +179,9 @@ def test_a_parallel_pool_that_reads_as_a_global_pool_is_dilated_with_its_branch(
         assert patched(x).shape == (1, 1000)
 
 
-def test_a_keep_rule_on_one_branch_fails_verification_with_a_clear_error() -> None:
+def test_a_keep_rule_on_one_branch_fails_verification_with_a_clear_error(
+    fresh_model: Callable[..., nn.Module],
+) -> None:
     text = """
 name: half
 description: dilate the main path only
@@ -186,11 +193,11 @@ rules:
     params: {output_stride: 16}
 """
     from surgeon.errors import PatchError
-    from surgeon.policy import parse_policy
+    from surgeon.policy_loader import parse_policy
 
     policy = parse_policy(text, "half.yaml", action_schemas())
     with pytest.raises(PatchError) as info:
-        patch(torchvision.models.resnet18().eval(), policy, torch.randn(1, 3, 64, 64))
+        patch(fresh_model("resnet18"), policy, torch.randn(1, 3, 64, 64))
     message = str(info.value)
     # names the block that broke and the branch the keep rule held back
     assert message.startswith("the patched model fails in layer4.0 (BasicBlock), where ")

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from surgeon.arithmetic import pool_output_size
-from surgeon.layers import PAD_MODES, BlurPool, binomial_filter, native
+from surgeon.layers import PAD_MODES, BlurPool, binomial_filter
 
 FAST = settings(
     max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
@@ -213,17 +213,13 @@ def test_blurpool_equals_pad_then_depthwise_filter(
         ceil_source=ceil_source,
     )
     expected = straightforward(blur, x)
-    out = blur(x)  # the compiled kernel in 2d where it builds
+    out = blur(x)  # small inputs: pad, then filter
     assert out.shape == expected.shape
     assert torch.allclose(out, expected, atol=1e-6), f"{blur} on {tuple(x.shape)}"
-    with native.disabled():
-        assert torch.allclose(blur(x), expected, atol=1e-6), (
-            f"{blur} on {tuple(x.shape)}, small-input path"
-        )
-        # the large-input path (zero-padded conv + border corrections), forced on small maps
-        blur.border_min_numel = blur.border_min_size = 0
-        blur.border_any_layout = True
-        out = blur(x)
+    # the large-input path (zero-padded conv + border corrections), forced on small maps
+    blur.border_min_numel = blur.border_min_size = 0
+    blur.border_any_layout = True
+    out = blur(x)
     assert out.shape == expected.shape
     assert torch.allclose(out, expected, atol=1e-6), f"{blur} on {tuple(x.shape)}, borders"
 
@@ -302,8 +298,6 @@ def test_blurpool_keeps_channels_last_layout(threshold: int) -> None:
     for size in (13, 12):
         x = torch.randn(2, 8, size, 12).contiguous(memory_format=torch.channels_last)
         assert blur(x).is_contiguous(memory_format=torch.channels_last), size
-        with native.disabled():
-            assert blur(x).is_contiguous(memory_format=torch.channels_last), size
 
 
 def test_blurpool_backpropagates_through_the_border_corrections() -> None:
@@ -329,7 +323,6 @@ def test_blurpool_corrects_borders_only_on_large_channels_last_inputs(
         original(self, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(BlurPool, "_add_border", spy)
-    monkeypatch.setattr(native, "_switched_off", [True])
     blur = BlurPool(64)
     x = torch.randn(1, 64, 128, 128).contiguous(memory_format=layout)  # 2^20 elements
     expected = straightforward(blur, x)

@@ -17,8 +17,8 @@ from timm.layers.pool2d_same import MaxPool2dSame
 from torch import nn
 
 from surgeon.arithmetic import pool_output_size, same_padding
-from surgeon.layers import SpaceToDepthConv, pool_arguments, space_to_depth
-from surgeon.layers.spd import _output_length, _padded_space_to_depth, _rearrange, _same_total
+from surgeon.layers import SpaceToDepthConv, pad_space_to_depth, pool_arguments, space_to_depth
+from surgeon.layers.shapes import output_length, same_total
 
 FAST = settings(
     max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
@@ -188,10 +188,10 @@ def test_branch_free_output_length_matches_pool_output_size() -> None:
             for size in range(max(1, effective - 2 * padding), 40):
                 for ceil_mode in (False, True):
                     expected = pool_output_size(size, kernel, stride, padding, dilation, ceil_mode)
-                    got = _output_length(size, kernel, stride, padding, dilation, ceil_mode)
+                    got = output_length(size, kernel, stride, padding, dilation, ceil_mode)
                     assert got == expected, (size, kernel, stride, padding, dilation, ceil_mode)
         for size in range(1, 40):
-            assert _same_total(size, kernel, stride, dilation) == sum(
+            assert same_total(size, kernel, stride, dilation) == sum(
                 same_padding(size, kernel, stride, dilation)
             )
 
@@ -632,11 +632,12 @@ def test_spd_exports_to_onnx_with_dynamic_axes(name: str) -> None:
     channels_last=st.booleans(),
     phase_major=st.booleans(),
 )
-def test_one_pass_padded_space_to_depth_equals_pad_then_rearrange(
+def test_padded_space_to_depth_equals_pad_then_space_to_depth(
     dims: int, data: st.DataObject, channels: int, channels_last: bool, phase_major: bool
 ) -> None:
-    # eager SPD-Conv pads and rearranges in one pass: every left pad, and right ends that
-    # pad or crop, must give what F.pad + space_to_depth give
+    # eager SPD-Conv pads and rearranges in one pass (one strided copy per phase into a zeroed
+    # output): every left pad, and right ends that pad or crop, must give what F.pad +
+    # space_to_depth give
     draw = data.draw
     block = [draw(st.integers(1, 3), label="block") for _ in range(dims)]
     size = [draw(st.integers(1, 9), label="size") for _ in range(dims)]
@@ -649,7 +650,7 @@ def test_one_pass_padded_space_to_depth_equals_pad_then_rearrange(
 
 
 @pytest.mark.parametrize("phase_major", [True, False])
-def test_one_pass_padded_space_to_depth_when_a_phase_sees_only_padding(phase_major: bool) -> None:
+def test_padded_space_to_depth_when_a_phase_sees_only_padding(phase_major: bool) -> None:
     # left 3 with block 2 and 2 blocks: phase 0 starts at block 2, past the end
     check_padded_space_to_depth([4, 5], [3, 0], [2, 2], [2, 3], 3, False, phase_major)
     check_padded_space_to_depth([1, 5], [0, 0], [3, 2], [1, 3], 9, True, phase_major)
@@ -668,8 +669,9 @@ def check_padded_space_to_depth(
     pads: list[int] = []
     for s, left, b, r in zip(size, lefts, block, reduced, strict=True):
         pads = [left, b * r - s - left, *pads]
-    expected = _rearrange(F.pad(x, pads), block, reduced, phase_major)
-    got = _padded_space_to_depth(x, lefts, block, reduced, phase_major)
+    order = "phase" if phase_major else "channel"
+    expected = space_to_depth(F.pad(x, pads), tuple(block), order)
+    got = pad_space_to_depth(x, pads, lefts, block, reduced, phase_major)
     assert torch.equal(got, expected)
     weights = torch.randn(expected.shape)
     (grad_expected,) = torch.autograd.grad((expected * weights).sum(), x)

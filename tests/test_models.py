@@ -86,7 +86,7 @@ def test_default_input_sizes_come_from_metadata() -> None:
 
 def test_detection_models_build_without_weights_and_take_image_lists() -> None:
     loaded = load_model("ssdlite320_mobilenet_v3_large")
-    assert loaded.task == "detection" and loaded.weights == "random"
+    assert loaded.task == "detection" and loaded.weights == {"kind": "random", "seed": 0}
     (images,) = example_inputs(loaded.task, (3, 64, 64))
     assert isinstance(images, list) and images[0].shape == (3, 64, 64)
 
@@ -113,3 +113,75 @@ def test_pretrained_offline_fails_with_a_clear_message(monkeypatch: pytest.Monke
         WeightsError, match="could not fetch pretrained weights for torchvision:resnet18"
     ):
         load_model("resnet18", pretrained=True)
+
+
+def test_timm_pretrained_tags_resolve_and_set_the_input_size() -> None:
+    assert parse_spec("resnet50.a1_in1k") == parse_spec("timm:resnet50.a1_in1k")
+    assert parse_spec("resnet50.a1_in1k").source == "timm"
+    tagged = load_model("timm:convnext_tiny.fb_in22k_ft_in1k_384")
+    assert tagged.input_size == (3, 384, 384), "the tag's pretrained_cfg sets the input size"
+    assert tagged.spec.architecture == "convnext_tiny"
+    assert tagged.spec.tag == "fb_in22k_ft_in1k_384"
+
+
+def test_torchvision_weights_enum_names_resolve() -> None:
+    spec = parse_spec("torchvision:resnet50.IMAGENET1K_V2")
+    assert (spec.source, spec.architecture) == ("torchvision", "resnet50")
+    assert spec.tag == "IMAGENET1K_V2"
+    assert parse_spec("resnet50.IMAGENET1K_V1").source == "torchvision"
+    assert parse_spec("resnet50").tag is None
+
+
+def test_unknown_tags_list_the_tags_each_registry_has() -> None:
+    with pytest.raises(
+        ModelSpecError, match=r"unknown pretrained tag 'IMAGENET1K_V9'.*IMAGENET1K_V2.*a1_in1k"
+    ):
+        parse_spec("resnet50.IMAGENET1K_V9")
+    with pytest.raises(ModelSpecError, match=r"timm has it: timm:resnet50\.a1_in1k"):
+        parse_spec("torchvision:resnet50.a1_in1k")
+
+
+def test_hub_names_go_to_timm_not_to_the_import_parser() -> None:
+    spec = parse_spec("hf-hub:timm/resnet50.a1_in1k")
+    assert (spec.source, spec.name, spec.text) == (
+        "timm",
+        "hf-hub:timm/resnet50.a1_in1k",
+        "hf-hub:timm/resnet50.a1_in1k",
+    )
+    assert spec.hub and spec.tag is None
+    assert parse_spec("timm:hf-hub:timm/resnet50.a1_in1k") == spec
+    with pytest.raises(ModelSpecError, match=r"bad hub name.*hf-hub:ORG/NAME"):
+        parse_spec("hf-hub:resnet50")
+
+
+def test_pretrained_tag_folds_into_the_spec_and_conflicts_are_refused() -> None:
+    with pytest.raises(UsageError, match="names the tag 'a1_in1k' and --pretrained names 'b"):
+        load_model("resnet50.a1_in1k", pretrained="b1k_in1k")
+    with pytest.raises(UsageError, match=r"hub name .* carries its own weights"):
+        load_model("hf-hub:timm/resnet50.a1_in1k", pretrained="a1_in1k")
+    with pytest.raises(UsageError, match="user factory with no library weights"):
+        load_model("tests.test_models:build_tiny", pretrained=True)
+
+
+def test_random_init_is_seeded_and_leaves_the_global_rng_alone() -> None:
+    state = torch.get_rng_state()
+    a = load_model("resnet18", seed=3)
+    assert torch.equal(torch.get_rng_state(), state), "building a model moved the global RNG"
+    b = load_model("resnet18", seed=3)
+    c = load_model("resnet18", seed=4)
+    assert torch.equal(a.model.conv1.weight, b.model.conv1.weight), "same seed, other weights"
+    assert not torch.equal(a.model.conv1.weight, c.model.conv1.weight), "seed had no effect"
+    assert a.weights == {"kind": "random", "seed": 3}
+
+
+def test_weights_file_is_recorded_with_its_path_and_sha256(tmp_path: Path) -> None:
+    import hashlib
+
+    path = tmp_path / "w.pt"
+    torch.save(load_model("resnet18", seed=1).model.state_dict(), path)
+    loaded = load_model("resnet18", weights=tmp_path / ".." / tmp_path.name / "w.pt")
+    assert loaded.weights == {
+        "kind": "file",
+        "path": str(path.resolve()),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }

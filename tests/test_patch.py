@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -21,8 +22,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / a.abs().max()).item()
 
 
-def _exact_case(spec: str, size: int) -> None:
-    model = load_model(spec).model
+def _exact_case(model: nn.Module, size: int) -> None:
     original = copy.deepcopy(model)
     x = torch.randn(2, 3, size, size)
     patched, report = patch(model, "spd", x)
@@ -38,19 +38,23 @@ def _exact_case(spec: str, size: int) -> None:
 @pytest.mark.parametrize(
     "spec", ["resnet50", "mobilenet_v3_large", "efficientnet_b0", "timm:tf_efficientnet_b0"]
 )
-def test_spd_reproduces_the_original_outputs(spec: str, size: int) -> None:
-    _exact_case(spec, size)
+def test_spd_reproduces_the_original_outputs(
+    fresh_model: Callable[..., nn.Module], spec: str, size: int
+) -> None:
+    _exact_case(fresh_model(spec), size)
 
 
-def test_spd_all_marks_resnet50_max_pool_approximate_and_the_rest_exact() -> None:
-    _, report = patch(load_model("resnet50").model, "spd-all", torch.randn(1, 3, 64, 64))
+def test_spd_all_marks_resnet50_max_pool_approximate_and_the_rest_exact(
+    fresh_model: Callable[..., nn.Module],
+) -> None:
+    _, report = patch(fresh_model("resnet50"), "spd-all", torch.randn(1, 3, 64, 64))
     transfers = {r.site: r.transfer for r in report.rows if r.status == "patched"}
     assert transfers.pop("maxpool") == "approximate"
     assert len(transfers) == 7 and set(transfers.values()) == {"exact"}
 
 
-def test_spd_keeps_max_pools_and_says_which_rule_did() -> None:
-    _, report = patch(load_model("resnet50").model, "spd", torch.randn(1, 3, 64, 64))
+def test_spd_keeps_max_pools_and_says_which_rule_did(fresh_model: Callable[..., nn.Module]) -> None:
+    _, report = patch(fresh_model("resnet50"), "spd", torch.randn(1, 3, 64, 64))
     rows = {r.site: r for r in report.rows}
     assert rows["maxpool"].status == "kept" and rows["maxpool"].rule == "1 (keep-max-pools)"
     patched = [r for r in report.rows if r.status == "patched"]
@@ -69,8 +73,10 @@ def test_spd_replaces_modules_in_place_and_keeps_the_class_and_methods() -> None
     assert not report.keys_renamed
 
 
-def test_antialias_on_resnet50_places_blur_as_the_paper_does() -> None:
-    model = load_model("resnet50").model
+def test_antialias_on_resnet50_places_blur_as_the_paper_does(
+    fresh_model: Callable[..., nn.Module],
+) -> None:
+    model = fresh_model("resnet50")
     params = sum(p.numel() for p in model.parameters())
     patched, report = patch(model, "antialias", torch.randn(1, 3, 64, 64))
     assert sum(p.numel() for p in patched.parameters()) == params == 25_557_032
@@ -93,8 +99,10 @@ def test_antialias_on_resnet50_places_blur_as_the_paper_does() -> None:
     assert ("layer2.0.conv3.weight", "layer2.0.conv3.1.weight") in report.keys_renamed
 
 
-def test_antialias_shared_relu_other_call_sites_are_untouched() -> None:
-    model = load_model("resnet50").model
+def test_antialias_shared_relu_other_call_sites_are_untouched(
+    fresh_model: Callable[..., nn.Module],
+) -> None:
+    model = fresh_model("resnet50")
     original = copy.deepcopy(model)
     patch(model, "antialias", torch.randn(1, 3, 64, 64))
     block, ref = model.layer2[0], original.layer2[0]
@@ -106,8 +114,10 @@ def test_antialias_shared_relu_other_call_sites_are_untouched() -> None:
     assert torch.equal(a, b)
 
 
-def test_antialias_on_mobilenet_v2_blurs_after_the_depthwise_relu6() -> None:
-    model = load_model("mobilenet_v2").model
+def test_antialias_on_mobilenet_v2_blurs_after_the_depthwise_relu6(
+    fresh_model: Callable[..., nn.Module],
+) -> None:
+    model = fresh_model("mobilenet_v2")
     params = sum(p.numel() for p in model.parameters())
     keys = set(model.state_dict())
     _, report = patch(model, "antialias", torch.randn(1, 3, 64, 64))
@@ -131,8 +141,8 @@ def test_functional_sites_rewrite_only_their_owner_module() -> None:
     assert any("Mixed_6a is now a torch.fx.GraphModule" in n for n in report.notes)
 
 
-def test_init_random_reinitialises_and_says_so() -> None:
-    from surgeon.policy import policy_from_dict
+def test_init_random_reinitialises_and_says_so(fresh_model: Callable[..., nn.Module]) -> None:
+    from surgeon.policy_loader import policy_from_dict
     from surgeon.rewrites import action_schemas
 
     policy = policy_from_dict(
@@ -143,12 +153,14 @@ def test_init_random_reinitialises_and_says_so() -> None:
         },
         action_schemas(),
     )
-    _, report = patch(load_model("resnet18").model, policy, torch.randn(1, 3, 64, 64))
+    _, report = patch(fresh_model("resnet18"), policy, torch.randn(1, 3, 64, 64))
     assert {r.transfer for r in report.rows if r.status == "patched"} == {"random"}
 
 
-def test_report_renders_every_site_deterministically(console) -> None:  # type: ignore[no-untyped-def]
-    _, report = patch(load_model("resnet18").model, "spd-all", torch.randn(1, 3, 64, 64))
+def test_report_renders_every_site_deterministically(
+    fresh_model: Callable[..., nn.Module], console
+) -> None:  # type: ignore[no-untyped-def]
+    _, report = patch(fresh_model("resnet18"), "spd-all", torch.randn(1, 3, 64, 64))
     render_patch(report, console)
     text = rendered(console)
     for row in report.rows:
@@ -160,9 +172,9 @@ def test_report_renders_every_site_deterministically(console) -> None:  # type: 
     assert '"patched": 8' in patch_json(report)
 
 
-def test_strict_turns_unused_rules_into_errors() -> None:
+def test_strict_turns_unused_rules_into_errors(fresh_model: Callable[..., nn.Module]) -> None:
     from surgeon.errors import PolicyError
-    from surgeon.policy import policy_from_dict
+    from surgeon.policy_loader import policy_from_dict
     from surgeon.rewrites import action_schemas
 
     policy = policy_from_dict(
@@ -173,18 +185,20 @@ def test_strict_turns_unused_rules_into_errors() -> None:
         },
         action_schemas(),
     )
-    _, report = patch(load_model("resnet18").model, policy, torch.randn(1, 3, 32, 32))
+    _, report = patch(fresh_model("resnet18"), policy, torch.randn(1, 3, 32, 32))
     assert report.warnings and "matched no site" in report.warnings[0]
     # a built-in policy's rules cover every kind of model: unused ones are not news
-    _, report = patch(load_model("mobilenet_v2").model, "spd", torch.randn(1, 3, 32, 32))
+    _, report = patch(fresh_model("mobilenet_v2"), "spd", torch.randn(1, 3, 32, 32))
     assert not report.warnings
     with pytest.raises(PolicyError, match="decided no site"):
-        patch(load_model("resnet18").model, policy, torch.randn(1, 3, 32, 32), strict=True)
+        patch(fresh_model("resnet18"), policy, torch.randn(1, 3, 32, 32), strict=True)
 
 
-def test_patch_runs_the_original_model_once_and_the_patched_model_once() -> None:
+def test_patch_runs_the_original_model_once_and_the_patched_model_once(
+    fresh_model: Callable[..., nn.Module],
+) -> None:
     # the analysis run doubles as the reference for verification and MAC counts
-    model = load_model("resnet18").model
+    model = fresh_model("resnet18")
     calls: list[str] = []
     model.register_forward_pre_hook(lambda m, a: calls.append(type(m.conv1).__name__))
     x = torch.randn(1, 3, 64, 64)

@@ -15,25 +15,27 @@ from hypothesis import HealthCheck, Phase, find, given, settings
 from hypothesis import strategies as st
 
 from surgeon import policy as policy_module
+from surgeon import policy_loader
 from surgeon.errors import PolicyError
 from surgeon.policy import (
     KEEP,
-    ActionSchema,
     Decision,
     GroupsCondition,
     IntCondition,
     Match,
-    ParamSpec,
     Policy,
     check_strict,
     decide,
+    unused_rules,
+)
+from surgeon.policy_loader import (
     list_builtin_policies,
     load_policy,
     parse_policy,
     policy_from_dict,
     resolve_policy_path,
-    unused_rules,
 )
+from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.sites import Role, Site
 
 ACTIONS: dict[str, ActionSchema] = {
@@ -731,7 +733,7 @@ def builtin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "name: blur\ndescription: Blur pools.\nrules: [{match: {}, action: antialias}]\n"
     )
     (configs / "notes.txt").write_text("not a policy")
-    monkeypatch.setattr(policy_module, "BUILTIN_POLICY_DIR", configs)
+    monkeypatch.setattr(policy_loader, "BUILTIN_POLICY_DIR", configs)
     return configs
 
 
@@ -805,8 +807,8 @@ scalars = st.one_of(
 )
 keys = st.one_of(
     st.text(max_size=6),
-    st.sampled_from([*policy_module._TOP_KEYS, *policy_module._RULE_KEYS]),
-    st.sampled_from([*policy_module._MATCH_KEYS, "min", "max", "kernel_size", "filter_size"]),
+    st.sampled_from([*policy_loader._TOP_KEYS, *policy_loader._RULE_KEYS]),
+    st.sampled_from([*policy_module.MATCH_KEYS, "min", "max", "kernel_size", "filter_size"]),
 )
 documents = st.recursive(
     scalars,
@@ -827,7 +829,7 @@ def int_values(low: int, high: int) -> st.SearchStrategy[Any]:
 match_blocks = st.fixed_dictionaries(
     {},
     optional={
-        "op": st.sampled_from(policy_module._OPS) | st.lists(st.sampled_from(["conv", "max_pool"])),
+        "op": st.sampled_from(policy_module.OPS) | st.lists(st.sampled_from(["conv", "max_pool"])),
         "stride": int_values(1, 4),
         "kernel": int_values(1, 7),
         "groups": st.sampled_from(["depthwise", "grouped", "dense", 1, [1, "depthwise"]]),

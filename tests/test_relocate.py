@@ -3,14 +3,16 @@ placements are refused with a one-line reason, and the legal placements are coun
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 from surgeon.patch import patch
 from surgeon.placements import PlacementSpace, placement_policy
-from surgeon.policy import Policy, policy_from_dict
+from surgeon.policy import Policy
+from surgeon.policy_loader import policy_from_dict
 from surgeon.rewrites import action_schemas
 
 _V1 = [
@@ -44,8 +46,10 @@ def _tuple(value: object) -> tuple[int, ...]:
     return value if isinstance(value, tuple) else (value,)  # type: ignore[return-value]
 
 
-def test_moving_resnet50_strides_to_conv1_gives_the_v1_block() -> None:
-    model = torchvision.models.resnet50().eval()
+def test_moving_resnet50_strides_to_conv1_gives_the_v1_block(
+    fresh_model: Callable[..., nn.Module],
+) -> None:
+    model = fresh_model("resnet50")
     x = torch.randn(1, 3, 32, 32)
     policy = _moves(*((f"layer{i}.0.conv2", {"to": f"layer{i}.0.conv1"}) for i in (2, 3, 4)))
     patched, report = patch(model, policy, x)
@@ -59,8 +63,10 @@ def test_moving_resnet50_strides_to_conv1_gives_the_v1_block() -> None:
     assert not report.keys_added and not report.keys_removed
 
 
-def test_a_move_that_breaks_a_residual_join_is_refused_and_nothing_changes() -> None:
-    model = torchvision.models.resnet18().eval()
+def test_a_move_that_breaks_a_residual_join_is_refused_and_nothing_changes(
+    fresh_model: Callable[..., nn.Module],
+) -> None:
+    model = fresh_model("resnet18")
     before = _strides(model)
     policy = _moves(("layer2.0.downsample.0", {"to": "layer2.0.conv2"}))
     patched, report = patch(model, policy, torch.randn(1, 3, 64, 64))
@@ -73,8 +79,10 @@ def test_a_move_that_breaks_a_residual_join_is_refused_and_nothing_changes() -> 
     assert _strides(patched) == before
 
 
-def test_relocate_names_an_unknown_layer_and_needs_exactly_one_form() -> None:
-    model = torchvision.models.resnet18().eval()
+def test_relocate_names_an_unknown_layer_and_needs_exactly_one_form(
+    fresh_model: Callable[..., nn.Module],
+) -> None:
+    model = fresh_model("resnet18")
     policy = _moves(
         ("layer2.0.conv1", {"to": "layer2.0.cnv2"}),
         ("layer3.0.conv1", {}),
@@ -90,10 +98,12 @@ def test_relocate_names_an_unknown_layer_and_needs_exactly_one_form() -> None:
     assert notes["layer4.0.conv1"].endswith("not both")
 
 
-def test_a_placement_moves_strides_that_are_only_legal_together() -> None:
+def test_a_placement_moves_strides_that_are_only_legal_together(
+    fresh_model: Callable[..., nn.Module],
+) -> None:
     # layer3's step moves into layer4's first block: its main path and shortcut both move,
     # which no single move can do
-    model = torchvision.models.resnet18().eval()
+    model = fresh_model("resnet18")
     space = PlacementSpace.of(model, torch.randn(1, 3, 64, 64))
     chosen = ["conv1", "maxpool", "layer2.0.conv1", "layer2.0.downsample.0", "layer4.0.conv1"]
     assert [p.message for p in space.check(chosen)] == [
@@ -115,8 +125,10 @@ def test_a_placement_moves_strides_that_are_only_legal_together() -> None:
     assert rows["conv1"].note == "listed in the placement: keeps its stride"
 
 
-def test_an_illegal_placement_is_refused_at_every_site() -> None:
-    model = torchvision.models.resnet18().eval()
+def test_an_illegal_placement_is_refused_at_every_site(
+    fresh_model: Callable[..., nn.Module],
+) -> None:
+    model = fresh_model("resnet18")
     before = _strides(model)
     patched, report = patch(
         model, placement_policy(["conv1", "layer2.0.conv1"]), torch.randn(1, 3, 64, 64)
@@ -163,8 +175,10 @@ def test_placements_are_counted_and_listed_along_the_graph() -> None:
     assert all(space.check(p.layers) == [] for p in two) and two[0].output_stride == 4
 
 
-def test_resnet18_placements_keep_the_count_and_each_one_patches() -> None:
-    model = torchvision.models.resnet18().eval()
+def test_resnet18_placements_keep_the_count_and_each_one_patches(
+    fresh_model: Callable[..., nn.Module],
+) -> None:
+    model = fresh_model("resnet18")
     x = torch.randn(1, 3, 64, 64)
     space = PlacementSpace.of(model, x)
     assert space.current.layers == tuple(_V1) and space.current.steps == 5
@@ -179,6 +193,8 @@ def test_resnet18_placements_keep_the_count_and_each_one_patches() -> None:
 
 
 @pytest.mark.parametrize("count", [4, 6])
-def test_resnet18_placement_counts_for_other_numbers_of_steps(count: int) -> None:
-    space = PlacementSpace.of(torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64))
+def test_resnet18_placement_counts_for_other_numbers_of_steps(
+    fresh_model: Callable[..., nn.Module], count: int
+) -> None:
+    space = PlacementSpace.of(fresh_model("resnet18"), torch.randn(1, 3, 64, 64))
     assert space.count(count) == {4: 28, 6: 0}[count]

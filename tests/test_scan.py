@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,8 +28,10 @@ RESNET50_SITES = [
 
 
 @pytest.mark.parametrize("size", [224, 225])
-def test_resnet50_has_exactly_its_eight_downsampling_sites(size: int) -> None:
-    model = load_model("resnet50").model
+def test_resnet50_has_exactly_its_eight_downsampling_sites(
+    fresh_model: Callable[..., nn.Module], size: int
+) -> None:
+    model = fresh_model("resnet50")
     result = scan(model, torch.randn(1, 3, size, size))
     assert [s.name for s in result.downsampling] == RESNET50_SITES
     assert [s.role for s in result.sites if s.name == "avgpool"] == ["global_pool"]
@@ -41,8 +45,10 @@ def test_resnet50_has_exactly_its_eight_downsampling_sites(size: int) -> None:
     assert all(s.found_by == "fx" for s in result.sites)
 
 
-def test_resnet50_neighbours_show_norm_activation_and_consumer() -> None:
-    result = scan(load_model("resnet50").model, torch.randn(1, 3, 64, 64))
+def test_resnet50_neighbours_show_norm_activation_and_consumer(
+    fresh_model: Callable[..., nn.Module],
+) -> None:
+    result = scan(fresh_model("resnet50"), torch.randn(1, 3, 64, 64))
     site = next(s for s in result.sites if s.name == "layer2.0.conv2")
     assert [(n.kind, n.target) for n in site.after] == [
         ("norm", "layer2.0.bn2"),

@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 from surgeon.patch import patch
-from surgeon.policy import parse_policy
+from surgeon.policy_loader import parse_policy
 from surgeon.report import patch_markdown, render_patch
 from surgeon.rewrites import action_schemas
 from surgeon.rewrites.upsample import ResizeConv, SubPixelConv

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from surgeon.arithmetic import conv_output_size
-from surgeon.layers import native
-from surgeon.layers.spd import _is_channels_last, _output_length, _per_dim
+from surgeon.layers.shapes import is_channels_last, output_length, per_dim
 
 __all__ = ["PAD_MODES", "BlurPool", "binomial_filter"]
 
@@ -110,7 +109,7 @@ class BlurPool(nn.Module):
         self.channels = channels
         self.dims = dims
         self.filter_size = filter_size
-        self.stride = _per_dim(stride, dims, "stride")
+        self.stride = per_dim(stride, dims, "stride")
         if min(self.stride) < 1:
             raise ValueError(f"stride must be >= 1, got {self.stride}")
         self.pad_mode = pad_mode
@@ -123,13 +122,32 @@ class BlurPool(nn.Module):
             )
         else:
             kernel, padding, dilation = ceil_source
-            self.source_kernel = _per_dim(kernel, dims, "ceil_source kernel")
-            self.source_padding = _per_dim(padding, dims, "ceil_source padding")
-            self.source_dilation = _per_dim(dilation, dims, "ceil_source dilation")
+            self.source_kernel = per_dim(kernel, dims, "ceil_source kernel")
+            self.source_padding = per_dim(padding, dims, "ceil_source padding")
+            self.source_dilation = per_dim(dilation, dims, "ceil_source dilation")
         taps = binomial_filter(filter_size, dims)
         self.register_buffer(
             "filter", taps[None, None].repeat(channels, *([1] * (dims + 1))), persistent=False
         )
+
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments as JSON data: `BlurPool(**m.config())` computes what `m`
+        computes (the module has no state-dict entries)."""
+        ceil_source = None
+        if self.ceil_mode:
+            ceil_source = [
+                list(self.source_kernel),
+                list(self.source_padding),
+                list(self.source_dilation),
+            ]
+        return {
+            "channels": self.channels,
+            "dims": self.dims,
+            "filter_size": self.filter_size,
+            "stride": list(self.stride),
+            "pad_mode": self.pad_mode,
+            "ceil_source": ceil_source,
+        }
 
     def extra_repr(self) -> str:
         text = f"{self.channels}, dims={self.dims}, filter_size={self.filter_size}"
@@ -149,7 +167,7 @@ class BlurPool(nn.Module):
         padding = self.source_padding[i]
         dilation = self.source_dilation[i]
         original = size - 2 * padding + dilation * (kernel - 1)
-        return _output_length(original, kernel, stride, padding, dilation, True)
+        return output_length(original, kernel, stride, padding, dilation, True)
 
     def _conv(self, x: Tensor, padding: list[int]) -> Tensor:
         weight = self.filter if self.filter.dtype == x.dtype else self.filter.to(x.dtype)
@@ -219,20 +237,13 @@ class BlurPool(nn.Module):
             index: tuple[Any, ...] = (Ellipsis, *(slice(None, None, s) for s in self.stride))
             return x[index].clone()
         if x.device.type != "cpu":
-            # the compiled kernel and the border corrections are CPU tunings; on a GPU one pad
-            # and one convolution measured fastest (H200, docs/benchmarks.md)
+            # the border corrections are a CPU tuning; on a GPU one pad and one convolution
+            # measured fastest (H200, docs/benchmarks.md)
             return self._reference(x, mode, [(left, r) for r in rights])
-        if self.dims == 2:
-            taps, rows, cols = _kernel_tables(
-                (sizes[0], sizes[1]), (lengths[0], lengths[1]), self.stride, f, mode
-            )
-            out = native.blur2d(x, taps, rows, cols, self.stride[1], lengths)
-            if out is not None:
-                return out
         slow = (
             x.numel() < self.border_min_numel
             or min(sizes) < self.border_min_size
-            or not (self.border_any_layout or _is_channels_last(x))
+            or not (self.border_any_layout or is_channels_last(x))
         )
         # the zero-padded convolution must already give every output: odd lengths with even
         # filters and ceil-mode extras would need it grown by a copy (measured slower than
@@ -275,7 +286,7 @@ class BlurPool(nn.Module):
             order = [d, *(i for i in range(self.dims) if i != d)]
             layout = (torch.channels_last, torch.channels_last_3d)[self.dims - 2]
             rows = rows.movedim(2 + d, 2)
-            rows = rows.contiguous(memory_format=layout) if _is_channels_last(x) else rows
+            rows = rows.contiguous(memory_format=layout) if is_channels_last(x) else rows
             later = [(0, 0)] + [pads[i] if i > d else (0, 0) for i in order[1:]]
             rows = self._padded(rows, mode, later)
             row_filter = _row_filter(self.filter_size, self.dims, d, scale, x.dtype, x.device)
@@ -353,28 +364,6 @@ def _source(position: int, size: int, mode: str) -> int:
     if mode == "reflect":
         return -position if position < 0 else 2 * (size - 1) - position
     return min(max(position, 0), size - 1)
-
-
-@functools.lru_cache(maxsize=256)
-def _kernel_tables(
-    sizes: tuple[int, int],
-    lengths: tuple[int, int],
-    stride: tuple[int, ...],
-    filter_size: int,
-    mode: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(1-d taps, rows, cols) for `native.blur2d`: the input row each tap of each output row
-    reads, and the input column of each padded column, so the kernel needs no padding rules."""
-    left = (filter_size - 1) // 2
-    rows = [
-        _source(stride[0] * i + k - left, sizes[0], mode)
-        for i in range(lengths[0])
-        for k in range(filter_size)
-    ]
-    padded = (lengths[1] - 1) * stride[1] + filter_size
-    cols = [_source(p - left, sizes[1], mode) for p in range(padded)]
-    as_index = functools.partial(torch.tensor, dtype=torch.int64)
-    return binomial_filter(filter_size, 1), as_index(rows), as_index(cols)
 
 
 def _single_weight(matrix: tuple[tuple[float, ...], ...]) -> float | None:

@@ -5,27 +5,40 @@ from __future__ import annotations
 import importlib
 
 from surgeon.errors import PolicyError
-from surgeon.policy import ActionSchema
 from surgeon.rewrites.allconv import AllConvRewrite
 from surgeon.rewrites.antialias import AntialiasRewrite
-from surgeon.rewrites.base import Edit, ModelEditor, Rewrite, SkipSite
+from surgeon.rewrites.base import (
+    Edit,
+    LayerChange,
+    ModelEditor,
+    ModelPlan,
+    ModelRewrite,
+    Rewrite,
+    SkipSite,
+    Target,
+)
 from surgeon.rewrites.dilate import DilateRewrite
 from surgeon.rewrites.relocate import RelocateRewrite
 from surgeon.rewrites.spd import SpdRewrite
 from surgeon.rewrites.upsample import UpsampleRewrite
+from surgeon.schema import ActionSchema
 
 __all__ = [
     "Edit",
+    "LayerChange",
     "ModelEditor",
+    "ModelPlan",
+    "ModelRewrite",
     "Rewrite",
     "SkipSite",
+    "Target",
     "action_schemas",
     "get_rewrite",
     "load_plugin",
     "register_rewrite",
 ]
 
-_REGISTRY: dict[str, Rewrite] = {
+_REGISTRY: dict[str, Rewrite | ModelRewrite] = {
     "spd": SpdRewrite(),
     "antialias": AntialiasRewrite(),
     "allconv": AllConvRewrite(),
@@ -35,8 +48,11 @@ _REGISTRY: dict[str, Rewrite] = {
 }
 
 
-def register_rewrite(rewrite: Rewrite, *, replace: bool = False) -> Rewrite:
-    """Make a rewrite available to policies under `rewrite.schema.name`."""
+def register_rewrite(
+    rewrite: Rewrite | ModelRewrite, *, replace: bool = False
+) -> Rewrite | ModelRewrite:
+    """Make a rewrite (site-level, or model-level with `plan`) available to policies under
+    `rewrite.schema.name`."""
     name = rewrite.schema.name
     if name in _REGISTRY and not replace and _REGISTRY[name] is not rewrite:
         raise ValueError(f"a rewrite named {name!r} is already registered")
@@ -44,7 +60,7 @@ def register_rewrite(rewrite: Rewrite, *, replace: bool = False) -> Rewrite:
     return rewrite
 
 
-def get_rewrite(name: str) -> Rewrite:
+def get_rewrite(name: str) -> Rewrite | ModelRewrite:
     return _REGISTRY[name]
 
 

@@ -22,12 +22,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from surgeon.arithmetic import pool_output_size, same_padding
-from surgeon.policy import ActionSchema, ParamSpec
+from surgeon.arithmetic import pool_output_size
+from surgeon.layers.pool_pad import PoolPad
 from surgeon.rewrites.base import Edit, ModelEditor, SkipSite
+from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.sites import Site
 
 __all__ = ["AllConvRewrite", "PoolPad", "pooling_conv"]
@@ -37,54 +37,6 @@ _CONVS: dict[int, Callable[..., nn.modules.conv._ConvNd]] = {
     2: nn.Conv2d,
     3: nn.Conv3d,
 }
-
-
-class PoolPad(nn.Module):
-    """Pads the input so that a padding-free convolution has the windows of a pooling layer.
-
-    ceil_mode: pool padding p on the left, and on the right p plus what the last (overhanging)
-    window needs, so that a convolution gives the pool's ceil_mode output size
-    `pool_output_size(n, k, s, p, d, ceil_mode=True)`. 'same': timm's SAME padding
-    (`same_padding(n, k, s, d)`). The padding is zeros, which average pooling with
-    count_include_pad counts the same way.
-    """
-
-    def __init__(
-        self,
-        kernel: tuple[int, ...],
-        stride: tuple[int, ...],
-        padding: tuple[int, ...] | str,
-        dilation: tuple[int, ...],
-        ceil_mode: bool,
-    ) -> None:
-        super().__init__()
-        self.kernel, self.stride, self.padding = kernel, stride, padding
-        self.dilation, self.ceil_mode = dilation, ceil_mode
-
-    def pads(self, sizes: tuple[int, ...]) -> list[tuple[int, int]]:
-        """(left, right) per spatial dimension for an input of `sizes`."""
-        out = []
-        for i, n in enumerate(sizes):
-            k, s, d = self.kernel[i], self.stride[i], self.dilation[i]
-            if self.padding == "same":
-                out.append(same_padding(n, k, s, d))
-                continue
-            assert not isinstance(self.padding, str)
-            p = self.padding[i]
-            windows = pool_output_size(n, k, s, p, d, self.ceil_mode)
-            right = max(p, (windows - 1) * s + d * (k - 1) + 1 - n - p)
-            out.append((p, right))
-        return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = self.pads(tuple(x.shape[-len(self.kernel) :]))
-        return F.pad(x, [v for pair in reversed(pads) for v in pair])
-
-    def extra_repr(self) -> str:
-        return (
-            f"kernel={self.kernel}, stride={self.stride}, padding={self.padding}, "
-            f"ceil_mode={self.ceil_mode}"
-        )
 
 
 def _window_overhangs(site: Site) -> bool:

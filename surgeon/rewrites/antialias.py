@@ -21,8 +21,8 @@ from typing import Any
 from torch import nn
 
 from surgeon.layers.blur import BlurPool
-from surgeon.policy import ActionSchema, ParamSpec
 from surgeon.rewrites.base import Edit, ModelEditor, SkipSite
+from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.sites import Neighbour, Site
 
 __all__ = ["AntialiasRewrite"]
@@ -80,11 +80,19 @@ class AntialiasRewrite:
     def _pool(self, editor: ModelEditor, site: Site, params: Mapping[str, Any]) -> Edit:
         blur = self._blur(site, params, site.in_channels, ceil=site.ceil_mode)
         if site.padding == "same":
-            original = editor.module(site.module) if not site.functional else None
-            if original is None:
+            if site.functional:
                 raise SkipSite("functional pooling with 'same' padding")
-            dense: nn.Module = type(original)(site.kernel, stride=1)  # timm MaxPool2dSame & co.
-        elif site.op == "max_pool":
+            # timm's MaxPool2dSame & co. pad in their forward: the module itself runs at stride
+            # 1 (keeping its other settings), and the blur follows it
+            same = type(editor.module(site.module)).__name__
+            editor.set_attrs(site.module, stride=(1,) * site.dims)
+            editor.wrap(site.module, after=[blur])
+            description = (
+                f"{same}(k{site.kernel[0]}, s1) + BlurPool(f{blur.filter_size}, s{site.stride[0]})"
+            )
+            return Edit(site.name, "antialias", description, "kept", (site.module,), site.module)
+        dense: nn.Module
+        if site.op == "max_pool":
             dense = _POOL_TYPES["max_pool"][site.dims](
                 site.kernel, stride=1, padding=site.padding, dilation=site.dilation
             )
@@ -125,7 +133,7 @@ class AntialiasRewrite:
         if act_at is not None:
             placed = self._after_activation(editor, chain, act_at, blur)
             if placed is not None:
-                conv.stride = (1,) * site.dims
+                editor.set_attrs(site.module, stride=(1,) * site.dims)
                 path, how = placed
                 return Edit(
                     site.name,
@@ -143,11 +151,11 @@ class AntialiasRewrite:
                 for p, d, k in zip(padding, site.dilation, site.kernel, strict=True)
             )
         )
-        conv.stride = (1,) * site.dims
+        editor.set_attrs(site.module, stride=(1,) * site.dims)
         if act_at is None and same_size:
             # the paper's shortcut: blur, then the conv at stride 1 on the blurred map
             blur = self._blur(site, params, site.in_channels)
-            editor.set_module(site.module, nn.Sequential(blur, conv))
+            editor.wrap(site.module, before=[blur])
             return Edit(
                 site.name,
                 "antialias",
@@ -156,7 +164,7 @@ class AntialiasRewrite:
                 (site.module,),
                 site.module,
             )
-        editor.set_module(site.module, nn.Sequential(conv, blur))
+        editor.wrap(site.module, after=[blur])
         why = (
             "no activation follows"
             if act_at is None
@@ -180,14 +188,13 @@ class AntialiasRewrite:
             module = editor.module(act.target)
             inner = getattr(module, "act", None)
             if not act.has_params:
-                editor.set_module(act.target, nn.Sequential(module, blur))
+                editor.wrap(act.target, after=[blur])
                 return f"{act.target}.1", act.type_name
             if isinstance(inner, nn.Module) and not any(True for _ in inner.parameters()):
-                editor.set_module(f"{act.target}.act", nn.Sequential(inner, blur))
+                editor.wrap(f"{act.target}.act", after=[blur])
                 return f"{act.target}.act.1", act.type_name
         consumer = chain[act_at + 1] if act_at + 1 < len(chain) else None
         if consumer is not None and consumer.is_module and not consumer.shared:
-            module = editor.module(consumer.target)
-            editor.set_module(consumer.target, nn.Sequential(blur, module))
+            editor.wrap(consumer.target, before=[blur])
             return f"{consumer.target}.0", f"{act.type_name} (blur before {consumer.type_name})"
         return None

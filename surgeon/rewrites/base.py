@@ -1,28 +1,43 @@
-"""What every rewrite shares: the Edit record, SkipSite, and the in-place model editor.
+"""What every rewrite shares: the Edit record, SkipSite, and the two kinds of rewrite.
 
-A rewrite turns (site, params) into an edit of the user's model. Module sites are replaced on
-their parent with setattr, so the model keeps its class, methods and all other state-dict keys.
-Functional sites (`F.max_pool2d` in a forward) need a graph edit: the module that makes the call
-is re-traced with torch.fx, the call becomes a call to the new module, and that one module is
-swapped for its GraphModule; only when the call is in the model's own forward does the whole
-model become a GraphModule (the report says so).
+A rewrite turns (site, params) into an edit of the user's model, made through the
+`ModelEditor` (`surgeon.edits`), the single mutation point that logs every change so that a
+failed patch can be undone and a checkpoint can record the edits. Module sites are replaced on
+their parent, so the model keeps its class, methods and all other state-dict keys; functional
+sites (`F.max_pool2d` in a forward) are replaced in a GraphModule of the module that makes the
+call (the whole model only when the call is in the model's own forward; the report says so).
+
+A model-level rewrite (`ModelRewrite`: dilate, relocate) plans every site it was given at once
+from the analysis, then applies the plan; a site-level rewrite (`Rewrite`) edits one site.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
-import torch
-from torch import fx, nn
-
-from surgeon.policy import ActionSchema
+from surgeon.edits import ModelEditor
+from surgeon.geometry import Geometry, Resize
+from surgeon.layers.stride_pad import StridePad
+from surgeon.schema import ActionSchema
 from surgeon.sites import Site
-from surgeon.trace import Analysis, SurgeonTracer, default_leaves
+from surgeon.trace import Analysis
 
-__all__ = ["Edit", "ModelEditor", "Rewrite", "SkipSite", "Transfer"]
+__all__ = [
+    "Edit",
+    "LayerChange",
+    "ModelEditor",
+    "ModelPlan",
+    "ModelRewrite",
+    "Rewrite",
+    "SkipSite",
+    "Target",
+    "Transfer",
+    "change_geometry",
+    "unchanged",
+]
 
 Transfer = Literal["exact", "approximate", "random", "kept"]
 
@@ -52,114 +67,73 @@ class Rewrite(Protocol):
     def apply(self, editor: ModelEditor, site: Site, params: Mapping[str, Any]) -> Edit: ...
 
 
-@dataclass
-class _Pending:
+@dataclass(frozen=True)
+class Target:
+    """A site a policy selected for a model-level rewrite, with its rule's parameters."""
+
     site: Site
-    module: nn.Module
-    attr: str
+    params: Mapping[str, Any] = field(hash=False)
 
 
-@dataclass
-class ModelEditor:
-    """Edits a model in place; functional-site edits are queued and applied per owner module."""
+@dataclass(frozen=True)
+class LayerChange:
+    """A conv or pool module's new geometry: `resize` of its geometry as built (`geometry`).
+    A resize with an explicit `pad` puts a `StridePad` before the layer, at the same path."""
 
-    model: nn.Module
-    analysis: Analysis
-    pending: dict[str, list[_Pending]] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    # what a model-level rewrite (dilate, relocate) keeps between its sites during one patch
-    state: dict[str, Any] = field(default_factory=dict)
-
-    def module(self, path: str) -> nn.Module:
-        return self.model.get_submodule(path) if path else self.model
-
-    def set_module(self, path: str, new: nn.Module) -> None:
-        """Replace the submodule at `path` on its parent."""
-        parent_path, _, attr = path.rpartition(".")
-        parent = self.module(parent_path)
-        if not attr:
-            raise SkipSite("cannot replace the model itself")
-        if isinstance(parent, (nn.Sequential, nn.ModuleList)) and attr.isdigit():
-            parent[int(attr)] = new
-        else:
-            setattr(parent, attr, new)
-
-    def replace_site(self, site: Site, new: nn.Module, suffix: str) -> str:
-        """Put `new` where the site's operation was; returns the new module's qualified path."""
-        if not site.functional:
-            self.set_module(site.module, new)
-            return site.module
-        owner, _, node = site.name.partition(":")
-        attr = f"{node}_{suffix}".replace(".", "_")
-        self.pending.setdefault(owner, []).append(_Pending(site, new, attr))
-        return f"{owner}.{attr}" if owner else attr
-
-    def finish(self) -> nn.Module:
-        """Apply queued functional edits; returns the (possibly new) root module."""
-        for owner, items in self.pending.items():
-            self._rewrite_owner(owner, items)
-        self.pending.clear()
-        return self.model
-
-    def _direct_calls(
-        self, graph: fx.Graph, target: Any, owner: str, region_path: str
-    ) -> list[fx.Node]:
-        """Call nodes of `target` made directly by the owner's own forward, in order."""
-        calls = []
-        for node in graph.nodes:
-            if node.op != "call_function" or node.target is not target:
-                continue
-            stack = node.meta.get("nn_module_stack") or {}
-            path = list(stack.values())[-1][0] if stack else ""
-            full = f"{region_path}.{path}" if region_path and path else (region_path or path)
-            if full == owner:
-                calls.append(node)
-        return calls
-
-    def _rewrite_owner(self, owner: str, items: list[_Pending]) -> None:
-        module = self.module(owner)
-        tracer = SurgeonTracer(*default_leaves())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                graph = tracer.trace(module)
-            except Exception as exc:  # fx failures surface as many types
-                reason = (
-                    f"{owner or 'the model'} does not trace with torch.fx ({type(exc).__name__})"
-                )
-                raise SkipSite(reason) from exc
-        gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
-        for item in items:
-            region = self.analysis.region_of(owner) if owner else self.analysis.regions[0]
-            if region is None or region.graph is None:
-                raise SkipSite(f"no graph covers {owner!r}")
-            node_name = item.site.name.partition(":")[2]
-            original = next(n for n in region.graph.nodes if n.name == node_name)
-            index = self._direct_calls(region.graph, original.target, owner, region.path).index(
-                original
-            )
-            target = self._direct_calls(gm.graph, original.target, "", "")[index]
-            gm.add_submodule(item.attr, item.module)
-            with gm.graph.inserting_before(target):
-                first = target.args[0] if target.args else target.kwargs["input"]
-                new_node = gm.graph.call_module(item.attr, (first,))
-            target.replace_all_uses_with(new_node)
-            gm.graph.erase_node(target)
-        gm.graph.lint()
-        gm.recompile()
-        if owner:
-            self.set_module(owner, gm)
-            self.notes.append(
-                f"{owner} is now a torch.fx.GraphModule (it calls "
-                f"{', '.join(sorted({i.site.type_name for i in items}))} in its forward)"
-            )
-        else:
-            self.notes.append(
-                f"the model is now a torch.fx.GraphModule: {type(module).__name__}'s own forward "
-                "calls the replaced functions, so its class and methods are not kept"
-            )
-            self.model = gm
+    path: str
+    geometry: Geometry
+    resize: Resize
 
 
-def describe_shape(t: torch.Tensor) -> str:
-    return "×".join(map(str, t.shape))
+@dataclass(frozen=True)
+class ModelPlan:
+    """What a model-level rewrite will do: for every target site an `Edit` or the reason it is
+    skipped, and the layer changes that make those edits."""
+
+    outcomes: Mapping[str, Edit | str] = field(hash=False)
+    layers: tuple[LayerChange, ...] = ()
+
+
+@runtime_checkable
+class ModelRewrite(Protocol):
+    """An action planned for the whole model at once (its sites interact: dilate, relocate).
+
+    `plan` sees every site the policy gave the action (in site order) and the analysis, and
+    changes nothing; `apply` makes the plan's changes through the editor."""
+
+    schema: ActionSchema
+
+    def plan(self, analysis: Analysis, targets: Sequence[Target]) -> ModelPlan: ...
+
+    def apply(self, editor: ModelEditor, plan: ModelPlan) -> None: ...
+
+
+_PAD_MODES = {
+    "zeros": "constant",
+    "reflect": "reflect",
+    "replicate": "replicate",
+    "circular": "circular",
+}
+
+
+def change_geometry(editor: ModelEditor, change: LayerChange) -> None:
+    """Set a layer's new stride, dilation and padding; behind a `StridePad` (max pools pad with
+    -inf, as their own padding does; convs per their padding_mode) when the padding is
+    asymmetric."""
+    g, r = change.geometry, change.resize
+    attrs: dict[str, Any] = {"stride": r.stride, "padding": r.padding}
+    if g.op != "avg_pool":  # average pooling has no dilation
+        attrs["dilation"] = r.dilation
+    editor.set_attrs(change.path, **attrs)
+    if r.pad is None:
+        return
+    if g.op == "max_pool":
+        pad = StridePad(r.pad, "constant", -math.inf)
+    else:
+        pad = StridePad(r.pad, _PAD_MODES.get(g.padding_mode, "constant"))
+    editor.wrap(change.path, before=[pad])
+
+
+def unchanged(g: Geometry, r: Resize) -> bool:
+    """True when `r` is the geometry the layer already has."""
+    return (r.stride, r.dilation, r.padding, r.pad) == (g.stride, g.dilation, g.padding, None)

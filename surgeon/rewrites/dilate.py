@@ -10,10 +10,11 @@ every f-th position the feature maps equal the original ones, and the weights ar
 stay consistent: a site whose stride is removed pads to keep its input's size, as the 3×3
 stride-2 conv with padding 1 of a ResNet does, so residual joins and their shortcuts agree.
 
-It is a model-level action applied one site at a time: the first site creates a plan from the
-analysis graph (`StrideGraph`), each site adds its stride change to it, and every conv and pool
-of the graph is then set from its *original* geometry and the factor of its input map, so a
-layer after several rewritten sites is dilated once, by the product of their factors. Matches
+It is a model-level rewrite (`ModelRewrite`): `plan` walks the sites it was given in order on the
+analysis graph (`StrideGraph`), each adding its stride change, then sets every conv and pool of
+the graph from its *original* geometry and the factor of its input map for the final strides, so
+a layer after several rewritten sites is dilated once, by the product of their factors; `apply`
+makes those layer changes through the editor. Matches
 torchvision's `replace_stride_with_dilation` on ResNets: the conv at a rewritten site keeps the
 dilation of the maps before it and the layers after it get the new one.
 
@@ -24,37 +25,41 @@ stride is within the target keeps its stride and is reported as skipped with tha
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
 
 from torch import fx, nn
 
+from surgeon.calls import resampling
 from surgeon.errors import AnalysisError
-from surgeon.placements import Geometry, StrideGraph, regeometry, resize_layer
-from surgeon.policy import ActionSchema, ParamSpec
-from surgeon.rewrites.base import Edit, ModelEditor, SkipSite
-from surgeon.sites import Site, find_sites, resampling
+from surgeon.geometry import Geometry, regeometry
+from surgeon.rewrites.base import (
+    Edit,
+    LayerChange,
+    ModelEditor,
+    ModelPlan,
+    SkipSite,
+    Target,
+    change_geometry,
+    unchanged,
+)
+from surgeon.schema import ActionSchema, ParamSpec
+from surgeon.sites import Site, find_sites
+from surgeon.strides import StrideGraph
+from surgeon.trace import Analysis
 
 __all__ = ["DilateRewrite", "DilationPlan"]
 
 
 @dataclass
 class DilationPlan:
-    """The stride changes made so far in one fx region, and every layer's original geometry."""
+    """The stride changes planned so far in one fx region."""
 
     graph: StrideGraph
     strides: dict[str, int] = field(default_factory=dict)  # layer name -> new stride
-    geometry: dict[int, Geometry] = field(default_factory=dict)  # id(module) -> as built
-    factors: dict[int, int] = field(default_factory=dict)  # id(module) -> current factor
     sites: frozenset[str] = frozenset()  # layers that are downsampling sites (rules see them)
     pending: dict[str, int] = field(default_factory=dict)  # site layer -> stride dilate gives it
-
-    def __post_init__(self) -> None:
-        for _, module in self.graph.modules:
-            self.geometry.setdefault(id(module), Geometry.of(module))
-            self.factors.setdefault(id(module), 1)
 
     def partners(self, name: str, stride: int, *, sites: bool = False) -> list[str]:
         """Strided layers parallel to `name` (same input stage and stride) not changed yet: by
@@ -95,10 +100,16 @@ class DilationPlan:
                     out.append(f"{self.graph.where(node)} (functional)")
         return out
 
-    def apply(self, editor: ModelEditor, strides: Mapping[str, int]) -> None:
-        """Set every conv and pool from its original geometry and its input's factor for
-        `strides` (layers already right are left alone)."""
-        stages, _ = self.graph.stages(strides)
+    def whole_factor(self, strides: Mapping[str, int], node: fx.Node) -> int:
+        """How many times denser the map entering `node` is with `strides` (1 if not whole)."""
+        factor = self.graph.factor(self.graph.stages(strides)[0], node)
+        return int(factor) if factor.denominator == 1 and factor >= 1 else 1
+
+    def changes(self) -> list[LayerChange]:
+        """Every conv and pool of the region set from its original geometry and its input's
+        factor for the planned strides (layers that stay as they are left out)."""
+        stages, _ = self.graph.stages(self.strides)
+        out: list[LayerChange] = []
         done: set[int] = set()
         for node, module in self.graph.modules:
             if id(module) in done:
@@ -106,14 +117,13 @@ class DilationPlan:
             done.add(id(module))
             factor = self.graph.factor(stages, node)
             rule = self.graph.rules[node]
-            g = self.geometry[id(module)]
-            stride = strides.get(rule.layer, g.stride[0]) if rule.layer else g.stride[0]
+            g = Geometry.of(module)
+            stride = self.strides.get(rule.layer, g.stride[0]) if rule.layer else g.stride[0]
             whole = int(factor) if factor.denominator == 1 and factor >= 1 else 1
-            if whole == self.factors[id(module)] and stride == _current_stride(module):
-                continue
-            self.factors[id(module)] = whole
-            resize_layer(editor.model, module, g, regeometry(g, stride, whole))
-        self.strides = dict(strides)
+            resize = regeometry(g, stride, whole)
+            if not unchanged(g, resize):
+                out.append(LayerChange(self.graph.region.qualify(str(node.target)), g, resize))
+        return out
 
 
 def _plan_strides(
@@ -178,11 +188,6 @@ def _kept_stride(site: Site, target: int) -> int:
     return max(1, target // site.stage_in) if site.stage_in < target else 1
 
 
-def _current_stride(module: nn.Module) -> int:
-    stride = getattr(module, "stride", 1)
-    return int(stride[0]) if isinstance(stride, tuple) else int(stride)
-
-
 class DilateRewrite:
     """Trade a site's stride for dilation of every later layer, down to a target output stride."""
 
@@ -202,41 +207,62 @@ class DilateRewrite:
         "dilated encoder: strides past the target output stride become dilation of later layers",
     )
 
-    def apply(self, editor: ModelEditor, site: Site, params: Mapping[str, Any]) -> Edit:
-        target = int(params["output_stride"])
+    def plan(self, analysis: Analysis, targets: Sequence[Target]) -> ModelPlan:
+        """Each target's stride change in site order, then every layer's new geometry."""
+        plans: dict[str, DilationPlan] = {}
+        outcomes: dict[str, Edit | str] = {}
+        for target in targets:
+            try:
+                outcomes[target.site.name] = self._site(analysis, plans, target)
+            except SkipSite as exc:
+                outcomes[target.site.name] = str(exc)
+        layers = tuple(change for plan in plans.values() for change in plan.changes())
+        return ModelPlan(outcomes, layers)
+
+    def apply(self, editor: ModelEditor, plan: ModelPlan) -> None:
+        """Set every planned layer's geometry through the editor."""
+        for change in plan.layers:
+            change_geometry(editor, change)
+
+    def _site(self, analysis: Analysis, plans: dict[str, DilationPlan], target: Target) -> Edit:
+        site = target.site
+        output_stride = int(target.params["output_stride"])
         if site.op not in ("conv", "max_pool", "avg_pool"):
             raise SkipSite(
                 f"dilate changes convolutions and pools, not {site.op.replace('_', ' ')}"
             )
-        if site.stage_out <= target:
+        if site.stage_out <= output_stride:
             raise SkipSite(
                 f"keeps its stride: its output stride {site.stage_out} "
-                f"is within the target {target}"
+                f"is within the target {output_stride}"
             )
         if site.functional:
             raise SkipSite("functional call: its stride is not a module attribute")
         if len(set(site.stride)) != 1:
             raise SkipSite(f"unequal strides {site.stride} per dimension")
         stride = site.stride[0]
-        keep = _kept_stride(site, target)
-        if site.stage_in < target and (stride % keep or site.stage_in * keep != target):
+        keep = _kept_stride(site, output_stride)
+        if site.stage_in < output_stride and (
+            stride % keep or site.stage_in * keep != output_stride
+        ):
             raise SkipSite(
-                f"stride {stride} from output stride {site.stage_in} cannot stop at {target}"
+                f"stride {stride} from output stride {site.stage_in} cannot stop at {output_stride}"
             )
-        plans: dict[str, DilationPlan] = editor.state.setdefault("dilate", {})
-        region = editor.analysis.region_of(site.module)
+        region = analysis.region_of(site.module)
         if region is None or region.method != "fx":
             raise SkipSite("needs a torch.fx graph of the layers after the site to dilate them")
         if region.path not in plans:
             try:
-                graph = StrideGraph(region, editor.analysis)
+                graph = StrideGraph(region, analysis)
             except AnalysisError as exc:
                 raise SkipSite(str(exc)) from exc
-            found = [s for s in find_sites(editor.analysis) if s.role == "downsample"]
+            found = [s for s in find_sites(analysis) if s.role == "downsample"]
             pending = {
-                s.module: _kept_stride(s, target)
+                s.module: _kept_stride(s, output_stride)
                 for s in found
-                if s.module in graph.layers and s.stage_out > target and len(set(s.stride)) == 1
+                if s.module in graph.layers
+                and s.stage_out > output_stride
+                and len(set(s.stride)) == 1
             }
             plans[region.path] = DilationPlan(
                 graph, sites=frozenset(s.module for s in found), pending=pending
@@ -249,24 +275,23 @@ class DilateRewrite:
             raise
         node = plan.graph.layers[site.module].node
         module = plan.graph.layers[site.module].module
-        before = plan.factors[id(module)]
-        plan.apply(editor, strides)
+        before = plan.whole_factor(plan.strides, node)
+        plan.strides = strides
         before_after = plan.graph.original.get(node), stages.get(node)
         denser = (
             before_after[0] / before_after[1]
             if before_after[0] is not None and before_after[1]
             else stride // keep
         )
-        path = _current_path(editor.model, module, site.module)
-        g = plan.geometry[id(module)]
+        g = Geometry.of(module)
         dilation = (
             f", dilation {before}"
             if before > 1 and g.op != "avg_pool" and g.kernel != (1,) * site.dims
             else ""
         )
         description = (
-            f"stride {stride}→{keep}{dilation} (output stride {target}: map {denser}× larger "
-            "per side, on purpose)"
+            f"stride {stride}→{keep}{dilation} (output stride {output_stride}: map {denser}× "
+            "larger per side, on purpose)"
         )
         alone = plan.left_alone(stages)
         note = f"the layers after it run {denser}× denser and are dilated to match"
@@ -274,13 +299,5 @@ class DilateRewrite:
             note += f"; {', '.join(also)} (parallel, not a downsampling site here) also at stride 1"
         if alone:
             note += f"; not dilated: {', '.join(alone[:4])}" + (" …" if len(alone) > 4 else "")
+        path = site.module  # a StridePad wrapper stands at the layer's path
         return Edit(site.name, "dilate", description, "kept", (path,), path, note=note)
-
-
-def _current_path(model: nn.Module, module: nn.Module, default: str) -> str:
-    for name, candidate in model.named_modules():
-        if candidate is module:
-            parent, _, attr = name.rpartition(".")
-            # a StridePad wrapper stands where the layer was
-            return parent if attr == "1" and parent == default else name
-    return default

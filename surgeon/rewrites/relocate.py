@@ -26,15 +26,25 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from surgeon.errors import AnalysisError
-from surgeon.placements import Geometry, Layer, StrideGraph, regeometry, resize_layer
-from surgeon.policy import ActionSchema, ParamSpec
-from surgeon.rewrites.base import Edit, ModelEditor, SkipSite
+from surgeon.geometry import Geometry, regeometry
+from surgeon.rewrites.base import (
+    Edit,
+    LayerChange,
+    ModelEditor,
+    ModelPlan,
+    SkipSite,
+    Target,
+    change_geometry,
+    unchanged,
+)
+from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.sites import Site
+from surgeon.strides import Layer, StrideGraph
+from surgeon.trace import Analysis
 
 __all__ = ["RelocateRewrite"]
 
@@ -49,18 +59,23 @@ class _Placement:
 
 @dataclass
 class _Plan:
+    """The strides planned so far in one fx region."""
+
     graph: StrideGraph
     strides: dict[str, int] = field(default_factory=dict)
-    geometry: dict[str, Geometry] = field(default_factory=dict)
     placements: dict[str, _Placement] = field(default_factory=dict)
 
     def stride(self, layer: Layer) -> int:
         return self.strides.get(layer.name, layer.stride)
 
-    def set(self, editor: ModelEditor, layer: Layer, stride: int) -> str:
-        g = self.geometry.setdefault(layer.name, Geometry.of(layer.module))
-        self.strides[layer.name] = stride
-        return resize_layer(editor.model, layer.module, g, regeometry(g, stride, 1))
+    def changes(self) -> list[LayerChange]:
+        out = []
+        for name, stride in self.strides.items():
+            g = Geometry.of(self.graph.layers[name].module)
+            resize = regeometry(g, stride, 1)
+            if not unchanged(g, resize):
+                out.append(LayerChange(name, g, resize))
+        return out
 
 
 def _names(text: str) -> list[str]:
@@ -86,7 +101,26 @@ class RelocateRewrite:
         "move where the model downsamples; moves that break a residual join are refused",
     )
 
-    def apply(self, editor: ModelEditor, site: Site, params: Mapping[str, Any]) -> Edit:
+    def plan(self, analysis: Analysis, targets: Sequence[Target]) -> ModelPlan:
+        """Each target's move in site order (refused moves change nothing), then the new
+        geometry of every layer whose stride changed."""
+        plans: dict[str, _Plan] = {}
+        outcomes: dict[str, Edit | str] = {}
+        for target in targets:
+            try:
+                outcomes[target.site.name] = self._site(analysis, plans, target)
+            except SkipSite as exc:
+                outcomes[target.site.name] = str(exc)
+        layers = tuple(change for plan in plans.values() for change in plan.changes())
+        return ModelPlan(outcomes, layers)
+
+    def apply(self, editor: ModelEditor, plan: ModelPlan) -> None:
+        """Set every planned layer's stride and padding through the editor."""
+        for change in plan.layers:
+            change_geometry(editor, change)
+
+    def _site(self, analysis: Analysis, plans: dict[str, _Plan], target: Target) -> Edit:
+        site, params = target.site, target.params
         to, placement = params.get("to"), params.get("placement")
         if (to is None) == (placement is None):
             raise SkipSite(
@@ -98,27 +132,23 @@ class RelocateRewrite:
             )
         if site.functional:
             raise SkipSite("functional call: its stride is not a module attribute")
-        plan = self._plan(editor, site)
-        layer = plan.graph.layers.get(site.module)
-        if layer is None:
-            raise SkipSite("not a convolution or pooling module called once in the graph")
-        if to is not None:
-            return self._move(editor, plan, layer, site, str(to))
-        return self._place(editor, plan, layer, site, str(placement))
-
-    def _plan(self, editor: ModelEditor, site: Site) -> _Plan:
-        plans: dict[str, _Plan] = editor.state.setdefault("relocate", {})
-        region = editor.analysis.region_of(site.module)
+        region = analysis.region_of(site.module)
         if region is None or region.method != "fx":
             raise SkipSite("needs a torch.fx graph around the site to check its joins")
         if region.path not in plans:
             try:
-                plans[region.path] = _Plan(StrideGraph(region, editor.analysis))
+                plans[region.path] = _Plan(StrideGraph(region, analysis))
             except AnalysisError as exc:
                 raise SkipSite(str(exc)) from exc
-        return plans[region.path]
+        plan = plans[region.path]
+        layer = plan.graph.layers.get(site.module)
+        if layer is None:
+            raise SkipSite("not a convolution or pooling module called once in the graph")
+        if to is not None:
+            return self._move(plan, layer, site, str(to))
+        return self._place(plan, layer, site, str(placement))
 
-    def _move(self, editor: ModelEditor, plan: _Plan, layer: Layer, site: Site, to: str) -> Edit:
+    def _move(self, plan: _Plan, layer: Layer, site: Site, to: str) -> Edit:
         target = plan.graph.layers.get(to)
         if target is None:
             close = difflib.get_close_matches(to, list(plan.graph.layers), n=1)
@@ -134,12 +164,12 @@ class RelocateRewrite:
         _, problems = plan.graph.stages(strides)
         if problems:
             raise SkipSite(f"moving its stride to {to} is refused: {problems[0]}")
-        path = plan.set(editor, layer, 1)
-        plan.set(editor, target, new_stride)
+        plan.strides = strides
+        path = layer.name  # a StridePad wrapper stands at the layer's path
         description = f"stride {stride}→1; {to} takes it (stride {new_stride})"
         return Edit(site.name, "relocate", description, "kept", (path,), path)
 
-    def _place(self, editor: ModelEditor, plan: _Plan, layer: Layer, site: Site, text: str) -> Edit:
+    def _place(self, plan: _Plan, layer: Layer, site: Site, text: str) -> Edit:
         placement = plan.placements.get(text)
         if placement is None:
             placement = plan.placements[text] = self._check(plan, text)
@@ -151,9 +181,11 @@ class RelocateRewrite:
         loses = layer.name not in placement.chosen and layer.stride == 2
         if not loses and not gains:
             raise SkipSite("listed in the placement: keeps its stride")
-        path = plan.set(editor, layer, 1) if loses else site.module
+        if loses:
+            plan.strides[layer.name] = 1
         for name in gains:
-            plan.set(editor, plan.graph.layers[name], 2)
+            plan.strides[name] = 2
+        path = layer.name if loses else site.module
         parts = [f"stride {layer.stride}→1" if loses else f"keeps stride {layer.stride}"]
         if gains:
             parts.append(f"stride 2 at {', '.join(gains)}")

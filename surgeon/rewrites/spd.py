@@ -15,8 +15,8 @@ from typing import Any
 from torch import nn
 
 from surgeon.layers.spd import SpaceToDepthConv
-from surgeon.policy import ActionSchema, ParamSpec
 from surgeon.rewrites.base import Edit, ModelEditor, SkipSite
+from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.sites import Site
 
 __all__ = ["SpdRewrite"]
