@@ -197,11 +197,13 @@ class FailureCount:
 def split_holdout(
     count: int, fraction: float, seed: int, *, limit: int = 2000
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(training, held-out) positions: a seeded random `fraction` of `count` images (at least
-    one, at most `limit`) is held out for evaluation; both lists sorted."""
+    """(training, held-out) positions: a seeded random `fraction` of `count` images is held
+    out for evaluation (but at least 32 or a quarter of a small folder, so that the numbers
+    measured on it mean something, at least 1, at most `limit`); both lists sorted."""
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"the held-out fraction must be in [0, 1), got {fraction}")
-    held = 0 if fraction == 0 else min(limit, max(1, round(fraction * count)))
+    floor = max(1, min(32, count // 4))
+    held = 0 if fraction == 0 else min(limit, max(floor, round(fraction * count)))
     if count - held < 1:
         raise DataError(
             f"{count} image{'s' if count != 1 else ''} leave nothing to train on after holding "

@@ -13,6 +13,10 @@ under torchrun, resumable state checkpoints, NaN stops, progress bar, JSONL log)
 held-out split of the images measures teacher–student top-1 agreement and shift consistency
 before, during (`eval_every`) and after.
 
+`heal_checkpoint` is what `surgeon heal CHECKPOINT --data DIR --out DIR2` runs: the student is
+the patched checkpoint, the teacher the original rebuilt from its manifest (spec and recorded
+weights), and the healed model is written as a checkpoint whose history gains a `heal` entry.
+
 `docs/heal.md` explains the loss, the BatchNorm choice, the data, faults and resuming.
 """
 
@@ -20,8 +24,9 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +58,7 @@ from surgeon.distill import (
     normalised_mse,
     top1_agreement,
 )
-from surgeon.errors import SurgeonError, UsageError
+from surgeon.errors import CheckpointError, SurgeonError, UsageError
 from surgeon.evaluate import Preprocessing, default_max_shift, shift_consistency
 from surgeon.training import (
     Distributed,
@@ -65,13 +70,21 @@ from surgeon.training import (
 )
 
 __all__ = [
+    "HEAL_LOG_FILE",
     "HealMetrics",
     "HealObjective",
     "HealOptions",
     "HealResult",
     "heal",
+    "heal_checkpoint",
+    "heal_markdown",
+    "patched_sites",
     "run_heal",
 ]
+
+HEAL_LOG_FILE = "heal-log.jsonl"
+"""The JSONL training log, as the healed checkpoint keeps it (`log.jsonl` while training)."""
+_HEALABLE = ("classification", "segmentation", "quantization")
 
 _CONSISTENCY_IMAGES = 512
 
@@ -510,6 +523,145 @@ def _heal(
         log_file=trainer.log_file,
         is_main=dist.is_main,
     )
+
+
+def patched_sites(manifest: Mapping[str, Any]) -> list[str]:
+    """The module paths of the sites every patch in a checkpoint's history replaced."""
+    names: list[str] = []
+    for entry in manifest.get("history", []):
+        if entry.get("kind") == "patch":
+            names += [r["site"] for r in entry.get("rows", []) if r.get("status") == "patched"]
+    return list(dict.fromkeys(names))
+
+
+def heal_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path,
+    out: str | Path,
+    options: HealOptions,
+    *,
+    features: bool = False,
+    teacher_weights: str | Path | None = None,
+    force: bool = False,
+    trust_import: Collection[str] = (),
+    plugins: Collection[str] = (),
+    progress: bool = True,
+    console: Console | None = None,
+) -> HealResult:
+    """Heal the patched model of `checkpoint` from its original and write the result to `out`.
+
+    The teacher is rebuilt from the manifest (`build_original`: the recorded spec and weights,
+    `teacher_weights` for a file that moved, checked against the recorded SHA-256);
+    `features=True` matches features at the sites the patches replaced. The input size and
+    preprocessing come from the checkpoint's model. State checkpoints and the log go to
+    `options.state_dir` (default: `OUT.heal-state` beside `out`), which is removed once the
+    healed checkpoint is written: its manifest is the input's with a `heal` entry appended to
+    `history` (`HealResult.record()` plus `created` and `versions`), `report.md` gains a heal
+    section, and `heal-log.jsonl` holds the training log. Under torchrun only rank 0 writes."""
+    from surgeon.checkpoint.files import check_writable, read_manifest, write_checkpoint
+    from surgeon.checkpoint.record import versions
+    from surgeon.checkpoint.restore import build_original, load_checkpoint
+
+    source, target = Path(checkpoint), Path(out)
+    manifest = read_manifest(source)
+    if manifest["format_version"] == 1:
+        raise CheckpointError(
+            f"{source} is a version-1 checkpoint, which does not record the original's "
+            f"weights; run `surgeon upgrade {source}` first (then heal it with --teacher-weights "
+            "FILE)"
+        )
+    info = manifest["model"]
+    if info.get("task", "classification") not in _HEALABLE:
+        raise UsageError(
+            f"heal runs models that take one batch of images; {info['spec']} is a "
+            f"{info['task']} model: heal its backbone from Python with surgeon.heal(...)"
+        )
+    size = tuple(int(s) for s in info["input_size"])
+    if len(size) != 3:
+        raise UsageError(f"heal needs a C x H x W input size; the checkpoint has {list(size)}")
+    if _rank() == 0:
+        check_writable(target, force=force)
+    state_dir = options.state_dir or target.with_name(f"{target.name}.heal-state")
+    options = replace(
+        options,
+        state_dir=state_dir,
+        input_size=(size[0], size[1], size[2]),
+        spec=options.spec or str(info["spec"]),
+        features=tuple(patched_sites(manifest)) if features else options.features,
+    )
+    if features and not options.features:
+        raise UsageError(f"{source} has no patched sites to match features at")
+    student = load_checkpoint(source, trust_import=trust_import, plugins=plugins)
+    teacher = build_original(manifest, weights_file=teacher_weights, trust_import=trust_import)
+    result = run_heal(student, teacher.model, data, options, progress=progress, console=console)
+    if not result.is_main:
+        return result
+    entry = {
+        "kind": "heal",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        **{k: v for k, v in result.record().items() if k != "kind"},
+    }
+    healed = {
+        key: value
+        for key, value in manifest.items()
+        if key not in ("format", "format_version", "weights", "created")
+    }
+    healed["history"] = [*manifest["history"], entry]
+    report = source / "report.md"
+    before = report.read_text(encoding="utf-8").rstrip() + "\n\n" if report.is_file() else ""
+    log = state_dir / "log.jsonl"
+    files = {"report.md": before + heal_markdown(result)}
+    if log.is_file():
+        files[HEAL_LOG_FILE] = log.read_text(encoding="utf-8")
+    write_checkpoint(target, student.state_dict(), healed, files, force=force)
+    for name in ("state.pt", "log.jsonl"):
+        (state_dir / name).unlink(missing_ok=True)
+    if state_dir.is_dir() and not any(state_dir.iterdir()):
+        state_dir.rmdir()
+    return result
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 alone), before any process group exists."""
+    import os
+
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _pct(value: float | None) -> str:
+    return f"{100 * value:.1f}%" if value is not None else "—"
+
+
+def heal_markdown(result: HealResult) -> str:
+    """The heal section of a healed checkpoint's report.md."""
+    rows = [("teacher (original)", result.teacher), ("before", result.before)]
+    rows.append(("after", result.after))
+    lines = [
+        "## Heal",
+        "",
+        f"Distilled from the original for {result.steps} steps ({result.epochs} epochs) of "
+        f"{result.batch_size} images × {result.world_size} process(es) on {result.images} "
+        f"images (data SHA-256 {result.data_sha256[:16]}..., {result.images_skipped} "
+        f"skipped), {result.seconds:.0f} s, {result.images_per_s:.1f} images/s.",
+        "",
+        f"Measured on {result.holdout_images} held-out images:",
+        "",
+        "| model | top-1 agreement | output error | consistency (crop) | "
+        "consistency (circular) | accuracy |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in rows:
+        error = f"{m.output_error:.4f}" if m.output_error is not None else "—"
+        lines.append(
+            f"| {name} | {_pct(m.agreement)} | {error} | {_pct(m.consistency_crop)} | "
+            f"{_pct(m.consistency_circular)} | {_pct(m.accuracy)} |"
+        )
+    losses = ", ".join(f"{k} {v:.4g}" for k, v in sorted(result.losses.items()))
+    lines += ["", f"Final training means: {losses or '—'}."]
+    if result.features:
+        lines.append(f"Features matched at: {', '.join(result.features)}.")
+    return "\n".join(lines) + "\n"
 
 
 class _OnDevice(nn.Module):

@@ -60,3 +60,29 @@ def write_images(
         Image.fromarray(pixels).save(path)
         written.append(path)
     return written
+
+
+def trained_tiny_net(data: Path, *, num_classes: int = 3, passes: int = 4) -> nn.Module:
+    """TinyNet trained for a few passes over a labelled folder from `write_images` (the
+    colour of the rectangle is the class), so that its predictions mean something and
+    patching disturbs them. Seeded: the same folder gives the same weights."""
+    from surgeon.data import ImageDataset, collate_images, index_images
+    from surgeon.evaluate import resolve_preprocessing
+
+    torch.manual_seed(0)
+    model = TinyNet(num_classes=num_classes)
+    index = index_images(data, labels=True)
+    prep = resolve_preprocessing(model, "", (3, SIZE, SIZE))
+    dataset = ImageDataset(index, range(len(index)), prep.transform)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=32, shuffle=True, collate_fn=collate_images
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(passes):
+        for batch in loader:
+            loss = nn.functional.cross_entropy(model(batch.images), batch.labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()

@@ -138,10 +138,14 @@ def test_augmentation_depends_only_on_the_sample_key(tmp_path: Path) -> None:
 
 
 def test_holdout_split_is_seeded_disjoint_and_never_empty() -> None:
-    train, held = split_holdout(100, 0.05, seed=3)
-    assert len(held) == 5 and len(train) == 95
+    train, held = split_holdout(10_000, 0.05, seed=3)
+    assert len(held) == 500 and len(train) == 9_500
     assert not set(train) & set(held)
-    assert split_holdout(100, 0.05, seed=3) == (train, held)
-    assert len(split_holdout(10, 0.02, seed=0)[1]) == 1
+    assert split_holdout(10_000, 0.05, seed=3) == (train, held)
+    assert len(split_holdout(1000, 0.02, seed=0)[1]) == 32, "at least 32 images"
+    assert len(split_holdout(60, 0.02, seed=0)[1]) == 15, "a quarter of a small folder"
+    assert len(split_holdout(3, 0.02, seed=0)[1]) == 1
+    assert len(split_holdout(10**6, 0.02, seed=0)[1]) == 2000, "at most 2000"
+    assert split_holdout(100, 0.0, seed=0)[1] == ()
     with pytest.raises(DataError, match="nothing to train on"):
         split_holdout(1, 0.5, seed=0)

@@ -24,7 +24,7 @@ from surgeon.errors import TrainingError, UsageError
 from surgeon.heal import heal
 from surgeon.patch import patch
 from surgeon.training import STATE_FILE
-from tests.heal_fixtures import SIZE, TinyNet, write_images
+from tests.heal_fixtures import SIZE, trained_tiny_net, write_images
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "tests" / "heal_run.py"
@@ -48,28 +48,7 @@ def labelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _trained_teacher(data: Path) -> nn.Module:
-    """TinyNet trained for a few steps on the labelled images (the colour of the rectangle is
-    the class), so that its predictions mean something and patching disturbs them."""
-    from surgeon.data import ImageDataset, collate_images, index_images
-    from surgeon.evaluate import resolve_preprocessing
-
-    torch.manual_seed(0)
-    model = TinyNet(num_classes=3)
-    index = index_images(data, labels=True)
-    prep = resolve_preprocessing(model, "", (3, SIZE, SIZE))
-    dataset = ImageDataset(index, range(len(index)), prep.transform)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=32, shuffle=True, collate_fn=collate_images
-    )
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(4):
-        for batch in loader:
-            loss = nn.functional.cross_entropy(model(batch.images), batch.labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
+    return trained_tiny_net(data)
 
 
 def _patched(teacher: nn.Module, policy: str | Path) -> tuple[nn.Module, list[str]]:
@@ -307,31 +286,6 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path: Path) -> None
     log = (killed / "log.jsonl").read_text().splitlines()
     steps = [json.loads(line).get("step") for line in log]
     assert steps == [2, 4, 6, 8, 10, 12], f"log after resume: {steps}"
-
-
-def test_two_gloo_processes_under_torchrun_and_only_rank_0_writes(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    write_images(data, 40)
-    state = tmp_path / "state"
-    done = subprocess.run(
-        [
-            *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"),
-            *("2", str(RUN), str(data), str(state), str(tmp_path / "w.safetensors")),
-            *("--steps", "4"),
-        ],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("done 4 steps") == 1, f"more than rank 0 reported: {done.stdout}"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "state", "w.safetensors"]
-    assert sorted(p.name for p in state.iterdir()) == ["log.jsonl", STATE_FILE]
-    lines = [json.loads(line) for line in (state / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == [2, 4], "each step must be logged once, by rank 0"
-    # 2 processes x batch 8 per step
-    assert all(r["images"] == 2 * 2 * 8 for r in lines), lines
 
 
 @pytest.mark.slow
