@@ -456,7 +456,7 @@ def heal(
     """Distil a patched checkpoint from its original model (no labels needed) and write it."""
     import json as jsonlib
 
-    from surgeon.heal import HealOptions, heal_checkpoint
+    from surgeon.heal import HealOptions, default_state_dir, heal_checkpoint
 
     options = HealOptions(
         steps=steps,
@@ -476,18 +476,26 @@ def heal(
         workers=workers,
         seed=seed,
     )
-    result = heal_checkpoint(
-        checkpoint,
-        data,
-        out_dir,
-        options,
-        features=features,
-        teacher_weights=teacher_weights,
-        force=force,
-        trust_import=trust_import or (),
-        plugins=plugin or (),
-        console=err,
-    )
+    try:
+        result = heal_checkpoint(
+            checkpoint,
+            data,
+            out_dir,
+            options,
+            features=features,
+            teacher_weights=teacher_weights,
+            force=force,
+            trust_import=trust_import or (),
+            plugins=plugin or (),
+            console=err,
+        )
+    except KeyboardInterrupt:
+        states = state_dir or default_state_dir(out_dir)
+        err.print(
+            f"interrupted; {out_dir} was not written, and the last state checkpoint in "
+            f"{states} (if any) is kept: run the same command with --resume to continue"
+        )
+        raise typer.Abort() from None  # exit code 130 (`main`)
     if not result.is_main:
         return
     if json:

@@ -75,6 +75,7 @@ __all__ = [
     "HealObjective",
     "HealOptions",
     "HealResult",
+    "default_state_dir",
     "heal",
     "heal_checkpoint",
     "heal_markdown",
@@ -422,7 +423,15 @@ def _heal(
     )
     objective = HealObjective(student, teacher, loss, labels=options.labels, features=features)
     state_dir = options.state_dir
-    holdout = _HeldOut(index, holdout_positions, prep, size[0], options.workers)
+    holdout = _HeldOut(
+        index,
+        holdout_positions,
+        prep,
+        size[0],
+        options.workers,
+        device=dist.device,
+        channels_last=options.channels_last,
+    )
     config = TrainConfig(
         steps=steps,
         batch_size=options.batch_size,
@@ -581,7 +590,7 @@ def heal_checkpoint(
         raise UsageError(f"heal needs a C x H x W input size; the checkpoint has {list(size)}")
     if _rank() == 0:
         check_writable(target, force=force)
-    state_dir = options.state_dir or target.with_name(f"{target.name}.heal-state")
+    state_dir = options.state_dir or default_state_dir(target)
     options = replace(
         options,
         state_dir=state_dir,
@@ -620,6 +629,12 @@ def heal_checkpoint(
     if state_dir.is_dir() and not any(state_dir.iterdir()):
         state_dir.rmdir()
     return result
+
+
+def default_state_dir(out: str | Path) -> Path:
+    """Where `surgeon heal --out OUT` keeps its state checkpoints: `OUT.heal-state` beside it."""
+    out = Path(out)
+    return out.with_name(f"{out.name}.heal-state")
 
 
 def _rank() -> int:
@@ -693,8 +708,13 @@ class _HeldOut:
         prep: Preprocessing,
         channels: int,
         workers: int,
+        *,
+        device: torch.device,
+        channels_last: bool,
     ) -> None:
         _, h, w = prep.input_size
+        self.device = device
+        self.channels_last = channels_last
         self.size = (h, w)
         self.max_shift = default_max_shift(h, w)
         self.plain = ImageDataset(index, positions, prep.transform, channels=channels)
@@ -709,10 +729,7 @@ class _HeldOut:
         """Agreement (or output error), consistency and accuracy of `model` (eval mode)."""
         if len(self.plain) == 0:
             return HealMetrics(images=0)
-        device = next(iter(teacher.parameters())).device
-        channels_last = next(iter(teacher.parameters())).is_contiguous(
-            memory_format=torch.channels_last
-        ) and any(p.dim() == 4 for p in teacher.parameters())
+        device, channels_last = self.device, self.channels_last
         agree = correct = scored = 0
         error = 0.0
         good: list[int] = []

@@ -282,3 +282,18 @@ def test_torchrun_runs_the_same_command_on_two_processes_and_rank_0_alone_writes
     assert [r["step"] for r in log] == [4], "each logged step once, by rank 0"
     assert log[0]["images"] == 4 * 2 * 8, "each step saw a batch of 8 on both processes"
     assert done.stderr.count(f"wrote {out}") == 1
+
+
+def test_ctrl_c_says_where_the_state_is_and_exits_130(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys.modules["surgeon.heal"], "heal_checkpoint", interrupted)
+    out = tmp_path / "healed"
+    code, _, err = run_cli(
+        capsys, "heal", "ckpt", "--data", "images", "--out", str(out), "--steps", "1"
+    )
+    assert code == 130, err
+    assert f"{out} was not written" in err and "healed.heal-state" in err and "--resume" in err
