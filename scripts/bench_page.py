@@ -39,6 +39,7 @@ BENCH_RECORDS = RECORDS / "bench"
 LATENCY_TARGET = 1.1  # latency ratio over MAC ratio a patched model should stay within
 CLI_TARGET = 1.3  # `surgeon patch` over the build-only process
 LOAD_TARGET = 1.2  # `surgeon.load` over build + read safetensors
+HEAL_TARGET = 1.15  # heal step over teacher forward + student training step
 
 Row = Mapping[str, Any]
 
@@ -485,6 +486,44 @@ def render_cuda(record: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+# --------------------------------------------------------------------------- heal
+
+
+def render_heal(record: Mapping[str, Any]) -> list[str]:
+    settings = record["settings"]
+    cost = record["cost"]
+    ms = cost["ms"]
+    lines = [
+        f"`{settings['model']}` patched with `{settings['policy']}` as the student, the "
+        f"original as the teacher, batch {settings['batch']} at {settings['size']}×"
+        f"{settings['size']}, {cost['precision']}, channels_last"
+        f"{', torch.compile' if settings.get('compile') else ''}, on {cost['device']}; medians "
+        f"of {settings['rounds']} interleaved rounds on one batch already on the device. "
+        f"Target: heal step at most {HEAL_TARGET}× (teacher forward + student step).",
+        "",
+        "| measured | ms |",
+        "|---|---:|",
+        f"| teacher forward (inference_mode) | {ms['teacher forward']:.1f} |",
+        f"| student training step (forward, CE, backward, AdamW) | {ms['student step']:.1f} |",
+        f"| heal step | {ms['heal step']:.1f} |",
+        "",
+        f"Heal step ÷ (teacher forward + student step) = {_ratio(cost['ratio'], HEAL_TARGET)}.",
+        "",
+        f"Throughput of `surgeon.heal` end to end ({settings['steps']} steps, "
+        f"{settings['workers']} DataLoader workers per process, JPEG decoding and augmentation "
+        "included), images/s over all processes after the first logged window:",
+        "",
+        "| processes | device | images/s |",
+        "|---:|---|---:|",
+    ]
+    for rate in record.get("rates", []):
+        threads = f" ({rate['threads']} threads each)" if rate.get("threads") else ""
+        lines.append(
+            f"| {rate['processes']} | {rate['device']}{threads} | {rate['images_per_s']:.1f} |"
+        )
+    return [*lines, ""]
+
+
 SECTIONS: list[Section] = [
     Section("layers", "## Replacement layers", "python scripts/bench_layers.py", render_layers),
     Section(
@@ -501,6 +540,7 @@ SECTIONS: list[Section] = [
         render_scaling,
     ),
     Section("load", "## Checkpoint load time", "python scripts/bench.py --only load", render_load),
+    Section("heal", "## Heal", "python scripts/bench_heal.py", render_heal),
     Section("cuda", "## CUDA", "python scripts/bench_cuda.py", render_cuda),
 ]
 

@@ -135,7 +135,27 @@ HISTORY_ENTRY = Tagged(
                 "edits": ListOf(EDIT_OP),
             }
         ),
-        "heal": Obj(_ENTRY),
+        "heal": Obj(
+            {
+                **_ENTRY,
+                "data": Obj(
+                    {"images": int, "skipped": int, "sha256": str, "train": int, "holdout": int}
+                ),
+                "steps": int,
+                "epochs": float,
+                "batch_size": int,
+                "world_size": int,
+                "options": dict[str, Any],
+                "features": list[str],
+                "losses": dict[str, float],
+                "teacher": dict[str, float],
+                "before": dict[str, float],
+                "after": dict[str, float],
+                "seconds": float,
+                "images_per_s": float,
+                "resumed_from": int | None,
+            }
+        ),
     },
 )
 
