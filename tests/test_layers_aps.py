@@ -312,6 +312,13 @@ def test_aps_scripts_alone() -> None:
         assert torch.equal(scripted(x), aps(x)), shape
 
 
+def test_linked_aps_is_refused_when_scripting_starts() -> None:
+    # the link is a Python object: scripting stops at once (export then traces) instead of
+    # giving a scripted model that cannot run
+    with pytest.raises(RuntimeError, match=r"role 'leader' cannot be scripted.*trace the model"):
+        torch.jit.script(Block())
+
+
 def test_linked_aps_block_exports_with_torch_export_dynamic_shapes() -> None:
     block = Block()
     dynamic = {0: torch.export.Dim("batch", max=64)}

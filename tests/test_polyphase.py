@@ -140,7 +140,7 @@ def test_a_join_with_a_layer_left_strided_is_reported() -> None:
     policy = policy_from_dict(data, action_schemas())
     model, report = surgeon.patch(load_model(TINY, seed=0).model, policy, X)
     row = next(r for r in report.rows if r.site == "layer1.conv1")
-    assert "also takes layer1.downsample.0, which keeps its stride" in row.note
+    assert "also takes layer1.downsample.0, which does not share this component" in row.note
     assert model.layer1.conv2[0].role == "alone"
 
 

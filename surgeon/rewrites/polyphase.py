@@ -25,8 +25,8 @@ next strided layers and collects the joins it reaches (adds, concatenations); ta
 that reach a common join from the same input stage with the same stride form a group. The one
 whose sampler runs first in the forward (graph order) leads, the others follow it
 (`share_phase`); the checkpoint records the link as a `Link` edit. A join that a target site
-shares with a strided layer left unchanged (a keep rule, a skipped site) is reported: it
-mixes component 0 with the chosen one and is not invariant.
+shares with a strided layer this action does not sample (a keep rule, a skipped site, another
+action's site) is reported: the two need not take the same component, so it is not invariant.
 """
 
 from __future__ import annotations
@@ -461,7 +461,7 @@ class _Graphs:
                             )
                             notes[site.name] = (
                                 f"the join at {graph.where(join)} also takes {kept}, which "
-                                "keeps its stride: that join is not shift-invariant"
+                                "does not share this component: that join is not shift-invariant"
                             )
                         elif targets[b].site.stride == site.stride:
                             parent[find(site.name)] = find(targets[b].site.name)
