@@ -24,7 +24,7 @@ from surgeon.rewrites import (
     action_schemas,
     get_rewrite,
 )
-from surgeon.rewrites.padding import PaddingChange, circular_padding
+from surgeon.rewrites.padding import PaddingChange, circular_padding, map_sizes
 from surgeon.scan import ScanResult, scan_analysis
 from surgeon.sites import Site
 from surgeon.submodules import count_params
@@ -282,6 +282,7 @@ def _patch(
         )
     before_params = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
     params_before = count_params(model)
+    sizes = map_sizes(analysis) if resolved.padding == "circular" else {}
 
     torch.manual_seed(seed)
     edits: dict[str, Edit] = {}
@@ -328,7 +329,7 @@ def _patch(
     if resolved.padding == "circular":
         calls = [s for s in result.sites if s.functional and s.name not in edits]
         try:
-            padding = circular_padding(editor, calls)
+            padding = circular_padding(editor, calls, sizes)
         except EditError as exc:
             raise PatchError(f"could not make the padding circular: {exc}") from exc
         patched = editor.model

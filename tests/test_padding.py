@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from surgeon.edits import ModelEditor, SetAttrs, Wrap
 from surgeon.errors import PolicyError
 from surgeon.layers import StridePad
+from surgeon.patch import patch
 from surgeon.policy_loader import parse_policy, policy_from_dict
 from surgeon.rewrites import action_schemas
 from surgeon.rewrites.padding import circular_padding
@@ -120,3 +121,25 @@ def test_policy_padding_errors_name_the_file_line_and_field(value: str, message:
     with pytest.raises(PolicyError) as exc:
         parse_policy(text, "p.yaml", action_schemas())
     assert str(exc.value) == message
+
+
+def test_a_map_smaller_than_its_padding_keeps_its_padding_at_patch_time() -> None:
+    # PyTorch's circular padding wraps around at most once: the 5×5 conv after a global pool
+    # (a 1×1 map, padded by 2) keeps its zeros, with the reason, and the patched model runs
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 4, 5, padding=2)
+    )
+    policy = policy_from_dict(
+        {
+            "name": "circular",
+            "description": "",
+            "padding": "circular",
+            "rules": [{"match": {}, "action": "keep"}],
+        },
+        action_schemas(),
+    )
+    patched, report = patch(model, policy, torch.randn(1, 3, 8, 8))
+    changes = {c.layer: c for c in report.padding}
+    assert changes["0"].after == "circular p1"
+    assert changes["2"].after == "" and "smaller than its padding" in changes["2"].reason
+    assert patched[2].padding_mode == "zeros"

@@ -20,14 +20,15 @@ Kept, each with its reason in the report: a layer whose forward pads on its own 
 dynamic 'same' `Conv2dSame` and `MaxPool2dSame`, weight-standardised convs), transposed convs
 (PyTorch pads them with zeros only), ceil_mode pools (their last window overhangs the map),
 pools that return indices, pools reached by several paths (one wrap would leave the other
-unpadded) and functional calls (`F.max_pool2d` in a forward). Layers without padding need no
-change. The layers surgeon puts in pad their own way and are left alone (APS and LPS wrap
-circularly; BlurPool per its `pad_mode`).
+unpadded), functional calls (`F.max_pool2d` in a forward), and a layer whose map at the
+example input is smaller than its padding (PyTorch's circular padding wraps at most once).
+Layers without padding need no change. The layers surgeon puts in pad their own way and are
+left alone (APS and LPS wrap circularly; BlurPool per its `pad_mode`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +37,9 @@ from torch import nn
 from surgeon.edits import ModelEditor
 from surgeon.layers.stride_pad import StridePad
 from surgeon.sites import Site
+from surgeon.trace import Analysis
 
-__all__ = ["PaddingChange", "circular_padding"]
+__all__ = ["PaddingChange", "circular_padding", "map_sizes"]
 
 _CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED: tuple[type[nn.Module], ...] = (
@@ -65,6 +67,39 @@ class PaddingChange:
         return bool(self.after)
 
 
+Sizes = Mapping[nn.Module, tuple[int, ...]]
+
+
+def map_sizes(analysis: Analysis) -> dict[nn.Module, tuple[int, ...]]:
+    """The smallest spatial size of the map entering each conv and pool module the analysis saw
+    called, by module (read before any edit: the rewrites move modules to other paths)."""
+    out: dict[nn.Module, tuple[int, ...]] = {}
+    kinds = _CONVS + _MAX_POOLS + _AVG_POOLS
+    for path, records in analysis.calls.items():
+        try:
+            module = analysis.model.get_submodule(path)
+        except AttributeError:
+            continue
+        shapes = [r.in_shapes[0] for r in records if r.in_shapes and len(r.in_shapes[0]) > 2]
+        if isinstance(module, kinds) and shapes:
+            out[module] = tuple(min(dims) for dims in zip(*(s[2:] for s in shapes), strict=False))
+    return out
+
+
+def _too_small(pads: Sequence[int], size: tuple[int, ...] | None) -> str:
+    """Why PyTorch cannot pad a map of `size` circularly by `pads` (per dim), or ""."""
+    if (
+        size is None
+        or len(size) != len(pads)
+        or all(p <= n for p, n in zip(pads, size, strict=True))
+    ):
+        return ""
+    return (
+        f"its map ({'×'.join(map(str, size))} at the example input) is smaller than its padding: "
+        "PyTorch's circular padding wraps around at most once"
+    )
+
+
 def _base(module: nn.Module, bases: tuple[type[nn.Module], ...]) -> type[nn.Module] | None:
     return next((b for b in bases if isinstance(module, b)), None)
 
@@ -80,7 +115,11 @@ def _text(amounts: Sequence[int]) -> str:
 
 
 def _conv(
-    editor: ModelEditor, path: str, conv: nn.Module, base: type[nn.Module]
+    editor: ModelEditor,
+    path: str,
+    conv: nn.Module,
+    base: type[nn.Module],
+    size: tuple[int, ...] | None,
 ) -> PaddingChange | None:
     kernel: tuple[int, ...] = conv.kernel_size  # type: ignore[assignment]
     dilation: tuple[int, ...] = conv.dilation  # type: ignore[assignment]
@@ -88,26 +127,34 @@ def _conv(
     mode = str(conv.padding_mode)
     shown: str
     if isinstance(padding, str):
-        padded = padding == "same" and any(
-            d * (k - 1) for k, d in zip(kernel, dilation, strict=True)
-        )
+        spans = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
+        widest = [span - span // 2 if padding == "same" else 0 for span in spans]
+        padded = any(widest)
         shown = padding
     else:
-        amounts = _amounts(padding, len(kernel))
-        padded = any(amounts)
-        shown = _text(amounts)
+        widest = list(_amounts(padding, len(kernel)))
+        padded = any(widest)
+        shown = _text(widest)
     if not padded or mode == "circular":
         return None
     before = f"{mode} p{shown}"
     name = type(conv).__name__
     if type(conv).forward is not base.forward:
         return PaddingChange(path, name, before, "", "pads in its own forward (not padding_mode)")
+    small = _too_small(widest, size)
+    if small:
+        return PaddingChange(path, name, before, "", small)
     editor.set_attrs(path, padding_mode="circular")
     return PaddingChange(path, name, before, f"circular p{shown}")
 
 
 def _pool(
-    editor: ModelEditor, path: str, pool: nn.Module, base: type[nn.Module], paths: int
+    editor: ModelEditor,
+    path: str,
+    pool: nn.Module,
+    base: type[nn.Module],
+    paths: int,
+    size: tuple[int, ...] | None,
 ) -> PaddingChange | None:
     dims = int(base.__name__[-2])
     attrs = vars(pool)
@@ -130,6 +177,8 @@ def _pool(
         reason = "returns indices, which a pad in front would shift"
     elif paths > 1:
         reason = f"the same module is reached by {paths} paths; one wrap would miss the others"
+    else:
+        reason = _too_small(amounts, size)
     if reason:
         return PaddingChange(path, name, before, "", reason)
     editor.set_attrs(path, padding=(0,) * dims)
@@ -147,11 +196,13 @@ def _stride_pad(editor: ModelEditor, path: str, pad: StridePad) -> PaddingChange
 
 
 def circular_padding(
-    editor: ModelEditor, functional: Sequence[Site] = ()
+    editor: ModelEditor, functional: Sequence[Site] = (), sizes: Sizes | None = None
 ) -> tuple[PaddingChange, ...]:
     """Make every padded conv and pool of `editor.model` pad circularly, through the editor;
     one `PaddingChange` per padded layer (changed or kept with its reason), in module order.
-    `functional` are the functional sites the patch left as calls: reported as kept."""
+    `functional` are the functional sites the patch left as calls: reported as kept; `sizes`
+    (`map_sizes` of the analysis) keeps the layers whose map is smaller than their padding."""
+    sizes = sizes or {}
     model = editor.model
     counts: dict[int, int] = {}
     for _, module in model.named_modules(remove_duplicate=False):
@@ -173,9 +224,9 @@ def circular_padding(
         if isinstance(module, StridePad):
             change = _stride_pad(editor, path, module)
         elif (conv := _base(module, _CONVS)) is not None:
-            change = _conv(editor, path, module, conv)
+            change = _conv(editor, path, module, conv, sizes.get(module))
         elif (pool := _base(module, _MAX_POOLS + _AVG_POOLS)) is not None:
-            change = _pool(editor, path, module, pool, counts[id(module)])
+            change = _pool(editor, path, module, pool, counts[id(module)], sizes.get(module))
         elif isinstance(module, _TRANSPOSED):
             amounts = _amounts(module.padding, len(module.kernel_size))  # type: ignore[arg-type]
             if any(amounts):
