@@ -144,6 +144,20 @@ def test_a_join_with_a_layer_left_strided_is_reported() -> None:
     assert model.layer1.conv2[0].role == "alone"
 
 
+def test_a_group_norm_keeps_the_sampler_before_it_so_lps_stays_exact() -> None:
+    # a group norm's statistics span the map: taking a component after it is not the same
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 4, 3, 2, 1)
+    ).eval()
+    x = torch.randn(2, 3, 17, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x)
+    patched, report = surgeon.patch(model, _policy("lps"), x[:1])
+    assert report.rows[0].replacement == "conv s1 → LPS(s2)"
+    with torch.no_grad():
+        assert torch.allclose(patched.eval()(x), expected, atol=1e-5)
+
+
 def test_a_ceil_mode_pool_is_skipped_with_the_reason() -> None:
     model = load_model(TINY, seed=0).model
     model.maxpool.ceil_mode = True

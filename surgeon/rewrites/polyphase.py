@@ -4,10 +4,10 @@ per sample, which of its s^d components to keep; parallel sites that meet at a j
 Placement, per site (as the papers' ResNets and antialias place their layers, keeping
 state-dict keys where they can):
 
-- a conv followed (through its norm) by an activation module called once: the activation
-  becomes `Sequential(act, sampler)` (timm's norm-act layers: their `act`); a shared activation
+- a conv followed (through a batch norm) by an activation module called once: the activation
+  becomes `Sequential(act, sampler)` (timm's `BatchNormAct2d`: its `act`); a shared activation
   (torchvision's BasicBlock calls one ReLU twice): its consumer becomes
-  `Sequential(sampler, consumer)`;
+  `Sequential(sampler, consumer)`, when the consumer takes that one tensor;
 - a pointwise conv (kernel 1, no padding) with no activation after it (a ResNet shortcut): the
   conv becomes `Sequential(sampler, conv)`, sampling its input, which commutes with it and
   costs s^d times less;
@@ -15,8 +15,9 @@ state-dict keys where they can):
 - a max or average pool runs at stride 1 and becomes `Sequential(pool, sampler)` (a functional
   `F.max_pool2d` call becomes a call of that Sequential).
 
-Pointwise norms and activations commute with taking a component, so the sampler may follow
-them; the conv keeps its weights.
+Batch norms, dropout and activations work per position and channel, so taking a component
+commutes with them and the sampler may follow them (a group norm's statistics span the map:
+after one, the sampler follows the conv); the conv keeps its weights.
 
 **Shared components.** A residual block's shortcut must take the component its main path took,
 or the join adds maps sampled on different grids and the network is not shift-invariant. The
@@ -50,7 +51,7 @@ from surgeon.rewrites.base import (
     Transfer,
 )
 from surgeon.schema import ActionSchema
-from surgeon.sites import Site
+from surgeon.sites import Neighbour, Site
 from surgeon.strides import StrideGraph, ranked
 from surgeon.trace import Analysis, Region
 
@@ -209,32 +210,42 @@ class PolyphaseRewrite:
         position = graphs.position(site, None, 0.5)
         chain = list(site.after)
         act_at = next((i for i, n in enumerate(chain) if n.kind == "act"), None)
+        # the sampler may follow the norm and activation only where taking a component commutes
+        # with them: batch norms (per channel) and dropout, not a group norm's spatial statistics
+        if act_at is not None and not all(_pointwise(analysis, n) for n in chain[:act_at]):
+            act_at = None
         if act_at is not None:
             act = chain[act_at]
-            inner = f"{act.target}.act"
-            if act.is_module and not act.shared:
-                path = act.target if not act.has_params else inner
-                module = analysis.model.get_submodule(act.target)
-                if path not in claimed and (
-                    not act.has_params or _parameter_free(getattr(module, "act", None))
-                ):
-                    return Placement(
-                        site,
-                        "after_act",
-                        path,
-                        f"{path}.1",
-                        config,
-                        transfer,
-                        f"conv s1 → {act.type_name} → {text}",
-                        graphs.position(site, act.node, 0.5),
-                    )
+            module = analysis.model.get_submodule(act.target) if act.is_module else None
+            # a norm-act layer (timm's BatchNormAct2d) normalises first: a batch norm only
+            norm_ok = not act.has_params or isinstance(module, _BATCH_NORMS)
+            path = act.target if not act.has_params else f"{act.target}.act"
+            if (
+                norm_ok
+                and act.is_module
+                and not act.shared
+                and path not in claimed
+                and (not act.has_params or _parameter_free(getattr(module, "act", None)))
+            ):
+                return Placement(
+                    site,
+                    "after_act",
+                    path,
+                    f"{path}.1",
+                    config,
+                    transfer,
+                    f"conv s1 → {act.type_name} → {text}",
+                    graphs.position(site, act.node, 0.5),
+                )
             consumer = chain[act_at + 1] if act_at + 1 < len(chain) else None
             if (
-                consumer is not None
+                norm_ok
+                and consumer is not None
                 and consumer.is_module
                 and not consumer.shared
                 and consumer.target not in sites
                 and consumer.target not in claimed
+                and graphs.one_input(site, consumer.node)
             ):
                 return Placement(
                     site,
@@ -360,8 +371,20 @@ class PolyphaseRewrite:
             editor.link(leader, followers)
 
 
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 def _parameter_free(module: Any) -> bool:
     return isinstance(module, nn.Module) and not any(True for _ in module.parameters())
+
+
+def _pointwise(analysis: Analysis, neighbour: Neighbour) -> bool:
+    """Whether taking a component commutes with this layer of the chain after a conv."""
+    if neighbour.kind == "dropout":
+        return True
+    if neighbour.kind != "norm" or not neighbour.is_module:
+        return False
+    return isinstance(analysis.model.get_submodule(neighbour.target), _BATCH_NORMS)
 
 
 class _Graphs:
@@ -405,6 +428,16 @@ class _Graphs:
             ),
             None,
         )
+
+    def one_input(self, site: Site, node: str) -> bool:
+        """Whether the call at `node` (in the site's graph) takes one tensor and nothing else,
+        so that `Sequential(sampler, module)` can stand for it."""
+        region = self.region(site)
+        graph = self.graph(region) if region is not None else None
+        if graph is None:
+            return False
+        call = next((n for n in graph.nodes if n.name == node), None)
+        return call is not None and len(call.args) == 1 and not call.kwargs
 
     def position(self, site: Site, node: str | None, offset: float) -> float:
         """Where a sampler placed just after (`offset` 0.5) or before (-0.5) the node named
