@@ -360,3 +360,10 @@ def test_aps_runs_off_the_cpu_with_the_cpu_shapes() -> None:
     block = Block()
     x = torch.randn(2, 3, 9, 10)
     assert block.to("meta")(x.to("meta")).shape == Block()(x).shape
+
+
+def test_aps_selects_half_precision_maps_without_overflow() -> None:
+    # squares of values above 256 overflow float16: the norms are taken in float32
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 300
+    aps = APS(3)
+    assert torch.equal(aps(x.half()).float(), aps(x.half().float()))

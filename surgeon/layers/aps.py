@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from surgeon.layers.polyphase import PolyphaseSampling
@@ -66,7 +67,10 @@ class AdaptivePolyphaseSampling(PolyphaseSampling):
 
     def _select(self, view: Tensor) -> tuple[Tensor, Tensor | None]:
         # the channels first (one pass over the map, leaving 1/C of it), then each component's
-        # positions: l2 compares sums of squares, which order the components as their norms do
+        # positions: l2 compares sums of squares, which order the components as their norms do;
+        # half precision would overflow the squares and sums (autocast keeps the map in it)
+        if view.dtype == torch.float16 or view.dtype == torch.bfloat16:
+            view = view.float()
         if self.norm == "l2":
             per_position = (view * view).sum(1)
         elif self.norm == "l1":
