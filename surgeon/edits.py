@@ -57,11 +57,14 @@ __all__ = [
 ]
 
 GEOMETRY_ATTRS = ("stride", "dilation", "padding")
-"""The attributes `SetAttrs` may change on a conv or pool module: its geometry ..."""
+"""The attributes `SetAttrs` may change on a conv or pool module: its geometry (and, on a
+convolution, `padding_mode`, one of `PADDING_MODES`)."""
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-"""... and, on a convolution only, `padding_mode` (one of these): what its padding holds
-(`padding: circular` in a policy switches every padded conv to "circular")."""
+"""The padding modes `SetAttrs` may give a convolution (a policy's `padding: circular` gives
+every padded conv "circular")."""
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 Undo = Callable[[], None]
 
@@ -239,9 +242,6 @@ def _set_attrs(model: nn.Module, op: SetAttrs) -> Undo:
             setattr(module, key, value)
 
     return undo
-
-
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _reversed_padding(conv: nn.Module) -> list[int]:

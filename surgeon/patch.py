@@ -148,11 +148,13 @@ def _failure(exc: BaseException, model: nn.Module, unchanged: Mapping[str, str])
     first = (str(exc).strip().splitlines() or [""])[0][:160]
     where = _failing_module(exc, model)
     text = "the patched model fails"
+    if isinstance(exc, PatchError):
+        if where is not None:
+            text += f" in {where[0] or '<model>'} ({where[1]})"
+        return f"{text}: {first}"
     if where is not None:
         path, cls = where
         text += f" in {path or '<model>'} ({cls})"
-    if isinstance(exc, PatchError):
-        return f"{text}: {str(exc).strip().splitlines()[0]}"
         inside = [
             f"{name} ({why})"
             for name, why in unchanged.items()
