@@ -78,9 +78,8 @@ class Placement:
     transfer: Transfer
     description: str
     position: float
-    dense: nn.Module | None = field(
-        default=None, compare=False
-    )  # a functional pool's stride-1 form
+    # a functional pool's stride-1 form, which the call is replaced by (with the sampler)
+    dense: nn.Module | None = field(default=None, compare=False)
     role: str = "alone"
     note: str = ""
 
@@ -131,7 +130,7 @@ class PolyphaseRewrite:
                 continue
             claimed.add(placement.target)
             placed.append(placement)
-        groups, unlinked = graphs.groups(placed)
+        groups, notes = graphs.groups(placed)
         by_site = {p.site.name: p for p in placed}
         links = []
         for group in groups:
@@ -148,7 +147,7 @@ class PolyphaseRewrite:
                     note=f"takes the component of {leader.site.name} (their maps meet at a join)",
                 )
             links.append((leader.sampler, tuple(f.sampler for f in followers)))
-        for name, why in unlinked.items():
+        for name, why in notes.items():
             p = by_site[name]
             by_site[name] = replace(p, note="; ".join(filter(None, [p.note, why])))
         final = tuple(by_site[p.site.name] for p in placed)
