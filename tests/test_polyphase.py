@@ -337,9 +337,10 @@ def test_a_checkpoint_whose_link_names_no_sampler_is_refused(tmp_path: Path) -> 
 # --------------------------------------------------------------------------- export, CLI
 
 
-def test_export_traces_linked_samplers_and_checks_two_sizes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("policy", ["aps-circular", "lps"])
+def test_export_traces_linked_samplers_and_checks_two_sizes(tmp_path: Path, policy: str) -> None:
     pytest.importorskip("onnxruntime")
-    model, _ = surgeon.patch(load_model(TINY, seed=0).model, "aps-circular", X)
+    model, _ = surgeon.patch(load_model(TINY, seed=0).model, policy, X)
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
