@@ -39,6 +39,7 @@ BENCH_RECORDS = RECORDS / "bench"
 LATENCY_TARGET = 1.1  # latency ratio over MAC ratio a patched model should stay within
 CLI_TARGET = 1.3  # `surgeon patch` over the build-only process
 LOAD_TARGET = 1.2  # `surgeon.load` over build + read safetensors
+POLYPHASE_TARGET = 1.3  # an APS site over its stride-1 layer + one copy of its output
 HEAL_TARGET = 1.15  # heal step over teacher forward + student training step
 
 Row = Mapping[str, Any]
@@ -486,6 +487,38 @@ def render_cuda(record: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+# --------------------------------------------------------------------------- polyphase
+
+POLYPHASE_UNIT = "stride-1 layer + copy of its output"
+
+
+def render_polyphase(record: Mapping[str, Any]) -> list[str]:
+    rows = record["rows"]
+    names = list(dict.fromkeys(row["name"] for row in rows))
+    cases: dict[tuple[str, str, str], dict[str, float]] = {}
+    for row in rows:
+        shape = "×".join(map(str, row["shape"]))
+        cases.setdefault((row["site"], shape, row["layout"]), {})[row["name"]] = row["ms"]
+    lines = [
+        "Each of ResNet-18's strided layers at 224 px (batch 8): the original, the layer at "
+        "stride 1, that plus one copy of its output (the budget's unit), and the site with APS, "
+        "APS with a 3-tap blur and LPS. Float32, evaluation mode, `torch.no_grad()`, median ms "
+        f"of {record['settings']['repeats']} interleaved rounds, one torch thread's CPU time. "
+        f"Target: an APS site at most {POLYPHASE_TARGET}× the unit.",
+        "",
+        "| site | input | layout | " + " | ".join(names) + " | APS ÷ unit | LPS ÷ unit |",
+        "|---|---|---|" + "---:|" * (len(names) + 2),
+    ]
+    for (site, shape, layout), ms in cases.items():
+        unit = ms[POLYPHASE_UNIT]
+        aps = _ratio(ms["APS site (stride-1 layer + APS)"] / unit, POLYPHASE_TARGET)
+        cells = " | ".join(f"{ms[name]:.2f}" for name in names)
+        lines.append(
+            f"| {site} | {shape} | {layout} | {cells} | {aps} | {ms['LPS site'] / unit:.2f} |"
+        )
+    return [*lines, ""]
+
+
 # --------------------------------------------------------------------------- heal
 
 
@@ -540,6 +573,12 @@ SECTIONS: list[Section] = [
         render_scaling,
     ),
     Section("load", "## Checkpoint load time", "python scripts/bench.py --only load", render_load),
+    Section(
+        "polyphase",
+        "## Polyphase sampling",
+        "python scripts/bench_polyphase.py",
+        render_polyphase,
+    ),
     Section("heal", "## Heal", "python scripts/bench_heal.py", render_heal),
     Section("cuda", "## CUDA", "python scripts/bench_cuda.py", render_cuda),
 ]

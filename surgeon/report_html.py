@@ -369,6 +369,27 @@ def _totals(report: PatchReport) -> str:
     )
 
 
+def _padding(report: PatchReport) -> str:
+    """The policy's `padding: circular`: every padded layer, what it pads with now or why not."""
+    if not report.padding:
+        return ""
+    rows = "".join(
+        f"<tr><td>{_e(c.layer)}</td><td>{_e(c.op)}</td><td>{_e(c.before)}</td>"
+        + (
+            f'<td><span class="chg">{_e(c.after)}</span></td></tr>'
+            if c.changed
+            else f"<td>kept: {_e(c.reason)}</td></tr>"
+        )
+        for c in report.padding
+    )
+    changed = sum(c.changed for c in report.padding)
+    return (
+        f"<h2>Padding</h2><p>circular padding at {changed} of {len(report.padding)} padded "
+        "layers</p><table><tr><th>layer</th><th>op</th><th>before</th><th>after</th></tr>"
+        f"{rows}</table>"
+    )
+
+
 def _notes(report: PatchReport) -> str:
     items = [f"<li>note: {_e(n)}</li>" for n in report.notes]
     items += [f"<li>warning: {_e(w)}</li>" for w in report.warnings]
@@ -409,6 +430,7 @@ def patch_html(report: PatchReport) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
         f"<h1>{_e(title)}</h1><p class='sub'>example input {_e(inputs)}</p>"
-        f"{_totals(report)}{charts}<h2>Sites</h2>{_table(report)}{_notes(report)}"
+        f"{_totals(report)}{charts}<h2>Sites</h2>{_table(report)}{_padding(report)}"
+        f"{_notes(report)}"
         "</body></html>\n"
     )

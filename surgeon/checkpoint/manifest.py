@@ -87,6 +87,7 @@ EDIT_OP = Tagged(
         "replace_call": Obj(
             {"owner": str, "function": str, "index": int, "attr": str, "module": LAYER_SPEC}
         ),
+        "link": Obj({"leader": str, "followers": list[str]}),
     },
 )
 

@@ -7,6 +7,7 @@ import importlib
 from surgeon.errors import PolicyError
 from surgeon.rewrites.allconv import AllConvRewrite
 from surgeon.rewrites.antialias import AntialiasRewrite
+from surgeon.rewrites.aps import ApsRewrite
 from surgeon.rewrites.base import (
     Edit,
     LayerChange,
@@ -18,6 +19,7 @@ from surgeon.rewrites.base import (
     Target,
 )
 from surgeon.rewrites.dilate import DilateRewrite
+from surgeon.rewrites.lps import LpsRewrite
 from surgeon.rewrites.relocate import RelocateRewrite
 from surgeon.rewrites.spd import SpdRewrite
 from surgeon.rewrites.upsample import UpsampleRewrite
@@ -45,6 +47,8 @@ _REGISTRY: dict[str, Rewrite | ModelRewrite] = {
     "dilate": DilateRewrite(),
     "relocate": RelocateRewrite(),
     "upsample": UpsampleRewrite(),
+    "aps": ApsRewrite(),
+    "lps": LpsRewrite(),
 }
 
 
