@@ -759,9 +759,9 @@ def markdown(results: dict[str, Any], plots: Sequence[str], command: str) -> str
         "2×2 for a 3×3 conv, against `spd`'s 3×3) and in AdamW's per-weight steps.",
         "- LIP's claim (Gao et al. 2019; ResNet-50 76.40 → 78.19 % top-1 at +29 % FLOPs) and "
         "SoftPool's (Stergiou et al. 2021) are higher accuracy than max or average pooling. "
-        "Both papers also pool in place of strided convolutions; surgeon rewrites pooling "
-        "layers only, which in ResNet-18 is the one stem max pool, so this is a small test of "
-        "either claim.",
+        "LIP's ResNets also pool in place of the strided convolutions; surgeon rewrites "
+        "pooling layers only, which in ResNet-18 is the one stem max pool, so this is a small "
+        "test of either claim.",
         "- SFM's claim (Chen et al. 2025: ADE20K +1.5 mIoU, Cityscapes +0.8) is about "
         "segmentation, with MSAU demodulating in the decoder. A digit classifier has no "
         "decoder and no upsampling, so this task cannot show it; it shows only what adaptive "
