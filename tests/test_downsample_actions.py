@@ -330,7 +330,7 @@ def test_every_action_runs_at_an_odd_size_and_round_trips_bit_for_bit(
     assert back.state_dict().keys() == model.state_dict().keys()
 
 
-def test_a_segmentation_models_run_time_upsampling_size_survives_save_and_load(
+def test_a_run_time_upsampling_size_survives_save_load_and_export(
     tmp_path: Path,
 ) -> None:
     loaded = load_model("tests.test_downsample_actions:segmenter", seed=0)
@@ -340,11 +340,15 @@ def test_a_segmentation_models_run_time_upsampling_size_survives_save_and_load(
     manifest = json.loads((directory / "surgery.json").read_text())
     (call,) = [e for e in manifest["history"][0]["edits"] if e["op"] == "replace_call"]
     assert call["keywords"] == ["size"] and call["module"]["type"] == "AdaptiveUpsampling"
-    back = surgeon.load(directory, trust_import=["tests.test_downsample_actions:segmenter"])
+    trust = ["tests.test_downsample_actions:segmenter"]
+    back = surgeon.load(directory, trust_import=trust)
     x = torch.randn(2, 3, 30, 27)
     with torch.no_grad():
         out = back(x)
         assert out.shape == (2, 5, 30, 27) and torch.equal(model.eval()(x), out)
+    result = export(directory, "onnx", trust_import=trust)  # what `surgeon export DIR` runs
+    assert [c.input_shape for c in result.checks] == [(1, 3, 21, 21), (2, 3, 15, 15)]
+    assert all(c.rel_diff <= 1e-4 for c in result.checks), result.checks
 
 
 class _Segmenter(nn.Module):
