@@ -52,6 +52,17 @@ def test_average_pool_becomes_one_blurpool_with_the_pools_output_size(pool: nn.M
     assert not _shapes_agree(original, patched, range(4, 14)), "output sizes differ"
 
 
+def test_timm_same_average_pool_becomes_a_blurpool_alone() -> None:
+    from timm.layers import create_pool2d
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), create_pool2d("avg", 3, stride=2, padding="same"))
+    original = copy.deepcopy(model.eval())
+    patched, report = patch(model, "antialias", torch.randn(1, 3, 9, 9))
+    assert isinstance(patched[1], BlurPool), "TF 'SAME' and BlurPool both give ceil(i / s)"
+    assert report.rows[0].transfer == "approximate"
+    assert not _shapes_agree(original, patched, range(4, 14))
+
+
 def test_densenet_transitions_are_blurred_once_at_odd_sizes(
     fresh_model: Callable[..., nn.Module],
 ) -> None:

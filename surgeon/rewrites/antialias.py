@@ -133,8 +133,6 @@ class AntialiasRewrite:
         §3.3): one filter, the binomial in place of the box."""
         if site.divisor_override is not None:
             raise SkipSite("average pooling with divisor_override (a scaled sum, not an average)")
-        if site.padding == "same" and site.functional:
-            raise SkipSite("functional pooling with 'same' padding")
         kernel = "×".join(map(str, sorted(set(site.kernel))))
         note = (
             f"the box filter of the average pool (k{kernel}) is replaced by the binomial one, "
