@@ -351,6 +351,7 @@ class ModelEditor:
     notes: list[str] = field(default_factory=list)
     _undo: list[Undo] = field(default_factory=list, repr=False)
     _pending: list[_Pending] = field(default_factory=list, repr=False)
+    _traced: set[str] = field(default_factory=set, repr=False)  # owners known to trace
 
     def module(self, path: str) -> nn.Module:
         """The submodule at `path` ("" for the model) as it is now."""
@@ -423,6 +424,11 @@ class ModelEditor:
             raise EditError(f"{owner}:{node_name} is not a call of a known function")
         relative = owner[len(region.path) + 1 :] if region.path else owner
         index = direct_calls(region.graph, function, relative).index(node)
+        if owner not in self._traced:
+            # an owner traced only as part of a larger region may not trace on its own: say so
+            # now (EditError), so that this site is skipped rather than `finish` failing
+            _owner_graph(self.module(owner), owner)
+            self._traced.add(owner)
         self._pending.append(
             _Pending(owner, function, index, attr, module, type_name, tuple(keywords))
         )

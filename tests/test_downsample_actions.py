@@ -297,6 +297,39 @@ def test_sfm_leaves_broadcasts_and_transposed_convolutions_alone() -> None:
     }
 
 
+class _Pyramid(nn.Module):
+    """Takes a dict of maps, as torchvision's FeaturePyramidNetwork does: it traces inside its
+    parent's graph, not on its own."""
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        names = list(feats.keys())
+        fine = feats[names[0]]
+        return fine + F.interpolate(feats[names[-1]], size=fine.shape[-2:], mode="bilinear")
+
+
+class _Detector(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, 2, 1)
+        self.c2 = nn.Conv2d(4, 4, 3, 2, 1)
+        self.fpn = _Pyramid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.c1(x)
+        return self.fpn({"a": a, "b": self.c2(a)})
+
+
+def test_a_call_whose_owner_does_not_trace_alone_is_skipped_and_the_rest_patched() -> None:
+    x = torch.randn(1, 3, 17, 17)
+    original, patched, report = _patched(_Detector().eval(), "sfm", x)
+    rows = {r.site: r for r in report.rows}
+    assert rows["fpn:interpolate"].status == "skipped"
+    assert rows["fpn:interpolate"].note == "fpn does not trace with torch.fx (TraceError)"
+    assert rows["c1"].status == rows["c2"].status == "patched"
+    with torch.no_grad():
+        assert _relative(original(x), patched(x)) <= 1e-5
+
+
 # ------------------------------------------------------------------- models, checkpoints
 
 
