@@ -277,6 +277,26 @@ def test_sfm_upsamples_modules_scale_factors_and_run_time_sizes() -> None:
         assert _relative(want, patched(t)) <= 1e-5
 
 
+def test_sfm_keeps_a_constant_upsampling_size_in_the_layer() -> None:
+    class Fixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.down = nn.Conv2d(3, 4, 3, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.interpolate(self.down(x), size=(20, 24), mode="bilinear")
+
+    policy = _policy({"match": {"role": "upsample"}, "action": "sfm"})
+    x = torch.randn(1, 3, 9, 11)
+    original, patched, report = _patched(Fixed().eval(), policy, x)
+    assert _rows(report)[":interpolate"].transfer == "exact"
+    assert patched.interpolate_sfm.size == [20, 24]
+    assert all(not n.kwargs for n in patched.graph.nodes if n.op == "call_module")
+    with torch.no_grad():
+        other = torch.randn(2, 3, 14, 13)
+        assert _relative(original(other), patched(other)) <= 1e-5
+
+
 def test_sfm_leaves_broadcasts_and_transposed_convolutions_alone() -> None:
     class Head(nn.Module):
         def __init__(self) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from torch import nn
+from torch import fx, nn
 
 from surgeon.calls import bind_arguments
 from surgeon.layers.msau import AdaptiveUpsampling
@@ -78,6 +78,14 @@ def _interpolation(editor: ModelEditor, site: Site) -> dict[str, Any]:
     if node is None:
         raise SkipSite("the interpolation call is not in a traced graph")
     return bind_arguments("interpolate", node.args, dict(node.kwargs))
+
+
+def _computed(size: Any) -> bool:
+    """True for an interpolation size computed in the forward (an fx node, or a tuple holding
+    one: `x.shape[-2:]`, `(h * 2, w * 2)`), False for a constant."""
+    if isinstance(size, (list, tuple)):
+        return any(isinstance(item, fx.Node) for item in size)
+    return isinstance(size, fx.Node)
 
 
 class SfmRewrite:
@@ -146,8 +154,8 @@ class SfmRewrite:
         call = _interpolation(editor, site)
         size, scale = call.get("size"), call.get("scale_factor")
         keywords: tuple[str, ...] = ()
-        if site.functional and size is not None:
-            keywords, size = ("size",), None  # read at run time, as the call does
+        if _computed(size):
+            keywords, size = ("size",), None  # computed at run time: passed on as the call does
         elif isinstance(size, int):
             size = [size] * site.dims
         new, transfer = AdaptiveUpsampling.from_interpolate(
