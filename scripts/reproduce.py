@@ -6,7 +6,7 @@
     python scripts/reproduce.py --protocol pretrained --json docs/reproduce/pretrained.json
                                                   # train the original, patch it, heal it
 
-The full run trains 18 models (6 variants × 3 seeds, 60k samples each); the first three
+The full run trains 30 models (10 variants × 3 seeds, 60k samples each); the first three
 variants took about 15 min on 2 idle cores, and `aps`, `aps-circular` and `lps` cost more
 (their strided layers run at stride 1). On a busy machine pass `--threads 1`: two threads
 that must wait for each other slow down far more under contention than one (4× measured
@@ -15,11 +15,11 @@ rewrites the report from them.
 
 Everything is generated here and seeded; nothing is downloaded. Digits drawn from a 5×7 bitmap
 font are placed at random positions and heights (5–16 px) on cluttered 32×32 canvases; the
-same torchvision ResNet-18 (`num_classes=10`, stem unchanged) is trained from scratch as is,
-patched with surgeon's built-in `spd`, `antialias`, `aps`, `aps-circular` and `lps` policies,
-for several seeds.
-Each variant is scored on a fixed test set: accuracy, accuracy by object height, and shift
-consistency (crop and circular protocols, `surgeon.evaluate.shift_consistency`).
+same torchvision ResNet-18 (`num_classes=10`, stem unchanged) is trained from scratch as is
+and patched with surgeon's built-in `spd`, `antialias`, `aps`, `aps-circular`, `lps`, `haar`,
+`lip`, `softpool` and `sfm` policies, for several seeds. Each variant is scored on a fixed
+test set: accuracy, accuracy by object height, and shift consistency (crop and circular
+protocols, `surgeon.evaluate.shift_consistency`).
 Same machine and thread count → same numbers.
 
 The pretrained protocol (`--protocol pretrained`) asks what a user with trained weights gets:
@@ -57,7 +57,18 @@ from torch import Tensor, nn
 from surgeon.evaluate import Preprocessing, count_macs, default_max_shift, shift_consistency
 from surgeon.submodules import count_params
 
-VARIANTS = ("original", "spd", "antialias", "aps", "aps-circular", "lps")
+VARIANTS = (
+    "original",
+    "spd",
+    "antialias",
+    "aps",
+    "aps-circular",
+    "lps",
+    "haar",
+    "lip",
+    "softpool",
+    "sfm",
+)
 # on request: `spd-all` also rewrites max pools; `avgpool` is a control, the original with its
 # max pool swapped by hand for an average pool of the same window (no surgeon involved)
 EXTRA_VARIANTS = ("spd-all", "avgpool")
@@ -754,6 +765,10 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
         "aps": "#2ca02c",
         "aps-circular": "#98df8a",
         "lps": "#9467bd",
+        "haar": "#bcbd22",
+        "lip": "#ff7f0e",
+        "softpool": "#8c564b",
+        "sfm": "#e377c2",
     }
     buckets = list(results["test_heights"])
 
@@ -777,7 +792,7 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     n = len(_seeds(results))
     ax.set_title(f"Accuracy by object size (mean ± std, {n} seed{'s' if n > 1 else ''})")
     ax.axhline(100 / CLASSES, color="#999999", linestyle=":", linewidth=1, label="chance")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(variants) + 1)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(len(variants) + 1, 4))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "results_accuracy_by_size.png")
@@ -801,7 +816,7 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     low = min(100 * summary[v][k][0] for v in variants for k, _ in metrics)
     ax.set_ylim(max(0, 10 * math.floor(low / 10) - 10), 100)
     ax.set_title(f"Top-1 agreement under two random shifts (≤ {SHIFT} px)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(variants))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(len(variants), 4))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "results_consistency.png")
@@ -1031,7 +1046,12 @@ def markdown(results: dict[str, Any], plots: Sequence[str], command: str) -> str
         "space-to-depth + a stride-1 convolution, weights transferred exactly from the random "
         "init, the max pool kept, so `spd` starts from the function `original` starts from); "
         "`antialias` = the built-in `antialias` policy (BlurPool, binomial filter 4, reflect "
-        "padding, blur after the activation; the stem conv keeps its stride).",
+        "padding, blur after the activation; the stem conv keeps its stride); `haar`, `lip`, "
+        "`softpool` and `sfm` = their built-in policies (docs/designs.md): `haar` rewrites "
+        "every strided conv exactly (Haar transform + the conv that reproduces it, max pool "
+        "kept), `lip` and `softpool` the stem max pool (ResNet-18's only pooling layer; both "
+        "start from another function than the max), `sfm` puts adaptive resampling, "
+        "identity at init, before every strided conv and the max pool.",
         "",
         f"**Training.** {config['epochs']} epochs, batch {config['batch']}, AdamW with weight "
         f"decay 0.05 and a one-cycle learning rate peaking at {config['lr']}, "
@@ -1069,6 +1089,20 @@ def markdown(results: dict[str, Any], plots: Sequence[str], command: str) -> str
         "stride² × the channels. `antialias`: parameters "
         f"{_ratio(costs, 'antialias', 'params')}, MACs {_ratio(costs, 'antialias', 'macs')} "
         "(Zhang's ResNet-50: unchanged parameters, ×1.26 FLOPs at 224 px).",
+        "- HWD's claim (Xu et al. 2023) is that keeping every pixel at downsampling helps "
+        "segmentation; compare the smallest-height column with `spd`. The Haar transform is an "
+        "orthogonal mix of SPD's phases, so `haar` and `spd` start from the same function and "
+        "span the same convolutions; here they differ in the inner kernel (the exact size, "
+        "2×2 for a 3×3 conv, against `spd`'s 3×3) and in AdamW's per-weight steps.",
+        "- LIP's claim (Gao et al. 2019; ResNet-50 76.40 → 78.19 % top-1 at +29 % FLOPs) and "
+        "SoftPool's (Stergiou et al. 2021) are higher accuracy than max or average pooling. "
+        "LIP's ResNets also pool in place of the strided convolutions; surgeon rewrites "
+        "pooling layers only, which in ResNet-18 is the one stem max pool, so this is a small "
+        "test of either claim.",
+        "- SFM's claim (Chen et al. 2025: ADE20K +1.5 mIoU, Cityscapes +0.8) is about "
+        "segmentation, with MSAU demodulating in the decoder. A digit classifier has no "
+        "decoder and no upsampling, so this task cannot show it; it shows only what adaptive "
+        "resampling before the strided layers does to a classifier's accuracy and consistency.",
         "- Neither method makes a zero-padded network exactly shift invariant; circular "
         "consistency below 100 % is expected for every variant.",
         f"- {seeds} seed{'s' if seeds > 1 else ''} and {config['test']} test images: "

@@ -7,10 +7,12 @@ Five operations describe every change surgeon makes to a user's model:
   `Sequential(*before, original, *after)` (a blur after an activation, a pad before a conv);
 - `SetAttrs(path, attrs)`: new `stride`, `dilation` or `padding` of an existing conv or pool,
   or a new `padding_mode` of a conv;
-- `ReplaceCall(owner, function, index, attr, module)`: the `index`-th direct call of a known
-  function (`max_pool2d`, named as in `surgeon.calls`) in the forward of the module at `owner`
-  becomes a call of `module`, registered on the owner as `attr`; the owner becomes an
-  `fx.GraphModule` (the model itself when `owner` is "");
+- `ReplaceCall(owner, function, index, attr, module, keywords)`: the `index`-th direct call of
+  a known function (`max_pool2d`, named as in `surgeon.calls`) in the forward of the module at
+  `owner` becomes a call of `module` on the call's input (and on the call's own arguments named
+  in `keywords`, passed by name: an interpolation's `size` taken from another tensor at run
+  time), registered on the owner as `attr`; the owner becomes an `fx.GraphModule` (the model
+  itself when `owner` is "");
 - `Link(leader, followers)`: the layers at those paths share run-time state (a residual
   shortcut's polyphase sampler takes its main path's component), made by the `link`
   classmethod of the leader's registered layer class; nothing in any state dict changes.
@@ -32,7 +34,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from surgeon.calls import function_name
+from surgeon.calls import FUNCTION_OPS, bind_arguments, function_name
 from surgeon.layers.registry import build_module, module_spec, registered_layers
 from surgeon.sites import Site
 from surgeon.submodules import set_submodule
@@ -108,13 +110,15 @@ class SetAttrs:
 @dataclass(frozen=True)
 class ReplaceCall:
     """The `index`-th direct call of `function` in the forward of `owner` calls `module` (set on
-    the owner as `attr`) instead."""
+    the owner as `attr`) instead, on the call's input and, by name, on those of the call's
+    arguments that `keywords` names and the call gives."""
 
     owner: str
     function: str
     index: int
     attr: str
     module: nn.Module = field(compare=False)
+    keywords: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,7 @@ def op_to_dict(op: EditOp) -> dict[str, Any]:
         return {"op": "set_attrs", "path": op.path, "attrs": dict(op.attrs)}
     if isinstance(op, Link):
         return {"op": "link", "leader": op.leader, "followers": list(op.followers)}
-    return {
+    data = {
         "op": "replace_call",
         "owner": op.owner,
         "function": op.function,
@@ -155,6 +159,9 @@ def op_to_dict(op: EditOp) -> dict[str, Any]:
         "attr": op.attr,
         "module": module_spec(op.module),
     }
+    if op.keywords:  # written only when used, so earlier manifests read the same
+        data["keywords"] = list(op.keywords)
+    return data
 
 
 def _build(spec: Mapping[str, Any], field: str) -> nn.Module:
@@ -179,7 +186,10 @@ def op_from_dict(data: Mapping[str, Any]) -> EditOp:
         return SetAttrs(data["path"], dict(data["attrs"]))
     if kind == "replace_call":
         module = _build(data["module"], "module")
-        return ReplaceCall(data["owner"], data["function"], data["index"], data["attr"], module)
+        keywords = tuple(data.get("keywords", ()))
+        return ReplaceCall(
+            data["owner"], data["function"], data["index"], data["attr"], module, keywords
+        )
     if kind == "link":
         return Link(data["leader"], tuple(data["followers"]))
     raise EditError(f"unknown edit operation {kind!r}", "op")
@@ -271,12 +281,26 @@ def direct_calls(graph: fx.Graph, function: str, owner: str = "") -> list[fx.Nod
     ]
 
 
+class _OwnerTracer(SurgeonTracer):
+    """Traces an owner whose call is replaced, keeping the wrappers edits made (an
+    nn.Sequential holding one of surgeon's layers: a pad before a layer, a blur after an
+    activation, a resampling before a strided conv) as modules, so that they keep running as
+    one module at their path, and the report's hooks see them."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if type(m) is nn.Sequential and any(
+            type(child).__module__.startswith("surgeon.layers") for child in m.children()
+        ):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
 def _owner_graph(module: nn.Module, owner: str) -> fx.GraphModule:
     """A new GraphModule computing `module`'s forward (a copy of its graph if it already is
     one, so the original object stays intact for undo)."""
     if isinstance(module, fx.GraphModule):
         return fx.GraphModule(module, copy.deepcopy(module.graph), type(module).__name__)
-    tracer = SurgeonTracer(*default_leaves())
+    tracer = _OwnerTracer(*default_leaves())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -302,10 +326,11 @@ def _replace_call(model: nn.Module, op: ReplaceCall) -> tuple[nn.Module, Undo]:
     if hasattr(gm, op.attr):
         raise EditError(f"{op.owner or 'the model'} already has an attribute {op.attr!r}", "attr")
     target = calls[op.index]
+    bound = bind_arguments(FUNCTION_OPS[target.target][0], target.args, dict(target.kwargs))
+    passed = {key: bound[key] for key in op.keywords if bound.get(key) is not None}
     gm.add_submodule(op.attr, op.module)
     with gm.graph.inserting_before(target):
-        first = target.args[0] if target.args else target.kwargs["input"]
-        new_node = gm.graph.call_module(op.attr, (first,))
+        new_node = gm.graph.call_module(op.attr, (bound["input"],), passed)
     target.replace_all_uses_with(new_node)
     gm.graph.erase_node(target)
     gm.graph.lint()
@@ -361,6 +386,7 @@ class _Pending:
     attr: str
     module: nn.Module
     type_name: str
+    keywords: tuple[str, ...] = ()
 
     @property
     def path(self) -> str:
@@ -384,6 +410,7 @@ class ModelEditor:
     notes: list[str] = field(default_factory=list)
     _undo: list[Undo] = field(default_factory=list, repr=False)
     _pending: list[_Pending | Link] = field(default_factory=list, repr=False)
+    _traced: set[str] = field(default_factory=set, repr=False)  # owners known to trace
 
     def module(self, path: str) -> nn.Module:
         """The submodule at `path` ("" for the model) as it is now."""
@@ -432,21 +459,31 @@ class ModelEditor:
         else:
             self.apply(op)
 
-    def replace_site(self, site: Site, new: nn.Module, suffix: str) -> str:
+    def replace_site(
+        self, site: Site, new: nn.Module, suffix: str, keywords: Sequence[str] = ()
+    ) -> str:
         """Put `new` where the site's operation is: the site's module, or (functional sites,
-        queued until `finish`) the call, with `new` set on the owner as `<node>_<suffix>`.
-        Returns the path `new` has (or will have)."""
+        queued until `finish`) the call, with `new` set on the owner as `<node>_<suffix>` and
+        called with the call's arguments named in `keywords` too. Returns the path `new` has
+        (or will have)."""
         if not site.functional:
             return self.replace(site.module, new)
         owner, _, node = site.name.partition(":")
         attr = f"{node}_{suffix}".replace(".", "_")
-        return self.replace_function(owner, node, new, attr, site.type_name)
+        return self.replace_function(owner, node, new, attr, site.type_name, keywords)
 
     def replace_function(
-        self, owner: str, node_name: str, module: nn.Module, attr: str, type_name: str
+        self,
+        owner: str,
+        node_name: str,
+        module: nn.Module,
+        attr: str,
+        type_name: str,
+        keywords: Sequence[str] = (),
     ) -> str:
         """Queue replacing the call at analysis node `node_name`, made by the forward of the
-        module at `owner`, with `module`; returns the path `module` will have."""
+        module at `owner`, with `module` (given the call's arguments named in `keywords`);
+        returns the path `module` will have."""
         if self.analysis is None:
             raise EditError("replacing a function call needs the analysis of the model")
         region = self.analysis.region_of(owner) if owner else self.analysis.regions[0]
@@ -458,7 +495,12 @@ class ModelEditor:
             raise EditError(f"{owner}:{node_name} is not a call of a known function")
         relative = owner[len(region.path) + 1 :] if region.path else owner
         index = direct_calls(region.graph, function, relative).index(node)
-        pending = _Pending(owner, function, index, attr, module, type_name)
+        if owner not in self._traced:
+            # an owner traced only as part of a larger region may not trace on its own: say so
+            # now (EditError), so that this site is skipped rather than `finish` failing
+            _owner_graph(self.module(owner), owner)
+            self._traced.add(owner)
+        pending = _Pending(owner, function, index, attr, module, type_name, tuple(keywords))
         self._pending.append(pending)
         return pending.path
 
@@ -476,7 +518,11 @@ class ModelEditor:
         for owner, items in owners.items():
             # the last call first, so the indices of earlier calls still hold when each is done
             for item in sorted(items, key=lambda i: (i.function, -i.index)):
-                self.apply(ReplaceCall(owner, item.function, item.index, item.attr, item.module))
+                self.apply(
+                    ReplaceCall(
+                        owner, item.function, item.index, item.attr, item.module, item.keywords
+                    )
+                )
             types = ", ".join(sorted({i.type_name for i in items}))
             if owner:
                 self.notes.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -120,8 +121,19 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return [t for t in leaves if isinstance(t, torch.Tensor)]
 
 
+def _plain(value: Any) -> Any:
+    """`value` with every OrderedDict as a dict: a forward that fx rewrote (a replaced call in
+    the model's own forward) returns the OrderedDict it built (torchvision's segmentation
+    models) as a dict literal, the same keys in the same order."""
+    if isinstance(value, OrderedDict) or type(value) is dict:
+        return {key: _plain(item) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_plain(item) for item in value)
+    return value
+
+
 def _structure(value: Any) -> list[Any]:
-    leaves, spec = tree_flatten(value)
+    leaves, spec = tree_flatten(_plain(value))
     return [str(spec), [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t) for t in leaves]]
 
 

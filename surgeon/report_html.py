@@ -78,14 +78,15 @@ def _channels(shape: Sequence[int], dims: int) -> int:
 
 def _inner(row: SiteRow, site: Site | None) -> tuple[int, int] | None:
     """(channels, spatial size) of the widest tensor inside a patched site, when that differs
-    from its output: known for the built-in `spd` and `antialias` actions only."""
+    from its output: known for the built-in `spd`, `haar` (space-to-depth and Haar bands: s^d·C
+    channels at the output's size) and `antialias` actions only."""
     if row.status != "patched" or site is None or site.role != "downsample":
         return None
     stride = math.prod(site.stride)
-    if row.action == "spd":
+    if row.action in ("spd", "haar"):
         out = row.out_shape_after or row.out_shape_before
         return stride * site.in_channels, _spatial(out, site.dims)
-    if row.action == "antialias":
+    if row.action == "antialias" and site.op != "avg_pool":  # an average pool is blurred as is
         return site.out_channels, _spatial(site.in_shape, site.dims)
     return None
 

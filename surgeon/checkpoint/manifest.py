@@ -85,7 +85,15 @@ EDIT_OP = Tagged(
         "wrap": Obj({"path": str, "before": ListOf(LAYER_SPEC), "after": ListOf(LAYER_SPEC)}),
         "set_attrs": Obj({"path": str, "attrs": dict[str, list[int] | str]}),
         "replace_call": Obj(
-            {"owner": str, "function": str, "index": int, "attr": str, "module": LAYER_SPEC}
+            {
+                "owner": str,
+                "function": str,
+                "index": int,
+                "attr": str,
+                "module": LAYER_SPEC,
+                "keywords": list[str],
+            },
+            frozenset({"keywords"}),
         ),
         "link": Obj({"leader": str, "followers": list[str]}),
     },

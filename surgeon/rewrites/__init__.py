@@ -19,8 +19,12 @@ from surgeon.rewrites.base import (
     Target,
 )
 from surgeon.rewrites.dilate import DilateRewrite
+from surgeon.rewrites.haar import HaarRewrite
+from surgeon.rewrites.lip import LipRewrite
 from surgeon.rewrites.lps import LpsRewrite
 from surgeon.rewrites.relocate import RelocateRewrite
+from surgeon.rewrites.sfm import SfmRewrite
+from surgeon.rewrites.softpool import SoftPoolRewrite
 from surgeon.rewrites.spd import SpdRewrite
 from surgeon.rewrites.upsample import UpsampleRewrite
 from surgeon.schema import ActionSchema
@@ -49,6 +53,10 @@ _REGISTRY: dict[str, Rewrite | ModelRewrite] = {
     "upsample": UpsampleRewrite(),
     "aps": ApsRewrite(),
     "lps": LpsRewrite(),
+    "haar": HaarRewrite(),
+    "lip": LipRewrite(),
+    "softpool": SoftPoolRewrite(),
+    "sfm": SfmRewrite(),
 }
 
 
