@@ -304,11 +304,12 @@ def _what(row: SiteRow) -> str:
 
 
 def _transfer(row: SiteRow) -> str:
-    if row.transfer is None:
+    label = row.transfer_label
+    if label is None:
         return ""
     if row.rel_diff is None:
-        return _e(row.transfer)
-    return f"{_e(row.transfer)} <small>(rel. diff {row.rel_diff:.1e})</small>"
+        return _e(label)
+    return f"{_e(label)} <small>(rel. diff {row.rel_diff:.1e})</small>"
 
 
 def _table(report: PatchReport) -> str:

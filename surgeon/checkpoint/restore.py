@@ -28,7 +28,7 @@ from surgeon.checkpoint.manifest import (
 from surgeon.checkpoint.replay import replay
 from surgeon.checkpoint.weights import check_state_dict_fits
 from surgeon.edits import EditError, op_from_dict, perform
-from surgeon.errors import CheckpointError
+from surgeon.errors import Argument, CheckpointError
 from surgeon.models import ModelSpec, build_model, load_state
 from surgeon.rewrites import load_plugin
 
@@ -83,7 +83,9 @@ def rebuild(
             if plugin not in plugins:
                 raise CheckpointError(
                     f"this checkpoint was patched with plugin {plugin!r}, whose layers it may "
-                    f"hold; pass --plugin {plugin} to allow importing it"
+                    "hold; pass ",
+                    Argument("plugins", plugin, many=True),
+                    " to allow importing it",
                 )
             load_plugin(plugin)
     info = manifest["model"]
