@@ -7,6 +7,7 @@ so the CLI can print one line instead of a traceback.
 from __future__ import annotations
 
 import difflib
+import shlex
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -68,12 +69,13 @@ class Argument:
         return f"{self.name}=[{shown}]" if self.many else f"{self.name}={shown}"
 
     def flag(self, flag: str) -> str:
-        """How a command line writes it, given the option's flag (`--trust-import`)."""
+        """How a command line writes it, given the option's flag (`--trust-import`); a value is
+        quoted as a shell needs it."""
         if self.metavar:
             return f"{flag} {self.metavar}"
         if self.value is None or self.value is True:
             return flag
-        return f"{flag} {self.value}"
+        return f"{flag} {shlex.quote(str(self.value))}"
 
 
 class SurgeonError(Exception):
