@@ -351,7 +351,7 @@ def info(
     info = summarize(manifest)
 
     def say(text: str, **style: Any) -> None:
-        out.print(text, highlight=False, markup=False, **style)
+        out.print(text, highlight=False, markup=False, soft_wrap=True, **style)
 
     say(
         f"{directory}: {info.spec} patched with policy {info.policy} "
@@ -536,7 +536,7 @@ def eval_(
     columns = ["model", "policy", "weights", "consistency (crop)", "consistency (circular)"]
     columns += ["softmax Δ", "top-1", *(["top-5"] if top5 else []), "latency ms", "params", "MACs"]
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for r in results:
         table.add_row(
             r.model,
