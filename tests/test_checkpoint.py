@@ -645,9 +645,7 @@ def test_import_source_is_refused_unless_trusted(tmp_path: Path) -> None:
     assert "never_imported_pkg" not in sys.modules, "reading a checkpoint imported its factory"
     with pytest.raises(
         CheckpointError,
-        match=re.escape(
-            "pass trust_import=['never_imported_pkg.models:build'] if you trust it"
-        ),
+        match=re.escape("pass trust_import=['never_imported_pkg.models:build'] if you trust it"),
     ):
         require_trusted_import(manifest, allowed=[])
     with pytest.raises(CheckpointError, match="importing and calling"):

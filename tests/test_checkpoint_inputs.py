@@ -26,7 +26,9 @@ def spd_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny_resnet (random init, seed 0) patched with spd at 32x32, as `surgeon patch` writes it."""
     loaded = load_model(TINY)
     loaded.input_size = (3, 32, 32)
-    model, report = surgeon.patch(loaded.model, "spd", example_inputs("classification", (3, 32, 32)))
+    model, report = surgeon.patch(
+        loaded.model, "spd", example_inputs("classification", (3, 32, 32))
+    )
     return surgeon.save(tmp_path_factory.mktemp("ck") / "tiny-spd", model, loaded, report, "spd")
 
 

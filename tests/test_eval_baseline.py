@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -32,14 +33,17 @@ def _patched(directory: Path, spec: str = TINY, **build: object) -> Path:
     """`spec` (built with `build`) patched with spd at 32x32 and saved to `directory`."""
     loaded = load_model(spec, **build)  # type: ignore[arg-type]
     loaded.input_size = (3, 32, 32)
-    model, report = surgeon.patch(loaded.model, "spd", example_inputs("classification", (3, 32, 32)))
+    model, report = surgeon.patch(
+        loaded.model, "spd", example_inputs("classification", (3, 32, 32))
+    )
     return surgeon.save(directory, model, loaded, report, "spd")
 
 
-def _rows(capsys: pytest.CaptureFixture[str], *args: str) -> list[dict[str, object]]:
+def _rows(capsys: pytest.CaptureFixture[str], *args: str) -> list[dict[str, Any]]:
     code, stdout, err = run_cli(capsys, "eval", *args, "--json")
     assert code == 0, err
-    return json.loads(stdout)  # type: ignore[no-any-return]
+    rows: list[dict[str, Any]] = json.loads(stdout)
+    return rows
 
 
 def _one_error(err: str) -> str:
@@ -156,7 +160,7 @@ def test_baseline_of_a_pretrained_checkpoint_is_built_from_the_same_cached_weigh
     assert all(torch.equal(state[k], v) for k, v in seeded.items()), "not the cached weights"
 
     hub_cache.seed_timm("test_resnet.r160_in1k", tmp_path / "other", seed=4)
-    with pytest.raises(WeightsError, match="are not those .* was patched from"):
+    with pytest.raises(WeightsError, match=r"are not those .* was patched from"):
         load_original(ck)
 
 
