@@ -322,7 +322,8 @@ def render_patch(
             column,
             justify="right" if column in ("params", "MACs") else "left",
             overflow="fold",
-            no_wrap=column == "site",
+            # short cells stay on one line, so the long ones (replacement, shapes) get the room
+            no_wrap=column in ("site", "op", "role", "params", "MACs"),
         )
     rows = _table_rows(report, show_all)
     for row, cells in rows:
