@@ -13,9 +13,9 @@ __version__ = "0.1.0"
 # The Python API mirrors the CLI. `patch`, `scan` and `heal` are also the names of the modules
 # that implement them; binding the functions here (after those modules are imported) makes
 # `surgeon.patch(...)` the call, while `from surgeon.patch import PatchReport` still works.
-from surgeon.api import load, save, upgrade
+from surgeon.api import load, load_original, save, upgrade
 from surgeon.heal import heal
 from surgeon.patch import patch
 from surgeon.scan import scan
 
-__all__ = ["__version__", "heal", "load", "patch", "save", "scan", "upgrade"]
+__all__ = ["__version__", "heal", "load", "load_original", "patch", "save", "scan", "upgrade"]

@@ -1,8 +1,10 @@
-"""The Python API in a few calls: scan, patch, save, load and upgrade a patched checkpoint.
+"""The Python API in a few calls: scan, patch, save, load and upgrade a patched checkpoint,
+and build the original it was patched from.
 
 model, report = surgeon.patch(model, "spd", example_input=torch.randn(1, 3, 224, 224))
 surgeon.save("out/", model, loaded, report, policy)   # or `surgeon patch ... --out out/`
 model = surgeon.load("out/")
+original = surgeon.load_original("out/").model   # the unpatched model, with the same weights
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 from surgeon.checkpoint.files import write_checkpoint
 from surgeon.checkpoint.record import build_manifest
 from surgeon.checkpoint.replay import upgrade_checkpoint
+from surgeon.checkpoint.resolve import load_original
 from surgeon.checkpoint.restore import load_checkpoint
 from surgeon.fold import FoldRecord
 from surgeon.models import LoadedModel
@@ -23,7 +26,7 @@ from surgeon.patch import PatchReport, resolve_policy
 from surgeon.policy import Policy
 from surgeon.report import patch_markdown
 
-__all__ = ["load", "save", "upgrade"]
+__all__ = ["load", "load_original", "save", "upgrade"]
 
 
 def save(
@@ -74,15 +77,20 @@ def save(
 def load(
     directory: str | Path,
     *,
+    train: bool = False,
     trust_import: Collection[str] = (),
     plugins: Collection[str] = (),
 ) -> nn.Module:
     """Rebuild the patched model of a checkpoint: build the source model, apply the recorded
-    edits, then load the weights with strict=True (eval mode; no forward pass). Nothing is
-    unpickled; a model from a user factory (`pkg.mod:fn`) is only imported when that spec is
-    passed in `trust_import`, and plugins only when named in `plugins`. A version-1 checkpoint
-    is rebuilt by replaying its surgery, with a `LegacyCheckpointWarning`."""
-    return load_checkpoint(directory, trust_import=trust_import, plugins=plugins)
+    edits, then load the weights with strict=True (no forward pass).
+
+    The model is returned in eval mode, ready for inference as a loaded model usually is;
+    `train=True` returns it in training mode instead (to fine-tune it). Nothing is unpickled;
+    a model from a user factory (`pkg.mod:fn`) is only imported when that spec is passed in
+    `trust_import`, and plugins only when named in `plugins`. A version-1 checkpoint is
+    rebuilt by replaying its surgery, with a `LegacyCheckpointWarning`."""
+    model = load_checkpoint(directory, trust_import=trust_import, plugins=plugins)
+    return model.train(train)
 
 
 def upgrade(

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from surgeon.errors import ExitCode, SurgeonError
+from surgeon.errors import Argument, ExitCode, SurgeonError
 from surgeon.models import DEFAULT_TAG
 
 app = typer.Typer(
@@ -35,7 +36,7 @@ ModelArg = Annotated[
     typer.Argument(
         help="torchvision/timm name, with a pretrained tag if wanted (resnet50, "
         "resnet50.a1_in1k, torchvision:resnet50.IMAGENET1K_V2), hf-hub:ORG/NAME, "
-        "or package.module:factory."
+        "package.module:factory, or a checkpoint directory written by `surgeon patch`."
     ),
 ]
 InputSizeOpt = Annotated[
@@ -60,7 +61,42 @@ PretrainedOpt = Annotated[
         "downloaded if missing.",
     ),
 ]
+SeedOpt = Annotated[
+    int,
+    typer.Option(
+        "--seed",
+        help="Seed for the random initialisation of a model spec without weights options, "
+        "and of new layers (patch) or of the shifts and images (eval).",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+TrustImportOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--trust-import",
+        help="Allow a checkpoint to import this pkg.mod:factory model spec (repeatable).",
+    ),
+]
+PluginOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--plugin", help="Import this module first; it may register replacements (repeatable)."
+    ),
+]
+
+FLAGS = {
+    "plugins": "--plugin",
+    "kwargs": "--model-kwarg",
+    "weights_override": "--weights",
+    "class_map": "--class-map",
+}
+"""The flag of each Python argument an error names (`surgeon.errors.Argument`) whose flag is
+not its name with dashes (`trust_import` -> `--trust-import`)."""
+
+
+def flag(argument: Argument) -> str:
+    """An argument named in an error, as this command line writes it."""
+    return argument.flag(FLAGS.get(argument.name, "--" + argument.name.replace("_", "-")))
 
 
 def _print_version(value: bool) -> None:
@@ -90,43 +126,38 @@ def _root(
     _state["debug"] = debug
 
 
-def _load(
+def _resolve(
     model: str,
     input_size: str | None,
     kwargs: list[str] | None,
     weights: Path | None,
     pretrained: str | None,
     seed: int = 0,
+    trust_import: list[str] | None = None,
+    plugins: list[str] | None = None,
 ) -> tuple[Any, tuple[Any, ...]]:
-    from surgeon.models import (
-        describe_weights,
-        example_inputs,
-        load_model,
-        parse_input_size,
-        parse_kwargs,
-    )
+    """The model a spec or checkpoint directory names (`surgeon.checkpoint.resolve`), said in
+    one line on stderr, and its example inputs."""
+    from surgeon.checkpoint.resolve import resolve_model
+    from surgeon.models import example_inputs, parse_input_size, parse_kwargs
 
     size = parse_input_size(input_size) if input_size else None
     # torch hub announces a download on stdout; stdout carries only the command's output
     # (`surgeon scan m --pretrained --json > sites.json` must stay valid JSON)
     with contextlib.redirect_stdout(sys.stderr):
-        loaded = load_model(
+        resolved = resolve_model(
             model,
             kwargs=parse_kwargs(kwargs or []),
             pretrained=pretrained if pretrained is not None else False,
             weights=weights,
             seed=seed,
+            trust_import=trust_import or (),
+            plugins=plugins or (),
         )
     if size is not None:
-        loaded.input_size = size
-    err.print(
-        f"model {loaded.spec.text} ({describe_weights(loaded.weights)}), "
-        f"input {'x'.join(map(str, loaded.input_size))}",
-        style="dim",
-        markup=False,
-        highlight=False,
-    )
-    return loaded, example_inputs(loaded.task, loaded.input_size)
+        resolved.loaded.input_size = size
+    err.print(resolved.describe(), style="dim", markup=False, highlight=False)
+    return resolved, example_inputs(resolved.loaded.task, resolved.loaded.input_size)
 
 
 @app.command()
@@ -136,18 +167,22 @@ def scan(
     model_kwarg: KwargOpt = None,
     weights: WeightsOpt = None,
     pretrained: PretrainedOpt = None,
+    trust_import: TrustImportOpt = None,
+    plugin: PluginOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """List every strided convolution and pooling site the graph walker finds."""
     from surgeon.report import render_scan, scan_json
     from surgeon.scan import scan as run_scan
 
-    loaded, args = _load(model, input_size, model_kwarg, weights, pretrained)
-    result = run_scan(loaded.model, args)
+    resolved, args = _resolve(
+        model, input_size, model_kwarg, weights, pretrained, 0, trust_import, plugin
+    )
+    result = run_scan(resolved.model, args)
     if json:
-        out.print_json(scan_json(result, model=loaded.spec.text))
+        out.print_json(scan_json(result, model=resolved.label))
     else:
-        render_scan(result, out, title=f"{loaded.spec.text} sites")
+        render_scan(result, out, title=f"{resolved.label} sites")
 
 
 PolicyOpt = Annotated[
@@ -156,20 +191,16 @@ PolicyOpt = Annotated[
         "--policy", "-p", help="Built-in policy name (see `surgeon policies`) or a YAML file."
     ),
 ]
-TrustImportOpt = Annotated[
-    list[str] | None,
-    typer.Option("--trust-import", help="Allow importing this pkg.mod:factory model spec."),
-]
-PluginOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--plugin", help="Import this module first; it may register replacements (repeatable)."
-    ),
-]
 
 
 def _default_out(model: str, policy: str) -> Path:
+    """out/MODEL-POLICY for a spec; DIR-POLICY beside a checkpoint DIR patched again."""
+    from surgeon.checkpoint.resolve import is_checkpoint
+
     stem = Path(policy).stem if policy.endswith((".yaml", ".yml")) else policy
+    if is_checkpoint(model):
+        source = Path(model).resolve()
+        return source.with_name(f"{source.name}-{stem}")
     return Path("out") / f"{model.replace(':', '-').replace('/', '-')}-{stem}"
 
 
@@ -194,12 +225,7 @@ def patch(
         bool, typer.Option("--strict", help="A rule that matches no site is an error.")
     ] = False,
     plugin: PluginOpt = None,
-    seed: Annotated[
-        int,
-        typer.Option(
-            "--seed", help="Seed for the random initialisation of the model and of new layers."
-        ),
-    ] = 0,
+    seed: SeedOpt = 0,
     output_stride: Annotated[
         int | None,
         typer.Option(
@@ -216,13 +242,26 @@ def patch(
             "--fold", help="Fold SPD + conv into one strided conv where faster (recorded)."
         ),
     ] = False,
+    allow_unchanged: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unchanged",
+            help="Write the checkpoint even when the policy changes nothing.",
+        ),
+    ] = False,
+    trust_import: TrustImportOpt = None,
+    show_all: Annotated[
+        bool, typer.Option("--all", help="List every site, runs of global pools included.")
+    ] = False,
     json: JsonOpt = False,
 ) -> None:
-    """Rewrite MODEL by POLICY, print the layer-by-layer diff and write the patched checkpoint."""
+    """Rewrite MODEL by POLICY, print the layer-by-layer diff and write the patched checkpoint.
+
+    MODEL may be a checkpoint: the new surgery is appended to its history."""
     from surgeon.api import save
     from surgeon.patch import patch as run_patch
     from surgeon.patch import resolve_policy
-    from surgeon.report import patch_json, render_patch, write_report
+    from surgeon.report import patch_json, render_patch, unchanged_reason, write_report
     from surgeon.rewrites import load_plugin
 
     for name in plugin or []:
@@ -243,17 +282,22 @@ def patch(
         from surgeon.checkpoint import check_writable
 
         check_writable(target, force=force)
-    loaded, args = _load(model, input_size, model_kwarg, weights, pretrained, seed)
+    source, args = _resolve(
+        model, input_size, model_kwarg, weights, pretrained, seed, trust_import, plugin
+    )
+    history = source.history()
     patched, report = run_patch(
-        loaded.model, resolved, args, strict=strict, seed=seed, model_name=loaded.spec.text
+        source.model, resolved, args, strict=strict, seed=seed, model_name=source.label
     )
     if json:
         out.print_json(patch_json(report))
-    else:
-        render_patch(report, out)
+    elif render_patch(report, out, show_all=show_all):
+        out.print("--all lists the global pools summarised above", style="dim")
     if report_file is not None:  # a report is not a checkpoint: written in a dry run too
         write_report(report, report_file)
     if dry_run:
+        if not report.changed:
+            err.print(unchanged_reason(report, resolved, history), highlight=False, markup=False)
         wrote = f"; wrote {report_file}" if report_file is not None else ""
         err.print(f"dry run: no checkpoint written{wrote}", highlight=False)
         return
@@ -263,16 +307,24 @@ def patch(
 
         patched, record = fold_layers(patched, args)
         err.print(record.summary(), highlight=False)
+    if not report.changed and (record is None or not record.folded):
+        reason = unchanged_reason(report, resolved, history)
+        if not allow_unchanged:
+            reason += "; no checkpoint written (--allow-unchanged writes one)"
+        err.print(reason, highlight=False, markup=False)
+        if not allow_unchanged:
+            return
     written = save(
         target,
         patched,
-        loaded,
+        source.loaded,
         report,
         resolved.to_dict(),
         seed=seed,
         plugins=plugin or [],
         force=force,
         fold=record,
+        history=history,
     )
     err.print(f"wrote {written}")
 
@@ -284,56 +336,72 @@ def info(
     ],
     json: JsonOpt = False,
 ) -> None:
-    """Show what a patched checkpoint holds (reads only the manifest and checks the weights)."""
+    """Show what a patched checkpoint holds, surgery by surgery (reads only the manifest and
+    checks the weights)."""
     import json as jsonlib
 
     from surgeon.checkpoint import read_checkpoint
-    from surgeon.checkpoint.manifest import summarize
+    from surgeon.checkpoint.manifest import policy_name, summarize
+    from surgeon.models import describe_weights
+    from surgeon.patch import transfer_label
 
     manifest, state = read_checkpoint(directory)
     if json:
         out.print_json(jsonlib.dumps(manifest, sort_keys=True))
         return
     info = summarize(manifest)
-    say = functools.partial(out.print, soft_wrap=True)  # paths and versions never wrap mid-line
+
+    def say(text: str, **style: Any) -> None:
+        out.print(text, highlight=False, markup=False, soft_wrap=True, **style)
+
     say(
-        f"[bold]{directory}[/bold]: {info.spec} patched with policy {info.policy} "
+        f"{directory}: {info.spec} patched with policy {info.policy} "
         f"(format version {info.format_version}; {' + '.join(info.surgeries)})"
     )
     say(
-        f"  input {'x'.join(map(str, info.input_size))}, kwargs {dict(info.kwargs)}, "
-        f"seed {info.seed}"
+        f"  source: {info.spec} ({describe_weights(info.weights)}), "
+        f"input {'x'.join(map(str, info.input_size))}, kwargs {dict(info.kwargs)}"
     )
-    say(
-        f"  {sum(r['status'] == 'patched' for r in info.rows)} sites patched, "
-        f"{sum(r['status'] == 'skipped' for r in info.rows)} skipped; {len(state)} tensors, "
-        f"{sum(t.numel() for t in state.values()):,} values"
-    )
-    if info.totals:
-        say(
-            f"  params {info.totals['params_before']:,} → {info.totals['params_after']:,}, "
-            f"MACs {info.totals['macs_before']:,} → {info.totals['macs_after']:,}"
+    patches = [e for e in info.history if e["kind"] == "patch" and e.get("summary")]
+    totals = ""
+    if patches:
+        first, last = patches[0]["summary"], patches[-1]["summary"]
+        totals = (
+            f"; params {first['params_before']:,} → {last['params_after']:,}, "
+            f"MACs {first['macs_before']:,} → {last['macs_after']:,}"
         )
-    for row in info.rows:
-        if row["status"] == "patched":
-            say(f"  {row['site']}: {row['replacement']} [{row['transfer']}]", highlight=False)
-    if info.fold_layers:
-        say(
-            f"  folded (patch --fold): {len(info.folded)} of {info.fold_layers} SPD layers, "
-            f"each now one strided conv: {', '.join(info.folded) or 'none'}",
-            highlight=False,
-        )
-    for entry in manifest.get("history", []):
-        if entry.get("kind") == "heal":
-            say(f"  {_heal_line(entry)}", highlight=False)
+    say(f"  {len(state)} tensors, {sum(t.numel() for t in state.values()):,} values{totals}")
+    say("  history:")
+    for number, entry in enumerate(info.history, 1):
+        if entry["kind"] == "patch":
+            rows = entry.get("rows", [])
+            say(
+                f"    {number}. patch with policy {policy_name(entry)} (seed "
+                f"{entry.get('seed', 0)}): {sum(r['status'] == 'patched' for r in rows)} sites "
+                f"patched, {sum(r['status'] == 'skipped' for r in rows)} skipped"
+            )
+            for row in rows:
+                if row["status"] == "patched":
+                    label = transfer_label(row.get("transfer"), row.get("rel_diff"))
+                    say(f"         {row['site']}: {row['replacement']} [{label}]")
+        elif entry["kind"] == "fold":
+            folded = [layer["name"] for layer in entry["layers"] if layer["form"] == "folded"]
+            say(
+                f"    {number}. folded (patch --fold): {len(folded)} of {len(entry['layers'])} "
+                f"SPD layers, each now one strided conv: {', '.join(folded) or 'none'}"
+            )
+        elif entry["kind"] == "heal":
+            say(f"    {number}. {_heal_line(entry)}")
+        else:
+            say(f"    {number}. {entry['kind']} ({entry.get('created', '')})")
     say(f"  written {info.created} with {dict(info.versions)}", style="dim")
 
 
-def _heal_line(entry: dict[str, Any]) -> str:
+def _heal_line(entry: Mapping[str, Any]) -> str:
     """One line for a heal entry of a checkpoint's history."""
     data, before, after = entry["data"], entry["before"], entry["after"]
 
-    def pct(metrics: dict[str, Any], key: str) -> str:
+    def pct(metrics: Mapping[str, Any], key: str) -> str:
         return f"{100 * metrics[key]:.1f}%" if key in metrics else "—"
 
     return (
@@ -553,42 +621,63 @@ def eval_(
     limit: Annotated[
         int | None, typer.Option("--limit", help="Accuracy on at most this many images.")
     ] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="torch threads.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for shifts and images.")] = 0,
+    class_map: Annotated[
+        Path | None,
+        typer.Option(
+            "--class-map",
+            help="JSON file of class folder -> the model's class index, for --data folders "
+            "that are some of the model's classes.",
+        ),
+    ] = None,
     baseline: Annotated[
         bool,
-        typer.Option("--baseline", help="Also measure each checkpoint's original model."),
+        typer.Option(
+            "--baseline",
+            help="Before each checkpoint, the original it was patched from, with the same "
+            "weights (--weights: with that file instead).",
+        ),
     ] = False,
-    baseline_weights: Annotated[
-        Path | None,
-        typer.Option("--baseline-weights", help="The original's weights file, if it has moved."),
-    ] = None,
+    latency_runs: Annotated[
+        int, typer.Option("--latency-runs", help="Timed runs for the latency (0: skip it).")
+    ] = 20,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch threads.")] = None,
+    seed: SeedOpt = 0,
     input_size: InputSizeOpt = None,
+    model_kwarg: KwargOpt = None,
+    weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = None,
     trust_import: TrustImportOpt = None,
     plugin: PluginOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Compare models side by side: shift consistency, accuracy, latency, params and MACs."""
+    """Compare models side by side: shift consistency, accuracy, latency, params and MACs.
+
+    Model specs are built as `surgeon patch` builds them (random weights from --seed unless
+    --weights or --pretrained); each row says which weights it measured."""
     import json as jsonlib
 
     from rich.progress import Progress
     from rich.table import Table
 
-    from surgeon.evaluate import EvalOptions, EvalProgress, evaluate
-    from surgeon.models import parse_input_size
+    from surgeon.evaluate import EvalOptions, EvalProgress, evaluate, read_class_map
+    from surgeon.models import parse_input_size, parse_kwargs
     from surgeon.report import format_count
 
     options = EvalOptions(
         pairs=pairs,
         data=data,
         limit=limit,
+        latency_runs=latency_runs,
         threads=threads,
         seed=seed,
         input_size=parse_input_size(input_size) if input_size else None,
+        kwargs=parse_kwargs(model_kwarg or []),
+        pretrained=pretrained if pretrained is not None else False,
+        weights=weights,
+        baseline=baseline,
+        class_map=read_class_map(class_map) if class_map is not None else None,
         trust_import=tuple(trust_import or ()),
         plugins=tuple(plugin or ()),
-        baseline=baseline,
-        baseline_weights=baseline_weights,
     )
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("evaluating", total=None)
@@ -598,25 +687,32 @@ def eval_(
                 task, description=f"{p.model}: {p.stage}", completed=p.completed, total=p.total
             )
 
-        results = evaluate(targets, options, progress=step)
+        with contextlib.redirect_stdout(sys.stderr):  # torch hub's download notes
+            results = evaluate(targets, options, progress=step)
     if json:
         out.print_json(jsonlib.dumps([r.to_dict() for r in results]))
         return
+
+    def percent(value: float | None, digits: int = 2) -> str:
+        return f"{100 * value:.{digits}f}%" if value is not None else "—"
+
+    top5 = any(r.accuracy_top5 is not None for r in results)
     table = Table(header_style="bold")
-    columns = ["model", "policy", "consistency (crop)", "consistency (circular)", "softmax Δ"]
-    columns += ["top-1", "latency ms", "params", "MACs"]
+    columns = ["model", "policy", "weights", "consistency (crop)", "consistency (circular)"]
+    columns += ["softmax Δ", "top-1", *(["top-5"] if top5 else []), "latency ms", "params", "MACs"]
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for r in results:
-        top1 = f"{100 * r.accuracy_top1:.2f}%" if r.accuracy_top1 is not None else "—"
         table.add_row(
             r.model,
             r.policy or "—",
-            f"{100 * r.consistency_crop:.1f}%",
-            f"{100 * r.consistency_circular:.1f}%",
+            r.weights_label,
+            percent(r.consistency_crop, 1),
+            percent(r.consistency_circular, 1),
             f"{r.softmax_change:.4f}",
-            top1,
-            f"{r.latency_ms:.1f}",
+            percent(r.accuracy_top1),
+            *([percent(r.accuracy_top5)] if top5 else []),
+            f"{r.latency_ms:.1f}" if r.latency_ms is not None else "—",
             format_count(r.params),
             format_count(r.macs),
         )
@@ -684,12 +780,14 @@ def placements(
     list_all: Annotated[bool, typer.Option("--list", help="List every legal placement.")] = False,
     input_size: InputSizeOpt = None,
     model_kwarg: KwargOpt = None,
+    trust_import: TrustImportOpt = None,
+    plugin: PluginOpt = None,
 ) -> None:
     """Count (or list) the legal placements of the downsampling layers of MODEL."""
     from surgeon.placements import PlacementSpace
 
-    loaded, args = _load(model, input_size, model_kwarg, None, None)
-    space = PlacementSpace.of(loaded.model, args)
+    resolved, args = _resolve(model, input_size, model_kwarg, None, None, 0, trust_import, plugin)
+    space = PlacementSpace.of(resolved.model, args)
     steps = count if count is not None else space.current.steps
     out.print(f"current placement ({space.current.steps} steps): {', '.join(space.current.layers)}")
     out.print(f"{space.count(steps)} legal placements with {steps} downsampling steps")
@@ -745,7 +843,7 @@ def main() -> None:
     except SurgeonError as exc:
         if _state["debug"]:
             raise
-        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/bold red] {escape(exc.render(flag))}", highlight=False)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted; nothing was written")

@@ -7,11 +7,14 @@ so the CLI can print one line instead of a traceback.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import shlex
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
     "AnalysisError",
+    "Argument",
     "CheckpointError",
     "DataError",
     "ExitCode",
@@ -41,10 +44,61 @@ class ExitCode:
     INTERRUPTED = 130
 
 
+@dataclass(frozen=True)
+class Argument:
+    """An argument an error message tells the user to pass or fix, named once for both
+    audiences: `str(error)` shows it as the Python keyword (`trust_import=['pkg.mod:fn']`),
+    the CLI as its flag (`--trust-import pkg.mod:fn`, see `SurgeonError.render`).
+
+    `value` None names the argument itself (`kwargs` / `--model-kwarg`); True is a switch
+    (`force=True` / `--force`); anything else is the value to pass, or `metavar` stands for
+    one (`weights=FILE` / `--weights FILE`). `many` marks a collection parameter, shown as a
+    list in Python and as one flag per value on the command line."""
+
+    name: str
+    value: Any = None
+    many: bool = False
+    metavar: str = ""
+
+    def python(self) -> str:
+        """How a Python caller writes it: `trust_import=['pkg.mod:fn']`, `force=True`."""
+        if self.metavar:
+            shown = self.metavar
+        elif self.value is None:
+            return self.name
+        else:
+            shown = repr(self.value)
+        return f"{self.name}=[{shown}]" if self.many else f"{self.name}={shown}"
+
+    def flag(self, flag: str) -> str:
+        """How a command line writes it, given the option's flag (`--trust-import`); a value is
+        quoted as a shell needs it."""
+        if self.metavar:
+            return f"{flag} {self.metavar}"
+        if self.value is None or self.value is True:
+            return flag
+        return f"{flag} {shlex.quote(str(self.value))}"
+
+
 class SurgeonError(Exception):
-    """Base class: a failure the user can act on; `str(err)` is the one-line message."""
+    """Base class: a failure the user can act on; `str(err)` is the one-line message.
+
+    A message is text with `Argument`s in it (`CheckpointError("pass ", Argument(...),
+    " if you trust it")`): `str()` renders them as Python arguments, `render(...)` as the
+    caller likes (the CLI: as flags)."""
 
     exit_code: int = ExitCode.USER_ERROR
+
+    def __init__(self, *parts: str | Argument) -> None:
+        super().__init__(*parts)
+        self.parts = parts
+
+    def __str__(self) -> str:
+        return self.render(Argument.python)
+
+    def render(self, argument: Callable[[Argument], str]) -> str:
+        """The message with each Argument written by `argument`."""
+        return "".join(p if isinstance(p, str) else argument(p) for p in self.parts)
 
 
 class UsageError(SurgeonError):

@@ -1,7 +1,11 @@
 """Evaluation: shift consistency, accuracy, latency, parameters and MACs of (patched) models.
 
 `evaluate(["resnet18", "out/"])` gives one EvalResult per model; a target is a model spec or a
-checkpoint directory written by `surgeon patch`. The measurements:
+checkpoint directory written by `surgeon patch`. A spec is built as `surgeon patch` builds it:
+randomly initialised from `seed` (so two runs measure the same model), or with pretrained
+weights or a weights file; with `baseline` each checkpoint is preceded by the original it was
+patched from (`surgeon.load_original`: its source model with the weights it was patched
+from). Every row records which weights it measured. The measurements:
 
 - **Shift consistency, crop protocol** (Zhang 2019, "Making Convolutional Networks
   Shift-Invariant Again"): each image is `max_shift` pixels larger than the model input; two
@@ -17,9 +21,11 @@ checkpoint directory written by `surgeon patch`. The measurements:
   the softmax of a crop at (o, o) and one shifted by one pixel diagonally: 0 = no change,
   1 = disjoint predictions.
 - **Accuracy** on a torchvision `ImageFolder` directory (folder k in sorted order is class k of
-  the model; ImageNet's validation set in the usual wnid layout matches torchvision and timm),
-  with the model's own preprocessing.
-- **Latency** at batch 1 (median of `latency_runs` after `warmup` calls), parameters, and MACs
+  the model, so the folder count must equal the model's outputs; ImageNet's validation set in
+  the usual wnid layout matches torchvision and timm), with the model's own preprocessing. A
+  `class_map` (folder name → class index) evaluates on a subset of the classes.
+- **Latency** at batch 1 (median of `latency_runs` after `warmup` calls; `latency_runs=0`
+  skips it, the only measurement that differs between identical runs), parameters, and MACs
   counted by `torch.utils.flop_counter.FlopCounterMode` (MACs = FLOPs / 2).
 
 Without data, consistency is measured on synthetic images: seeded Gaussian noise low-pass
@@ -34,7 +40,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -46,7 +52,8 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from surgeon.errors import UsageError
+from surgeon.errors import Argument, UsageError
+from surgeon.models import LoadedModel, weights_label
 from surgeon.submodules import count_params
 
 __all__ = [
@@ -61,6 +68,7 @@ __all__ = [
     "evaluate",
     "evaluate_model",
     "measure_latency",
+    "read_class_map",
     "resolve_preprocessing",
     "shift_consistency",
     "synthetic_images",
@@ -101,31 +109,39 @@ class EvalOptions:
     latency_runs: int = 20
     warmup: int = 3
     threads: int | None = None  # torch.set_num_threads for the whole evaluation
-    seed: int = 0
+    seed: int = 0  # images, shifts, and the random initialisation of model specs
     input_size: tuple[int, ...] | None = None  # (C, H, W); None: the model's or checkpoint's
-    pretrained: bool = False  # model specs only: the library's pretrained weights
+    # model specs only, as `surgeon.models.load_model` takes them; `weights` also builds the
+    # originals of checkpoints with `baseline`
+    kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    pretrained: bool | str = False
+    weights: Path | None = None
+    baseline: bool = False  # each checkpoint preceded by the original it was patched from
+    class_map: Mapping[str, int] | None = field(default=None, hash=False)  # folder -> class
     trust_import: tuple[str, ...] = ()  # checkpoints of `pkg.mod:factory` models to allow
     plugins: tuple[str, ...] = ()  # rewrite plugins a checkpoint may import
-    baseline: bool = False  # also measure each checkpoint's original (unpatched) model
-    baseline_weights: Path | None = None  # the original's weights file, where it has moved
 
     def __post_init__(self) -> None:
-        for name in ("pairs", "batch_size", "latency_runs"):
+        for name in ("pairs", "batch_size"):
             if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise UsageError(f"warmup must be 0 or more, got {self.warmup}")
+                raise UsageError(Argument(name), f" must be at least 1, got {getattr(self, name)}")
+        for name in ("latency_runs", "warmup"):
+            if getattr(self, name) < 0:
+                raise UsageError(Argument(name), f" must be 0 or more, got {getattr(self, name)}")
         if self.max_shift is not None and self.max_shift < 1:
-            raise UsageError(f"max_shift must be at least 1 pixel, got {self.max_shift}")
+            raise UsageError(
+                Argument("max_shift"), f" must be at least 1 pixel, got {self.max_shift}"
+            )
         if self.limit is not None and self.limit < 1:
-            raise UsageError(f"limit must be at least 1 image, got {self.limit}")
+            raise UsageError(Argument("limit"), f" must be at least 1 image, got {self.limit}")
         if self.threads is not None and self.threads < 1:
-            raise UsageError(f"threads must be at least 1, got {self.threads}")
+            raise UsageError(Argument("threads"), f" must be at least 1, got {self.threads}")
         if self.input_size is not None and (
             len(self.input_size) != 3 or any(s < 1 for s in self.input_size)
         ):
             raise UsageError(
-                f"input size {self.input_size} must be channels x height x width, e.g. 3x224x224"
+                Argument("input_size"),
+                f" must be channels x height x width, e.g. 3x224x224 (got {self.input_size})",
             )
 
 
@@ -144,13 +160,13 @@ class ShiftConsistency:
 class EvalResult:
     """Everything measured for one model; `to_dict()` is JSON-ready with stable names."""
 
-    model: str  # as given: a spec or a checkpoint directory
+    model: str  # as given: a spec or a checkpoint directory ("DIR (original)" for a baseline)
     spec: str  # canonical spec of the (source) model, e.g. torchvision:resnet18
-    policy: str | None  # a checkpoint's policy name; None for an unpatched model
+    policy: str | None  # a checkpoint's policies (`spd + antialias`); None for an unpatched model
     input_size: tuple[int, ...]
     params: int
     macs: int
-    latency_ms: float
+    latency_ms: float | None  # None when not measured (latency_runs=0)
     threads: int
     consistency_crop: float
     consistency_circular: float
@@ -163,11 +179,25 @@ class EvalResult:
     accuracy_images: int = 0
     preprocessing: str = ""
     seed: int = 0
+    # where the (source) model's weights came from: `surgeon.models.LoadedModel.weights`
+    weights: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    surgeries: tuple[str, ...] = ()  # a checkpoint's history kinds (`patch`, `fold`, `heal`)
+    baseline_of: str | None = None  # for an original built with `baseline`: its checkpoint
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["input_size"] = list(self.input_size)
+        data["surgeries"] = list(self.surgeries)
         return data
+
+    @property
+    def weights_label(self) -> str:
+        """Which weights were measured, in a few words: `random, seed 0`, `r18.pt`,
+        `ResNet18_Weights.IMAGENET1K_V1`; a checkpoint's say what was done to them
+        (`random, seed 0, patched`)."""
+        done = {"patch": "patched", "fold": "folded", "heal": "healed"}
+        kinds = dict.fromkeys(done.get(kind, kind) for kind in self.surgeries)
+        return ", ".join([weights_label(self.weights), *kinds])
 
 
 @dataclass(frozen=True)
@@ -518,8 +548,63 @@ def resolve_preprocessing(model: nn.Module, spec: str, input_size: Sequence[int]
     return _default_preprocessing(size)
 
 
+def read_class_map(path: str | Path) -> dict[str, int]:
+    """The class map in a JSON file: an object of class folder name → the model's class index
+    (`{"n01440764": 0, "n02102040": 217}`); UsageError naming the file otherwise."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"cannot read the class map {path}: {exc.strerror or exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"the class map {path} is not JSON ({exc})") from exc
+    if not isinstance(data, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in data.values()
+    ):
+        raise UsageError(
+            f"the class map {path} must be a JSON object of folder name → class index "
+            '(a non-negative integer), e.g. {"cat": 281, "dog": 207}'
+        )
+    return dict(data)
+
+
+def _class_indices(
+    root: Path, classes: Sequence[str], class_map: Mapping[str, int] | None, outputs: int
+) -> dict[str, int]:
+    """The model's class index of each class folder: the folder's place in sorted order when
+    the folders are the model's classes, else what `class_map` says. One line when the folders
+    do not fit the model."""
+    fix = Argument("class_map", metavar="FILE.json")
+    if class_map is None:
+        if len(classes) != outputs:
+            raise UsageError(
+                f"{root} has {len(classes)} class folders but the model has {outputs} outputs; "
+                "folder k (in sorted order) is scored as class k, so the counts must match: "
+                "pass ",
+                fix,
+                " (folder name → class index) to evaluate on some of the model's classes",
+            )
+        return {name: index for index, name in enumerate(classes)}
+    missing = [name for name in classes if name not in class_map]
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise UsageError(
+            f"the class map has no class index for {len(missing)} of the folders in {root} "
+            f"({shown}); give every class folder one"
+        )
+    wrong = {name: class_map[name] for name in classes if not 0 <= class_map[name] < outputs}
+    if wrong:
+        name, index = next(iter(wrong.items()))
+        raise UsageError(
+            f"the class map gives {name!r} class index {index}, but the model has {outputs} "
+            f"outputs (classes 0 to {outputs - 1})"
+        )
+    return {name: class_map[name] for name in classes}
+
+
 class _Files:
-    """(path, class) pairs of an ImageFolder loaded with a transform; a seeded subset if asked."""
+    """(path, class) pairs of an ImageFolder loaded with a transform; a seeded subset if asked.
+    Labels are the model's class indices of the folders (see `_class_indices`)."""
 
     def __init__(
         self,
@@ -529,6 +614,8 @@ class _Files:
         limit: int | None,
         seed: int,
         channels: int,
+        outputs: int,
+        class_map: Mapping[str, int] | None = None,
     ) -> None:
         from torchvision.datasets import ImageFolder
 
@@ -539,7 +626,8 @@ class _Files:
                 f"cannot read {root} as an image folder ({exc}); "
                 "expected one sub-directory of images per class"
             ) from exc
-        samples = list(folder.samples)
+        indices = _class_indices(root, folder.classes, class_map, outputs)
+        samples = [(path, indices[folder.classes[label]]) for path, label in folder.samples]
         if limit is not None and limit < len(samples):
             gen = torch.Generator().manual_seed(seed)
             keep = sorted(torch.randperm(len(samples), generator=gen)[:limit].tolist())
@@ -600,6 +688,7 @@ def evaluate_model(
             return None
         return lambda done, total: progress(EvalProgress(label, stage, done, total))
 
+    example = (torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(options.seed)),)
     with _num_threads(options.threads) as threads:
         report = hook("consistency")
         if report is not None:
@@ -609,6 +698,10 @@ def evaluate_model(
         if options.data is not None:
             if c not in (1, 3):
                 raise UsageError(f"image folders need 1 or 3 input channels, the model has {c}")
+            was_training = model.training
+            with torch.inference_mode():
+                outputs = _logits(model.eval()(*example)).shape[1]
+            model.train(was_training)
             prep = preprocessing or resolve_preprocessing(model, spec, (c, h, w))
             shifted = _Files(
                 options.data,
@@ -616,6 +709,8 @@ def evaluate_model(
                 limit=options.pairs,
                 seed=options.seed,
                 channels=c,
+                outputs=outputs,
+                class_map=options.class_map,
             )
             consistency = shift_consistency(
                 model,
@@ -628,7 +723,13 @@ def evaluate_model(
             )
             report = hook("accuracy")
             files = _Files(
-                options.data, prep.transform, limit=options.limit, seed=options.seed, channels=c
+                options.data,
+                prep.transform,
+                limit=options.limit,
+                seed=options.seed,
+                channels=c,
+                outputs=outputs,
+                class_map=options.class_map,
             )
             if report is not None:
                 report(0, len(files))
@@ -648,14 +749,15 @@ def evaluate_model(
                 progress=report,
             )
             data_label, prep_label = "synthetic", ""
-        example = (torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(options.seed)),)
         report = hook("latency")
         if report is not None:
             report(0, options.latency_runs)
         macs = count_macs(model, example)
-        latency = measure_latency(
-            model, example, runs=options.latency_runs, warmup=options.warmup, progress=report
-        )
+        latency = None
+        if options.latency_runs:
+            latency = measure_latency(
+                model, example, runs=options.latency_runs, warmup=options.warmup, progress=report
+            )
     return EvalResult(
         model=label,
         spec=spec,
@@ -679,35 +781,21 @@ def evaluate_model(
     )
 
 
-def _load_target(
-    target: str | Path, options: EvalOptions
-) -> tuple[nn.Module, str, str | None, tuple[int, ...]]:
-    """(model, canonical spec, policy name or None, input size) of a spec or checkpoint dir.
-    A healed checkpoint's policy reads `POLICY + heal`."""
-    if Path(target).is_dir():
-        from surgeon.checkpoint.files import read_manifest
-        from surgeon.checkpoint.manifest import summarize
-        from surgeon.checkpoint.restore import load_checkpoint
-
-        model = load_checkpoint(target, trust_import=options.trust_import, plugins=options.plugins)
-        info = summarize(read_manifest(Path(target)))
-        task, size, policy, spec = info.task, info.input_size, info.policy, info.spec
-        if "heal" in info.surgeries:
-            policy = f"{policy} + heal"
-    else:
-        from surgeon.models import load_model
-
-        loaded = load_model(str(target), pretrained=options.pretrained)
-        model, task, size, policy, spec = (
-            loaded.model,
-            loaded.task,
-            loaded.input_size,
-            None,
-            loaded.spec.text,
-        )
-    if task != "classification":
-        raise UsageError(f"eval measures classifiers; {target} is a {task} model")
-    return model, spec, policy, options.input_size or size
+def _measure(
+    loaded: LoadedModel,
+    label: str,
+    options: EvalOptions,
+    progress: ProgressHook | None,
+    **record: Any,
+) -> EvalResult:
+    """evaluate_model on a built model, its row completed with where its weights came from."""
+    if loaded.task != "classification":
+        raise UsageError(f"eval measures classifiers; {label} is a {loaded.task} model")
+    size = options.input_size or loaded.input_size
+    result = evaluate_model(
+        loaded.model, size, options, name=label, spec=loaded.spec.text, progress=progress
+    )
+    return replace(result, weights=dict(loaded.weights), **record)
 
 
 def evaluate(
@@ -716,50 +804,69 @@ def evaluate(
     *,
     progress: ProgressHook | None = None,
 ) -> list[EvalResult]:
-    """One EvalResult per target, in order: a model spec (`resnet18`, `timm:resnet18`) or a
-    checkpoint directory written by `surgeon patch` or `surgeon heal` (rebuilt with
-    `surgeon.load`). With `options.baseline` each checkpoint's original model (rebuilt with
-    the weights it was patched from, `surgeon.checkpoint.restore.build_original`) comes first,
-    once per distinct original, labelled `DIR (original)`."""
+    """One EvalResult per target, in order: a model spec (`resnet18`, `timm:resnet18`), built
+    with the options' `seed`, `kwargs`, `pretrained` and `weights`, or a checkpoint directory
+    written by `surgeon patch` (rebuilt with `surgeon.load`). With `options.baseline` each
+    checkpoint's row comes after one for its original (`surgeon.load_original`, with
+    `options.weights` instead of the recorded weights when given)."""
+    from surgeon.checkpoint.resolve import is_checkpoint, load_original, resolve_model
+
     options = options or EvalOptions()
+    specs = [t for t in targets if not is_checkpoint(t)]
+    used = [name for name in ("kwargs", "pretrained") if getattr(options, name)]
+    if options.weights is not None and not options.baseline:
+        used.append("weights")
+    if used and not specs:
+        also: tuple[str | Argument, ...] = ()
+        if used[0] == "weights":
+            also = (" (or, with ", Argument("baseline", True), ", to their originals)")
+        raise UsageError(
+            Argument(used[0]),
+            " applies to model specs",
+            *also,
+            f", and {', '.join(map(str, targets))} only name checkpoints",
+        )
     results = []
-    originals: set[str] = set()
+    originals: set[str] = set()  # measured once when several checkpoints share one
     for target in targets:
-        if options.baseline and Path(target).is_dir():
-            results += _baseline(Path(target), options, originals, progress)
         label = str(target)
         if progress is not None:
             progress(EvalProgress(label, "load", 0, 1))
-        model, spec, policy, size = _load_target(target, options)
+        checkpoint = is_checkpoint(target)
+        resolved = resolve_model(
+            target,
+            kwargs=None if checkpoint else options.kwargs,
+            pretrained=False if checkpoint else options.pretrained,
+            weights=None if checkpoint else options.weights,
+            seed=options.seed,
+            trust_import=options.trust_import,
+            plugins=options.plugins,
+        )
         if progress is not None:
             progress(EvalProgress(label, "load", 1, 1))
-        result = evaluate_model(model, size, options, name=label, spec=spec, progress=progress)
-        results.append(replace(result, policy=policy))
+        original_key = json.dumps((resolved.manifest or {}).get("model"), sort_keys=True)
+        if options.baseline and resolved.checkpoint is not None and original_key not in originals:
+            originals.add(original_key)
+            original = load_original(
+                resolved.checkpoint,
+                weights_override=options.weights,
+                trust_import=options.trust_import,
+            )
+            original_label = f"{label} (original)"
+            results.append(_measure(original, original_label, options, progress, baseline_of=label))
+        results.append(
+            _measure(
+                resolved.loaded,
+                label,
+                options,
+                progress,
+                policy=_policy(resolved.policy, resolved.surgeries),
+                surgeries=resolved.surgeries,
+            )
+        )
     return results
 
 
-def _baseline(
-    directory: Path, options: EvalOptions, seen: set[str], progress: ProgressHook | None
-) -> list[EvalResult]:
-    """The original model of a checkpoint, measured, unless an earlier target had the same."""
-    from surgeon.checkpoint.files import read_manifest
-    from surgeon.checkpoint.restore import build_original
-
-    manifest = read_manifest(directory)
-    key = json.dumps(manifest["model"], sort_keys=True)
-    if key in seen:
-        return []
-    seen.add(key)
-    label = f"{directory} (original)"
-    if progress is not None:
-        progress(EvalProgress(label, "load", 0, 1))
-    loaded = build_original(
-        manifest, weights_file=options.baseline_weights, trust_import=options.trust_import
-    )
-    if loaded.task != "classification":
-        raise UsageError(f"eval measures classifiers; {directory} is a {loaded.task} model")
-    size = options.input_size or tuple(int(s) for s in manifest["model"]["input_size"])
-    if progress is not None:
-        progress(EvalProgress(label, "load", 1, 1))
-    spec = str(manifest["model"]["spec"])
-    return [evaluate_model(loaded.model, size, options, name=label, spec=spec, progress=progress)]
+def _policy(policy: str | None, surgeries: Sequence[str]) -> str | None:
+    """A checkpoint's policies, `+ heal` when it was healed since."""
+    return f"{policy} + heal" if policy is not None and "heal" in surgeries else policy

@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten
 
 from surgeon import __version__
 from surgeon.checkpoint.atomic import temporary_file
-from surgeon.errors import AnalysisError, OutputError, PatchError, UsageError
+from surgeon.errors import AnalysisError, Argument, OutputError, PatchError, UsageError
 from surgeon.fold import Choice, FoldRecord, fold
 
 __all__ = [
@@ -230,19 +230,17 @@ def _resolve_source(
             example_input = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
         return source, _one_image_tensor(example_input, name), name, info
 
-    from surgeon.checkpoint.files import read_manifest
-    from surgeon.checkpoint.manifest import summarize
-    from surgeon.checkpoint.restore import load_checkpoint
+    from surgeon.checkpoint.resolve import resolve_checkpoint
     from surgeon.models import example_inputs
 
     directory = Path(source)
-    model = load_checkpoint(directory, trust_import=trust_import, plugins=plugins)
-    summary = summarize(read_manifest(directory))
-    name = f"{summary.spec} ({directory})"
-    info = {"checkpoint": str(directory), "model": summary.spec, "policy": summary.policy}
+    resolved = resolve_checkpoint(directory, trust_import=trust_import, plugins=plugins)
+    model, spec = resolved.model, resolved.loaded.spec.text
+    name = f"{spec} ({directory})"
+    info = {"checkpoint": str(directory), "model": spec, "policy": resolved.policy}
     if example_input is None:
-        size = tuple(input_size) if input_size else summary.input_size
-        task = summary.task
+        size = tuple(input_size) if input_size else resolved.loaded.input_size
+        task = resolved.loaded.task
         args = example_inputs(task, size)
         if len(args) != 1:
             raise UsageError(
@@ -451,7 +449,7 @@ def _check_target(target: Path, *, force: bool) -> None:
     if target.is_dir():
         raise OutputError(f"{target} is a directory; pass a file path to export to")
     if target.exists() and not force:
-        raise OutputError(f"{target} exists; pass --force to replace it")
+        raise OutputError(f"{target} exists; pass ", Argument("force", True), " to replace it")
     if target.parent.exists() and not target.parent.is_dir():
         raise OutputError(f"cannot write {target}: {target.parent} is not a directory")
 

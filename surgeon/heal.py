@@ -559,8 +559,8 @@ def heal_checkpoint(
 ) -> HealResult:
     """Heal the patched model of `checkpoint` from its original and write the result to `out`.
 
-    The teacher is rebuilt from the manifest (`build_original`: the recorded spec and weights,
-    `teacher_weights` for a file that moved, checked against the recorded SHA-256);
+    The teacher is rebuilt from the manifest (`surgeon.load_original`: the recorded spec and
+    weights, `teacher_weights` for a file that moved, checked against the recorded SHA-256);
     `features=True` matches features at the sites the patches replaced. The input size and
     preprocessing come from the checkpoint's model. State checkpoints and the log go to
     `options.state_dir` (default: `OUT.heal-state` beside `out`), which is removed once the
@@ -569,7 +569,8 @@ def heal_checkpoint(
     section, and `heal-log.jsonl` holds the training log. Under torchrun only rank 0 writes."""
     from surgeon.checkpoint.files import check_writable, read_manifest, write_checkpoint
     from surgeon.checkpoint.record import versions
-    from surgeon.checkpoint.restore import build_original, load_checkpoint
+    from surgeon.checkpoint.resolve import load_original
+    from surgeon.checkpoint.restore import load_checkpoint
 
     source, target = Path(checkpoint), Path(out)
     manifest = read_manifest(source)
@@ -601,7 +602,12 @@ def heal_checkpoint(
     if features and not options.features:
         raise UsageError(f"{source} has no patched sites to match features at")
     student = load_checkpoint(source, trust_import=trust_import, plugins=plugins)
-    teacher = build_original(manifest, weights_file=teacher_weights, trust_import=trust_import)
+    teacher = load_original(
+        source,
+        weights_override=teacher_weights,
+        trust_import=trust_import,
+        override_name="teacher_weights",
+    )
     result = run_heal(student, teacher.model, data, options, progress=progress, console=console)
     if not result.is_main:
         return result

@@ -38,7 +38,7 @@ import torch
 import yaml
 from torch import nn
 
-from surgeon.errors import ModelSpecError, UsageError, WeightsError
+from surgeon.errors import Argument, ModelSpecError, UsageError, WeightsError
 
 __all__ = [
     "DEFAULT_TAG",
@@ -53,6 +53,7 @@ __all__ = [
     "parse_input_size",
     "parse_kwargs",
     "parse_spec",
+    "weights_label",
 ]
 
 Source = Literal["torchvision", "timm", "import"]
@@ -63,6 +64,8 @@ Task = Literal[
 HF_HUB_PREFIX = "hf-hub:"
 DEFAULT_TAG = "DEFAULT"
 """What `pretrained=True` (and `--pretrained` alone) stands for: the library's default weights."""
+
+_WEIGHTS_FILE = Argument("weights", metavar="FILE")  # the fix for weights a library lacks
 
 _HUB_NAME = re.compile(r"^hf-hub:[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 
@@ -148,7 +151,22 @@ def describe_weights(weights: Mapping[str, Any]) -> str:
         file = weights.get("file")
         where = f" from {file}" if file else " (no cache file found)"
         return f"pretrained weights {weights.get('name')}{where}"
+    if kind == "unrecorded":
+        return "weights not recorded"
     return f"weights {dict(weights)}"
+
+
+def weights_label(weights: Mapping[str, Any]) -> str:
+    """A few words for a `LoadedModel.weights` record, for a table cell: `random, seed 0`,
+    the weights file's name, the pretrained weights' name, `unrecorded`."""
+    kind = weights.get("kind")
+    if kind == "random":
+        return f"random, seed {weights.get('seed')}"
+    if kind == "file":
+        return Path(str(weights.get("path"))).name
+    if kind == "pretrained":
+        return str(weights.get("name"))
+    return str(kind or "unrecorded")
 
 
 @cache
@@ -278,21 +296,26 @@ def _with_tag(text: str, tag: str) -> str:
     spec = text.strip()
     if spec.startswith((HF_HUB_PREFIX, "timm:" + HF_HUB_PREFIX)):
         raise UsageError(
-            f"--pretrained {tag}: a hub name ({spec}) carries its own weights; "
-            "pass --pretrained without a tag"
+            Argument("pretrained", tag),
+            f": a hub name ({spec}) carries its own weights; pass ",
+            Argument("pretrained", True),
+            " without a tag",
         )
     prefix, sep, rest = spec.partition(":")
     if sep and prefix not in ("torchvision", "timm"):
         raise UsageError(
-            f"--pretrained {tag}: {spec} is a user factory with no library weights; "
-            "pass --weights FILE instead"
+            Argument("pretrained", tag),
+            f": {spec} is a user factory with no library weights; pass ",
+            _WEIGHTS_FILE,
+            " instead",
         )
     name = rest if sep else spec
     _, dot, own = name.partition(".")
     if dot and own != tag:
         raise UsageError(
-            f"the model spec {spec} names the tag {own!r} and --pretrained names {tag!r}; "
-            "give the tag once"
+            f"the model spec {spec} names the tag {own!r} and ",
+            Argument("pretrained"),
+            f" names {tag!r}; give the tag once",
         )
     return spec if dot else f"{spec}.{tag}"
 
@@ -304,7 +327,9 @@ def parse_kwargs(items: Sequence[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key.isidentifier():
-            raise UsageError(f"bad --model-kwarg {item!r}; write key=value, e.g. num_classes=10")
+            raise UsageError(
+                "bad ", Argument("kwargs", item), "; write key=value, e.g. num_classes=10"
+            )
         try:
             out[key] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
@@ -319,12 +344,16 @@ def parse_input_size(text: str) -> tuple[int, ...]:
         dims = tuple(int(p) for p in parts)
     except ValueError:
         raise UsageError(
-            f"bad --input-size {text!r}; write channels x height x width, e.g. 3x224x224"
+            "bad ",
+            Argument("input_size", text),
+            "; write channels x height x width, e.g. 3x224x224",
         ) from None
     if len(dims) < 2 or any(d <= 0 for d in dims):
-        raise UsageError(f"bad --input-size {text!r}: need 2 to 4 positive sizes, e.g. 3x224x224")
+        raise UsageError(
+            "bad ", Argument("input_size", text), ": need 2 to 4 positive sizes, e.g. 3x224x224"
+        )
     if len(dims) > 4:
-        raise UsageError(f"bad --input-size {text!r}: at most 4 sizes (C x T x H x W)")
+        raise UsageError("bad ", Argument("input_size", text), ": at most 4 sizes (C x T x H x W)")
     return dims
 
 
@@ -404,8 +433,10 @@ def _build(spec: ModelSpec, task: Task, pretrained: bool) -> nn.Module:
         return timm.create_model(spec.name, pretrained=pretrained, **spec.kwargs)
     if pretrained:
         raise UsageError(
-            f"--pretrained: {spec.name} is a user factory with no library weights; "
-            "pass --weights FILE instead"
+            Argument("pretrained"),
+            f": {spec.name} is a user factory with no library weights; pass ",
+            _WEIGHTS_FILE,
+            " instead",
         )
     return _build_import(spec)
 
@@ -425,7 +456,8 @@ def build_model(
             model = _build(spec, task, pretrained)
     except TypeError as exc:
         raise ModelSpecError(
-            f"cannot build {spec.text} with {dict(spec.kwargs)}: {exc}; check --model-kwarg names"
+            f"cannot build {spec.text} with {dict(spec.kwargs)}: {exc}; check the names in ",
+            Argument("kwargs"),
         ) from exc
     except (OSError, RuntimeError, ValueError) as exc:
         raise _fetch_error(spec, pretrained, exc) from exc
@@ -564,14 +596,11 @@ def _fetch_error(spec: ModelSpec, pretrained: bool, exc: BaseException) -> Excep
     reason = _offline_reason(exc)
     if reason is not None and (pretrained or spec.hub):
         what = "pretrained weights" if pretrained else "the model config"
-        fix = (
-            "or pass --weights FILE"
-            if not spec.hub
-            else "or name the timm architecture (timm:NAME) with --weights FILE"
-        )
+        fix = "or pass " if not spec.hub else "or name the timm architecture (timm:NAME) with "
         return WeightsError(
             f"cannot fetch {what} for {spec.text}: {reason} and no cached copy "
-            f"{_cache_location(spec)}; connect once (downloads are cached) {fix}"
+            f"{_cache_location(spec)}; connect once (downloads are cached) {fix}",
+            _WEIGHTS_FILE,
         )
     if spec.hub and any(_hf_error(c, "RepositoryNotFoundError") for c in _causes(exc)):
         return ModelSpecError(
@@ -581,7 +610,8 @@ def _fetch_error(spec: ModelSpec, pretrained: bool, exc: BaseException) -> Excep
     if pretrained:
         return WeightsError(
             f"could not fetch pretrained weights for {spec.text}: {_first_line(exc)}; "
-            "check the internet connection or pass --weights FILE"
+            "check the internet connection or pass ",
+            _WEIGHTS_FILE,
         )
     return ModelSpecError(f"cannot build {spec.text}: {_first_line(exc)}")
 

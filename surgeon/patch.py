@@ -31,7 +31,16 @@ from surgeon.sites import Site
 from surgeon.submodules import count_params
 from surgeon.trace import Analysis, analyse, counted_forward, snapshot
 
-__all__ = ["PatchReport", "SiteRow", "patch", "resolve_policy"]
+__all__ = ["PatchReport", "SiteRow", "patch", "resolve_policy", "transfer_label"]
+
+
+def transfer_label(transfer: str | None, rel_diff: float | None) -> str | None:
+    """How a transfer reads in a report: an `approximate` transfer (not exact for every input)
+    whose measured difference at the example input is exactly 0 says `exact at this input`,
+    which is what was measured; the record keeps `approximate`."""
+    if transfer == "approximate" and rel_diff == 0.0:
+        return "exact at this input"
+    return transfer
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,11 @@ class SiteRow:
     max_abs_diff: float | None
     rel_diff: float | None
     note: str = ""
+
+    @property
+    def transfer_label(self) -> str | None:
+        """The transfer as reports show it (see `transfer_label`)."""
+        return transfer_label(self.transfer, self.rel_diff)
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,11 @@ class PatchReport:
     @property
     def skipped(self) -> int:
         return sum(r.status == "skipped" for r in self.rows)
+
+    @property
+    def changed(self) -> bool:
+        """Whether the patch changed the model at all (some site was patched)."""
+        return self.patched > 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, stable field names (documented in docs/report.md)."""

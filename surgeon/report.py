@@ -9,7 +9,8 @@ import contextlib
 import json
 import os
 import secrets
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from surgeon.patch import PatchReport, SiteRow
+from surgeon.policy import Policy
 from surgeon.scan import ScanResult
 from surgeon.sites import Site
 
@@ -30,6 +32,7 @@ __all__ = [
     "scan_json",
     "shape_text",
     "site_params_text",
+    "unchanged_reason",
     "write_report",
 ]
 
@@ -65,8 +68,7 @@ def site_params_text(site: Site) -> str:
 
 
 def _op_text(site: Site) -> str:
-    op = f"{site.type_name}" if not site.functional else f"F.{site.type_name}"
-    return op if site.role == "downsample" else f"{op} [{site.role.replace('_', ' ')}]"
+    return f"{site.type_name}" if not site.functional else f"F.{site.type_name}"
 
 
 def render_scan(result: ScanResult, console: Console, title: str = "") -> None:
@@ -75,6 +77,7 @@ def render_scan(result: ScanResult, console: Console, title: str = "") -> None:
     for column, justify in (
         ("site", "left"),
         ("op", "left"),
+        ("role", "left"),
         ("k/s/p", "left"),
         ("in → out", "left"),
         ("stage", "right"),
@@ -86,6 +89,7 @@ def render_scan(result: ScanResult, console: Console, title: str = "") -> None:
         table.add_row(
             site.name,
             _op_text(site),
+            site.role,
             site_params_text(site),
             f"{shape_text(site.in_shape)} → {shape_text(site.out_shape)}",
             f"{site.stage_in}→{'·' if site.role == 'global_pool' else site.stage_out}",
@@ -109,11 +113,12 @@ def scan_json(result: ScanResult, **extra: Any) -> str:
 
 
 def _diff_text(row: SiteRow) -> str:
-    if row.transfer is None:
+    label = row.transfer_label
+    if label is None:
         return ""
     if row.rel_diff is None:
-        return row.transfer
-    return f"{row.transfer} ({row.rel_diff:.1e})"
+        return label
+    return f"{label} ({row.rel_diff:.1e})"
 
 
 def _status_text(row: SiteRow) -> str:
@@ -124,7 +129,7 @@ def _status_text(row: SiteRow) -> str:
     if row.status == "kept":
         return "kept"
     if row.status == "not-a-site":
-        return f"left alone ({row.role.replace('_', ' ')})"
+        return "left alone"
     return "no rule matched"
 
 
@@ -147,30 +152,76 @@ def _pair(before: int, after: int) -> str:
     )
 
 
-def _patch_rows(report: PatchReport) -> list[list[str]]:
+def _cells(row: SiteRow) -> list[str]:
     return [
-        [
-            row.site,
-            row.op,
-            _status_text(row),
-            _shape_pair(row),
-            _pair(row.params_before, row.params_after),
-            _pair(row.macs_before, row.macs_after),
-            row.rule or "—",
-            _diff_text(row),
-        ]
-        for row in report.rows
+        row.site,
+        row.op,
+        row.role,
+        _status_text(row),
+        _shape_pair(row),
+        _pair(row.params_before, row.params_after),
+        _pair(row.macs_before, row.macs_after),
+        row.rule or "—",
+        _diff_text(row),
     ]
 
 
-_PATCH_COLUMNS = ("site", "op", "replacement", "in → out", "params", "MACs", "rule", "transfer")
+def _patch_rows(report: PatchReport) -> list[list[str]]:
+    return [_cells(row) for row in report.rows]
+
+
+_PATCH_COLUMNS = (
+    "site",
+    "op",
+    "role",
+    "replacement",
+    "in → out",
+    "params",
+    "MACs",
+    "rule",
+    "transfer",
+)
+
+COLLAPSE_RUN = 2
+"""Consecutive global pools left alone that the terminal table shows as one summary row."""
+
+
+def _pool_left_alone(row: SiteRow) -> bool:
+    return row.role == "global_pool" and row.status == "not-a-site"
+
+
+def _table_rows(report: PatchReport, show_all: bool) -> list[tuple[SiteRow | None, list[str]]]:
+    """The terminal table's rows: each run of `COLLAPSE_RUN` or more consecutive global pools
+    left alone (the squeeze-excite pools of an EfficientNet) as one row that counts them,
+    unless `show_all`; None marks such a summary row."""
+    rows: list[tuple[SiteRow | None, list[str]]] = []
+    run: list[SiteRow] = []
+
+    def flush() -> None:
+        if len(run) >= COLLAPSE_RUN and not show_all:
+            ops = {row.op for row in run}
+            op = ops.pop() if len(ops) == 1 else "…"
+            rows.append((None, [f"{len(run)} global pools", op, "global_pool", "left alone"]))
+        else:
+            rows.extend((row, _cells(row)) for row in run)
+        run.clear()
+
+    for row in report.rows:
+        if _pool_left_alone(row):
+            run.append(row)
+            continue
+        flush()
+        rows.append((row, _cells(row)))
+    flush()
+    return rows
 
 
 def _totals_lines(report: PatchReport) -> list[str]:
     lines = [
         f"{report.patched} patched, {report.skipped} skipped, "
         f"{sum(r.status == 'kept' for r in report.rows)} kept, "
-        f"{sum(r.status == 'unmatched' for r in report.rows)} unmatched "
+        f"{sum(r.status == 'unmatched' for r in report.rows)} unmatched, "
+        f"{sum(r.status == 'not-a-site' for r in report.rows)} left alone "
         f"of {len(report.rows)} sites",
         f"params {_pair(report.params_before, report.params_after)}"
         f" ({_ratio(report.params_after, report.params_before)}), "
@@ -182,6 +233,58 @@ def _totals_lines(report: PatchReport) -> list[str]:
         f"{len(report.keys_renamed)} renamed",
     ]
     return lines
+
+
+def _counted(counts: Mapping[str, int]) -> str:
+    """`4 patchify and 1 global_pool`."""
+    items = [f"{n} {what}" for what, n in counts.items()]
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def unchanged_reason(
+    report: PatchReport, policy: Policy, history: Sequence[Mapping[str, Any]] = ()
+) -> str:
+    """One line on why `report` (of `policy`) changed nothing: the roles of the sites its rules
+    do not select and the rule that would select them, the sites kept, skipped or matched by
+    no rule, and whether the same policy was applied before (an entry of `history`, the
+    surgeries of the checkpoint patched), which makes it change nothing more: the sites it
+    changed then are no longer ones it selects."""
+    rows = report.rows
+    if not rows:
+        return f"policy {report.policy} patched nothing: the model has no downsampling sites"
+    parts = []
+    roles = Counter(r.role for r in rows if r.status == "not-a-site")
+    if roles:
+        parts.append(
+            f"{_counted(roles)}, roles its rules do not select (a rule selects role "
+            "downsample unless its match names another)"
+        )
+    kept = Counter(r.rule for r in rows if r.status == "kept")
+    parts += [f"{n} kept by rule {rule}" for rule, n in kept.items()]
+    skipped = [r for r in rows if r.status == "skipped"]
+    if skipped:
+        parts.append(f"{len(skipped)} skipped ({skipped[0].site}: {skipped[0].note})")
+    unmatched = sum(r.status == "unmatched" for r in rows)
+    if unmatched:
+        parts.append(f"{unmatched} downsampling site{'s' * (unmatched != 1)} no rule matched")
+    line = f"policy {report.policy} patched none of {len(rows)} site{'s' * (len(rows) != 1)}: "
+    line += "; ".join(parts)
+    others = [role for role in roles if role != "global_pool"] or list(roles)
+    if others:
+        which = others[0] if len(others) == 1 else f"[{', '.join(others)}]"
+        line += f"; a rule with `match: {{role: {which}}}` selects the {' and '.join(others)} sites"
+    data = json.loads(json.dumps(policy.to_dict()))
+    applied = [
+        number
+        for number, entry in enumerate(history, 1)
+        if entry["kind"] == "patch" and entry["policy"] == data
+    ]
+    if applied:
+        line += (
+            f"; it was already applied (history entry {applied[-1]}) and changes nothing more: "
+            "the sites it changed then are no longer ones it selects"
+        )
+    return line
 
 
 def _ratio(after: int, before: int) -> str:
@@ -221,19 +324,26 @@ def _padding_lines(report: PatchReport, limit: int) -> list[str]:
     return lines
 
 
-def render_patch(report: PatchReport, console: Console, *, key_limit: int = 6) -> None:
-    """The layer-by-layer diff as a rich table, then totals, key changes, the layers whose
-    padding changed, notes and warnings."""
+def render_patch(
+    report: PatchReport, console: Console, *, key_limit: int = 6, show_all: bool = False
+) -> int:
+    """The layer-by-layer diff as a rich table, then totals, key changes, notes and warnings;
+    returns how many sites the table summarised.
+
+    Runs of global pools left alone are one summary row each unless `show_all` (the Markdown,
+    JSON and HTML reports always list every site)."""
     table = Table(title=f"{report.model} · policy {report.policy}", header_style="bold")
     for column in _PATCH_COLUMNS:
         table.add_column(
             column,
             justify="right" if column in ("params", "MACs") else "left",
             overflow="fold",
-            no_wrap=column == "site",
+            # short cells stay on one line, so the long ones (replacement, shapes) get the room
+            no_wrap=column in ("site", "op", "role", "params", "MACs"),
         )
-    for row, cells in zip(report.rows, _patch_rows(report), strict=True):
-        table.add_row(*cells, style=None if row.status == "patched" else "dim")
+    rows = _table_rows(report, show_all)
+    for row, cells in rows:
+        table.add_row(*cells, style="dim" if row is None or row.status != "patched" else None)
     console.print(table)
     for line in _totals_lines(report):
         console.print(line, highlight=False)
@@ -247,6 +357,7 @@ def render_patch(report: PatchReport, console: Console, *, key_limit: int = 6) -
         console.print(f"note: {note}", style="yellow", highlight=False)
     for warning in report.warnings:
         console.print(f"warning: {warning}", style="yellow", highlight=False)
+    return len(report.rows) - sum(row is not None for row, _ in rows)
 
 
 def patch_markdown(report: PatchReport) -> str:

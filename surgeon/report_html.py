@@ -300,21 +300,22 @@ def _what(row: SiteRow) -> str:
     if row.status == "skipped":
         return f"skipped: {_e(row.note)}"
     if row.status == "not-a-site":
-        return f"left alone ({_e(row.role.replace('_', ' '))})"
+        return "left alone"
     return "kept" if row.status == "kept" else "no rule matched"
 
 
 def _transfer(row: SiteRow) -> str:
-    if row.transfer is None:
+    label = row.transfer_label
+    if label is None:
         return ""
     if row.rel_diff is None:
-        return _e(row.transfer)
-    return f"{_e(row.transfer)} <small>(rel. diff {row.rel_diff:.1e})</small>"
+        return _e(label)
+    return f"{_e(label)} <small>(rel. diff {row.rel_diff:.1e})</small>"
 
 
 def _table(report: PatchReport) -> str:
     head = (
-        "<tr><th>#</th><th>site</th><th>op</th><th>replacement</th><th>in</th>"
+        "<tr><th>#</th><th>site</th><th>op</th><th>role</th><th>replacement</th><th>in</th>"
         "<th>out before</th><th>out after</th><th>params</th><th>MACs</th><th>rule</th>"
         "<th>transfer</th></tr>"
     )
@@ -326,7 +327,7 @@ def _table(report: PatchReport) -> str:
             out_after = f'<span class="chg">{_e(out_after)}</span>'
         body.append(
             f'<tr class="{_e(row.status)}"><td class="num">{i}</td><td>{_e(row.site)}</td>'
-            f"<td>{_e(row.op)}</td><td>{_what(row)}</td>"
+            f"<td>{_e(row.op)}</td><td>{_e(row.role)}</td><td>{_what(row)}</td>"
             f'<td class="shape">{_e(_shape(row.in_shape))}</td>'
             f'<td class="shape">{_e(_shape(row.out_shape_before))}</td>'
             f'<td class="shape">{out_after}</td>'

@@ -26,7 +26,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
-from surgeon.errors import AnalysisError
+from surgeon.errors import AnalysisError, Argument
 from surgeon.submodules import count_params
 
 __all__ = [
@@ -291,8 +291,10 @@ def _run(model: nn.Module, args: tuple[Any, ...], *, count: bool) -> Any:
             return model(*args), None
     except Exception as exc:
         raise AnalysisError(
-            f"the model failed on the example input ({_one_line(exc)}); "
-            "check --input-size and --model-kwarg"
+            f"the model failed on the example input ({_one_line(exc)}); check ",
+            Argument("input_size"),
+            " and ",
+            Argument("kwargs"),
         ) from exc
 
 

@@ -53,7 +53,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("tools built on patch", ("surgeon.placements", "surgeon.fold")),
     (
         "recording and loading checkpoints",
-        ("surgeon.checkpoint.record", "surgeon.checkpoint.replay", "surgeon.checkpoint.restore"),
+        (
+            "surgeon.checkpoint.record",
+            "surgeon.checkpoint.replay",
+            "surgeon.checkpoint.restore",
+            "surgeon.checkpoint.resolve",
+        ),
     ),
     ("tools that consume checkpoints", ("surgeon.export", "surgeon.evaluate")),
     (

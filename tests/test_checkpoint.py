@@ -241,7 +241,7 @@ def test_non_empty_directory_is_refused_without_force(tmp_path: Path) -> None:
     target = tmp_path / "ckpt"
     target.mkdir()
     (target / "notes.txt").write_text("keep me")
-    with pytest.raises(OutputError, match="exists and is not empty; pass --force to replace it"):
+    with pytest.raises(OutputError, match="exists and is not empty; pass force=True to replace it"):
         write_checkpoint(target, {}, make_manifest())
     assert (target / "notes.txt").read_text() == "keep me"
     assert siblings(target) == []
@@ -266,7 +266,7 @@ def test_force_refuses_to_replace_a_directory_that_is_not_a_checkpoint(tmp_path:
     target = tmp_path / "home"
     target.mkdir()
     (target / "thesis.tex").write_text("precious")
-    with pytest.raises(OutputError, match=r"not a surgeon checkpoint .*even with --force"):
+    with pytest.raises(OutputError, match=r"not a surgeon checkpoint .*even with force=True"):
         write_checkpoint(target, {}, make_manifest(), force=True)
     assert (target / "thesis.tex").read_text() == "precious"
 
@@ -669,7 +669,7 @@ def test_import_source_is_refused_unless_trusted(tmp_path: Path) -> None:
     assert "never_imported_pkg" not in sys.modules, "reading a checkpoint imported its factory"
     with pytest.raises(
         CheckpointError,
-        match=re.escape("pass --trust-import never_imported_pkg.models:build if you trust it"),
+        match=re.escape("pass trust_import=['never_imported_pkg.models:build'] if you trust it"),
     ):
         require_trusted_import(manifest, allowed=[])
     with pytest.raises(CheckpointError, match="importing and calling"):

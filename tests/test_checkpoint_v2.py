@@ -240,7 +240,7 @@ def test_upgrade_in_place_and_its_refusals(tmp_path: Path) -> None:
         surgeon.upgrade(copy, trust_import=TRUST)
     taken = tmp_path / "taken"
     shutil.copytree(V1 / "tiny-antialias", taken)
-    with pytest.raises(surgeon.errors.OutputError, match="pass --force"):
+    with pytest.raises(surgeon.errors.OutputError, match="pass force=True"):
         surgeon.upgrade(V1 / "tiny-dilate", taken, trust_import=TRUST)
     surgeon.upgrade(V1 / "tiny-dilate", taken, force=True, trust_import=TRUST)
     assert read_checkpoint(taken)[0]["model"]["input_size"] == [3, 32, 32]

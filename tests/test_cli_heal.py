@@ -160,7 +160,7 @@ def test_teacher_weights_that_moved_are_found_and_others_refused(
     common = ("heal", str(patched), "--data", str(setup / "images"), "--steps", "1", *QUICK)
 
     code, _, err = run_cli(capsys, *common, "--out", str(tmp_path / "a"))
-    assert code == 1 and "is gone; pass --teacher-weights FILE" in err, err
+    assert code == 1 and "which no longer exists; pass --teacher-weights FILE" in err, err
     assert len(err.strip().splitlines()) == 1, err
     other = str(setup / "other.safetensors")
     code, _, err = run_cli(

@@ -37,8 +37,8 @@ def test_scan_json_has_the_same_sites(capsys: pytest.CaptureFixture[str]) -> Non
             1,
             "error: unknown model 'resnet5' (not in torchvision or timm); did you mean",
         ),
-        (["scan", "resnet18", "--input-size", "3x0x224"], 2, "error: bad --input-size '3x0x224'"),
-        (["scan", "resnet18", "--model-kwarg", "oops"], 2, "error: bad --model-kwarg 'oops'"),
+        (["scan", "resnet18", "--input-size", "3x0x224"], 2, "error: bad --input-size 3x0x224:"),
+        (["scan", "resnet18", "--model-kwarg", "oops"], 2, "error: bad --model-kwarg oops;"),
         (
             ["scan", "resnet18", "--input-size", "4x64x64"],
             3,

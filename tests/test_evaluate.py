@@ -153,7 +153,7 @@ def test_accuracy_refuses_more_classes_than_outputs(tmp_path: Path) -> None:
         def forward(self, x: Tensor) -> Tensor:
             return x.mean(dim=(2, 3))[:, :2]
 
-    with pytest.raises(UsageError, match="only 2 outputs"):
+    with pytest.raises(UsageError, match="has 3 class folders but the model has 2 outputs"):
         evaluate_model(TwoClasses(), (3, 16, 16), dataclasses.replace(FAST, data=tmp_path))
 
 

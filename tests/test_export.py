@@ -148,7 +148,7 @@ def test_an_existing_file_is_refused_without_force(tmp_path: Path) -> None:
     target = tmp_path / "model.pt"
     target.write_text("keep me")
     model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU())
-    with pytest.raises(OutputError, match="exists; pass --force"):
+    with pytest.raises(OutputError, match="exists; pass force=True"):
         export(model, "torchscript", target, example_input=torch.randn(1, 3, 16, 16))
     assert target.read_text() == "keep me"
     export(model, "torchscript", target, example_input=torch.randn(1, 3, 16, 16), force=True)

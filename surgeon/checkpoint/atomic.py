@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from surgeon.errors import OutputError
+from surgeon.errors import Argument, OutputError
 
 __all__ = [
     "check_writable",
@@ -33,6 +33,8 @@ __all__ = [
 # Temporary directories this process is writing right now; everything else with our naming
 # pattern and a dead (or our own, recycled) pid is left over from a killed write.
 _in_flight: set[Path] = set()
+
+FORCE = Argument("force", True)  # what replacing an existing output takes
 
 
 def write_directory(
@@ -140,11 +142,13 @@ def _check_target(directory: Path, *, force: bool, marker: str) -> bool:
     if not any(directory.iterdir()):
         return False
     if not force:
-        raise OutputError(f"{directory} exists and is not empty; pass --force to replace it")
+        raise OutputError(f"{directory} exists and is not empty; pass ", FORCE, " to replace it")
     if not (directory / marker).is_file():
         raise OutputError(
             f"{directory} is not a surgeon checkpoint (no {marker}); refusing to "
-            "replace it even with --force: remove it yourself or choose another directory"
+            "replace it even with ",
+            FORCE,
+            ": remove it yourself or choose another directory",
         )
     return True
 
@@ -211,7 +215,7 @@ def _move_into_place(tmp: Path, directory: Path, *, replace: bool) -> None:
         except OSError as err:
             if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 raise OutputError(
-                    f"{directory} exists and is not empty; pass --force to replace it"
+                    f"{directory} exists and is not empty; pass ", FORCE, " to replace it"
                 ) from err
             raise
     _fsync_dir(directory.parent)

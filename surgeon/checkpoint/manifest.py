@@ -18,7 +18,7 @@ from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn, Union, get_args, get_origin
 
-from surgeon.errors import CheckpointError
+from surgeon.errors import Argument, CheckpointError
 
 __all__ = [
     "FIX_MANIFEST",
@@ -33,6 +33,7 @@ __all__ = [
     "Summary",
     "Tagged",
     "field_error",
+    "policy_name",
     "require_trusted_import",
     "schema_paths",
     "summarize",
@@ -272,8 +273,9 @@ def require_trusted_import(manifest: Mapping[str, Any], allowed: Collection[str]
     if spec not in allowed:
         raise CheckpointError(
             f"this checkpoint rebuilds its model by importing and calling {spec!r}, which runs "
-            f"that code; surgeon imports nothing from a checkpoint on its own: pass "
-            f"--trust-import {spec} if you trust it"
+            "that code; surgeon imports nothing from a checkpoint on its own: pass ",
+            Argument("trust_import", spec, many=True),
+            " if you trust it",
         )
 
 
@@ -394,7 +396,10 @@ def field_error(where: str, expected: str, value: Any) -> NoReturn:
 @dataclass(frozen=True)
 class Summary:
     """What a validated manifest of either version says, for `surgeon info`, eval and export:
-    the source model and, of the last patch, its policy, seed, rows and totals."""
+    the source model and where its weights came from, every surgery in order (`history`; a
+    version-1 manifest's recipe as one `patch` entry, and a `fold` entry if it was folded),
+    the policies applied (`spd + antialias`) and, of the last patch, its seed, rows and
+    totals."""
 
     format_version: int
     spec: str
@@ -410,21 +415,24 @@ class Summary:
     folded: tuple[str, ...]  # layers a fold made one strided conv
     fold_layers: int  # SPD layers a fold considered (0: not folded)
     surgeries: tuple[str, ...]  # the kinds of the history entries, in order
+    weights: Mapping[str, Any] = field(hash=False)  # the source model's weights record
+    history: tuple[Mapping[str, Any], ...] = field(hash=False)
 
 
 def summarize(manifest: Mapping[str, Any]) -> Summary:
     """The `Summary` of a manifest that `validate_manifest` accepted."""
     model = manifest["model"]
     if manifest["format_version"] == 1:
-        patch: Mapping[str, Any] = {**manifest, "rows": manifest.get("edits", [])}
-        folds = [manifest["fold"]] if "fold" in manifest else []
-        kinds: tuple[str, ...] = ("patch", "fold") if folds else ("patch",)
+        history: list[Mapping[str, Any]] = [
+            {**manifest, "kind": "patch", "rows": manifest.get("edits", [])}
+        ]
+        if "fold" in manifest:
+            history.append({**manifest["fold"], "kind": "fold"})
     else:
-        history = manifest["history"]
-        patches = [e for e in history if e["kind"] == "patch"]
-        patch = patches[-1] if patches else {}
-        folds = [e for e in history if e["kind"] == "fold"]
-        kinds = tuple(e["kind"] for e in history)
+        history = list(manifest["history"])
+    patches = [e for e in history if e["kind"] == "patch"]
+    patch = patches[-1] if patches else {}
+    folds = [e for e in history if e["kind"] == "fold"]
     layers = folds[-1]["layers"] if folds else []
     return Summary(
         format_version=manifest["format_version"],
@@ -432,7 +440,7 @@ def summarize(manifest: Mapping[str, Any]) -> Summary:
         task=model.get("task", "classification"),
         input_size=tuple(model["input_size"]),
         kwargs=dict(model["kwargs"]),
-        policy=str(patch.get("policy", {}).get("name") or "custom"),
+        policy=" + ".join(policy_name(e) for e in patches) or "none",
         seed=int(patch.get("seed", 0)),
         created=manifest["created"],
         versions=dict(patch.get("versions", manifest.get("versions", {}))),
@@ -440,5 +448,12 @@ def summarize(manifest: Mapping[str, Any]) -> Summary:
         totals=dict(patch.get("summary", {})),
         folded=tuple(layer["name"] for layer in layers if layer["form"] == "folded"),
         fold_layers=len(layers),
-        surgeries=kinds,
+        surgeries=tuple(e["kind"] for e in history),
+        weights=dict(model.get("weights", {"kind": "unrecorded"})),
+        history=tuple(history),
     )
+
+
+def policy_name(entry: Mapping[str, Any]) -> str:
+    """The name of the policy a `patch` history entry applied (`custom` when it has none)."""
+    return str(entry.get("policy", {}).get("name") or "custom")

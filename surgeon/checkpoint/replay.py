@@ -20,7 +20,7 @@ from surgeon.checkpoint.files import read_checkpoint, write_checkpoint
 from surgeon.checkpoint.manifest import FORMAT_VERSION, require_trusted_import
 from surgeon.checkpoint.record import fold_entry, record_edits
 from surgeon.edits import EditOp
-from surgeon.errors import CheckpointError
+from surgeon.errors import Argument, CheckpointError
 from surgeon.fold import FoldRecord
 from surgeon.fold import fold as fold_model
 from surgeon.layers.spd import SpaceToDepthConv
@@ -41,8 +41,9 @@ def _require_plugins(directory: Path, recorded: Collection[str], allowed: Collec
     for plugin in recorded:
         if plugin not in allowed:
             raise CheckpointError(
-                f"{directory} was patched with plugin {plugin!r}; pass --plugin {plugin} "
-                "to allow importing it"
+                f"{directory} was patched with plugin {plugin!r}; pass ",
+                Argument("plugins", plugin, many=True),
+                " to allow importing it",
             )
         load_plugin(plugin)
 
