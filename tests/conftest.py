@@ -63,8 +63,9 @@ def hub_cache() -> Iterator[HubCache]:
 
 @pytest.fixture
 def console() -> Console:
-    """A console that renders to text deterministically (as rich's own tests do)."""
-    return Console(width=160, file=io.StringIO(), color_system=None, legacy_windows=False)
+    """A console that renders to text deterministically (as rich's own tests do), wide enough
+    that the patch table's nine columns keep each cell on one line."""
+    return Console(width=220, file=io.StringIO(), color_system=None, legacy_windows=False)
 
 
 def rendered(console: Console) -> str:

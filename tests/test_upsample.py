@@ -235,6 +235,7 @@ rules:
         "pixel shuffle ×4",
     ):
         assert cell in text_out, cell
-    assert "| up1 | ConvTranspose2d | conv k3 → 32 ch + pixel shuffle ×2 |" in patch_markdown(
-        report
+    assert (
+        "| up1 | ConvTranspose2d | upsample | conv k3 → 32 ch + pixel shuffle ×2 |"
+        in patch_markdown(report)
     )
