@@ -165,6 +165,22 @@ PluginOpt = Annotated[
         "--plugin", help="Import this module first; it may register replacements (repeatable)."
     ),
 ]
+FoldForOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--fold-for",
+        help="With --fold: the backend the forms are timed on: eager, inductor (torch.compile) "
+        "or onnxruntime (patch: eager; export: where the format runs).",
+    ),
+]
+FoldInteriorOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fold-interior-only",
+        help="With --fold: also fold reflect/replicate blur + 1x1 conv into one zero-padded "
+        "conv, exact only away from the borders.",
+    ),
+]
 
 
 def _default_out(model: str, policy: str) -> Path:
@@ -212,9 +228,13 @@ def patch(
     fold: Annotated[
         bool,
         typer.Option(
-            "--fold", help="Fold SPD + conv into one strided conv where faster (recorded)."
+            "--fold",
+            help="Rewrite the replacement layers into the exact forms fastest on --fold-for "
+            "(recorded).",
         ),
     ] = False,
+    fold_for: FoldForOpt = None,
+    fold_interior_only: FoldInteriorOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Rewrite MODEL by POLICY, print the layer-by-layer diff and write the patched checkpoint."""
@@ -260,7 +280,9 @@ def patch(
     if fold:
         from surgeon.fold import fold as fold_layers
 
-        patched, record = fold_layers(patched, args)
+        patched, record = fold_layers(
+            patched, args, backend=fold_for or "eager", interior_only=fold_interior_only
+        )
         err.print(record.summary(), highlight=False)
     written = save(
         target,
@@ -317,8 +339,8 @@ def info(
             out.print(f"  {row['site']}: {row['replacement']} [{row['transfer']}]", highlight=False)
     if info.fold_layers:
         out.print(
-            f"  folded (patch --fold): {len(info.folded)} of {info.fold_layers} SPD layers, "
-            f"each now one strided conv: {', '.join(info.folded) or 'none'}",
+            f"  folded (patch --fold): {len(info.folded)} of {info.fold_layers} layers "
+            f"rewritten: {', '.join(info.folded) or 'none'}",
             highlight=False,
         )
     out.print(f"  written {info.created} with {dict(info.versions)}", style="dim")
@@ -459,8 +481,15 @@ def export(
     ] = "onnx",
     out_file: Annotated[Path | None, typer.Option("--out", help="Output file.")] = None,
     fold: Annotated[
-        bool, typer.Option("--fold", help="Fold SPD + conv into one strided conv where faster.")
+        bool,
+        typer.Option(
+            "--fold",
+            help="First rewrite the replacement layers into the exact forms fastest where the "
+            "format runs (onnx: ONNX Runtime).",
+        ),
     ] = False,
+    fold_for: FoldForOpt = None,
+    fold_interior_only: FoldInteriorOpt = False,
     method: Annotated[
         str, typer.Option("--method", help="TorchScript only: script, trace, or auto.")
     ] = "auto",
@@ -482,6 +511,8 @@ def export(
         out_file,
         input_size=parse_input_size(input_size) if input_size else None,
         fold_layers=fold,
+        fold_backend=fold_for,
+        interior_only=fold_interior_only,
         method=method,
         force=force,
         trust_import=trust_import or (),

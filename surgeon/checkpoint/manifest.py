@@ -131,9 +131,11 @@ HISTORY_ENTRY = Tagged(
                 **_ENTRY,
                 "choose": str,
                 "threads": int,
-                "layers": ListOf(Obj({"name": str, "form": Literal["folded", "kept"]})),
+                "backend": Literal["eager", "inductor", "onnxruntime"],
+                "layers": ListOf(Obj({"name": str, "form": str})),
                 "edits": ListOf(EDIT_OP),
-            }
+            },
+            frozenset({"backend"}),  # folds recorded before per-backend folding were eager
         ),
         "heal": Obj(_ENTRY),
     },
@@ -378,8 +380,8 @@ class Summary:
     versions: Mapping[str, str] = field(hash=False)
     rows: tuple[Mapping[str, Any], ...]
     totals: Mapping[str, Any] = field(hash=False)
-    folded: tuple[str, ...]  # layers a fold made one strided conv
-    fold_layers: int  # SPD layers a fold considered (0: not folded)
+    folded: tuple[str, ...]  # layers the last fold rewrote (form other than "kept")
+    fold_layers: int  # layers the last fold considered (0: not folded)
     surgeries: tuple[str, ...]  # the kinds of the history entries, in order
 
 
@@ -409,7 +411,7 @@ def summarize(manifest: Mapping[str, Any]) -> Summary:
         versions=dict(patch.get("versions", manifest.get("versions", {}))),
         rows=tuple(patch.get("rows", [])),
         totals=dict(patch.get("summary", {})),
-        folded=tuple(layer["name"] for layer in layers if layer["form"] == "folded"),
+        folded=tuple(layer["name"] for layer in layers if layer["form"] != "kept"),
         fold_layers=len(layers),
         surgeries=kinds,
     )

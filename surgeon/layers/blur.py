@@ -25,6 +25,7 @@ __all__ = [
     "PAD_MODES",
     "BlurPool",
     "binomial_filter",
+    "pad_by_gather",
     "pad_for_blur",
     "pad_for_blur_graph",
 ]
@@ -238,11 +239,25 @@ class BlurPool(nn.Module):
         stride, kernel, padding, dilation = self._arithmetic()
         if torch.jit.is_scripting():  # TorchScript keeps pad_for_blur's branch as it is
             padded = pad_for_blur(
-                x, self.filter_size, stride, self.pad_mode, self.ceil_mode, kernel, padding, dilation
+                x,
+                self.filter_size,
+                stride,
+                self.pad_mode,
+                self.ceil_mode,
+                kernel,
+                padding,
+                dilation,
             )
         else:
             padded = pad_for_blur_graph(
-                x, self.filter_size, stride, self.pad_mode, self.ceil_mode, kernel, padding, dilation
+                x,
+                self.filter_size,
+                stride,
+                self.pad_mode,
+                self.ceil_mode,
+                kernel,
+                padding,
+                dilation,
             )
         if self.export_form == "pad":
             return self._conv(padded, [0] * self.dims)
@@ -270,12 +285,12 @@ class BlurPool(nn.Module):
     def _separable(self, x: Tensor) -> Tensor:
         taps = self.taps if self.taps.dtype == x.dtype else self.taps.to(x.dtype)
         for d in range(self.dims):
-            shape = [1, 1] + [1] * self.dims  # noqa: RUF005 (TorchScript)
-            shape[2 + d] = self.filter_size
-            stride = [1] * self.dims
-            stride[d] = self.stride[d]
-            shape[0] = self.channels
-            weight = taps.reshape([-1] + shape[2:]).expand(shape)  # noqa: RUF005
+            view = [1, 1]
+            stride: list[int] = []
+            for i in range(self.dims):
+                view.append(self.filter_size if i == d else 1)
+                stride.append(self.stride[d] if i == d else 1)
+            weight = taps.reshape(view).expand([self.channels] + view[1:])  # noqa: RUF005
             if self.dims == 1:
                 x = F.conv1d(x, weight, None, stride, 0, 1, self.channels)
             elif self.dims == 2:
@@ -285,35 +300,11 @@ class BlurPool(nn.Module):
         return x
 
     def _gathered(self, x: Tensor) -> Tensor:
-        # Padding by gather: index arithmetic picks reflect or, when reflect would read past
-        # the far edge in any dim, replicate, at run time, so one graph serves every size.
-        spatial = x.shape[2:]
-        left = (self.filter_size - 1) // 2
-        pads: list[int] = []
-        mirrored: list[Tensor] = []
-        clamped: list[Tensor] = []
-        unreachable = torch.zeros((), dtype=torch.bool, device=x.device)
-        for i in range(self.dims):
-            size = spatial[i]
-            right = (self._length(size, i) - 1) * self.stride[i] + self.filter_size - size - left
-            pads = [left, right] + pads  # noqa: RUF005 (TorchScript compiles this)
-            position = torch.arange(-left, size + right, device=x.device)
-            last = size - 1
-            clamped.append(position.clamp(0, last))
-            reflected = last - (last - position.abs()).abs()
-            mirrored.append(reflected)
-            unreachable = unreachable | ((reflected < 0) | (reflected > last)).any()
-        if self.pad_mode == "zero":
-            x = F.pad(x, pads)
-        else:
-            for i in range(self.dims):
-                index = (
-                    clamped[i]
-                    if self.pad_mode == "replicate"
-                    else torch.where(unreachable, clamped[i], mirrored[i])
-                )
-                x = x.index_select(2 + i, index)
-        return self._conv(x, [0] * self.dims)
+        stride, kernel, padding, dilation = self._arithmetic()
+        padded = pad_by_gather(
+            x, self.filter_size, stride, self.pad_mode, self.ceil_mode, kernel, padding, dilation
+        )
+        return self._conv(padded, [0] * self.dims)
 
     @torch.jit.unused
     def _eager(self, x: Tensor) -> Tensor:
@@ -470,6 +461,48 @@ def pad_for_blur(
     return F.pad(x, pads, mode="replicate")
 
 
+def pad_by_gather(
+    x: Tensor,
+    filter_size: int,
+    stride: list[int],
+    pad_mode: str,
+    ceil_mode: bool,
+    kernel: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> Tensor:
+    """`pad_for_blur` without a branch on the sizes: reflect and replicate padding are index
+    gathers, and the indices (computed from the input size) pick reflect or, when reflect would
+    read past the far edge in any dim, replicate, so one graph serves every size."""
+    dims = len(stride)
+    left = (filter_size - 1) // 2
+    pads: list[int] = []
+    mirrored: list[Tensor] = []
+    clamped: list[Tensor] = []
+    unreachable = torch.zeros((), dtype=torch.bool, device=x.device)
+    for i in range(dims):
+        size = x.shape[2 + i]
+        length = _blur_length(size, stride[i], ceil_mode, kernel[i], padding[i], dilation[i])
+        right = (length - 1) * stride[i] + filter_size - size - left
+        pads = [left, right] + pads  # noqa: RUF005 (TorchScript compiles this)
+        position = torch.arange(-left, size + right, device=x.device)
+        last = size - 1
+        clamped.append(position.clamp(0, last))
+        reflected = last - (last - position.abs()).abs()
+        mirrored.append(reflected)
+        unreachable = unreachable | ((reflected < 0) | (reflected > last)).any()
+    if pad_mode == "zero":
+        return F.pad(x, pads)
+    for i in range(dims):
+        index = (
+            clamped[i]
+            if pad_mode == "replicate"
+            else torch.where(unreachable, clamped[i], mirrored[i])
+        )
+        x = x.index_select(2 + i, index)
+    return x
+
+
 @torch.jit.unused
 def pad_for_blur_graph(
     x: Tensor,
@@ -483,13 +516,17 @@ def pad_for_blur_graph(
 ) -> Tensor:
     """`pad_for_blur` as traced and compiled graphs must see it.
 
-    torch.compile and torch.export guard on the sizes, so plain `pad_for_blur` serves. A trace
-    (TorchScript, the ONNX exporter) would freeze its test for maps too short to reflect at the
-    example's size: here sizes, pads and that test are recorded as tensor arithmetic, and the
-    choice between reflect and replicate padding is a branch of a scripted function (an ONNX
-    If)."""
+    torch.compile guards on the sizes, so plain `pad_for_blur` serves. torch.export cannot keep
+    a branch on symbolic sizes: padding is `pad_by_gather` there. A trace (TorchScript,
+    the ONNX exporter) would freeze the test for maps too short to reflect at the example's
+    size: here sizes, pads and that test are recorded as tensor arithmetic, and the choice
+    between reflect and replicate padding is a branch of a scripted function (an ONNX If)."""
+    arguments = (filter_size, stride, pad_mode, ceil_mode, kernel, padding, dilation)
+    if torch.compiler.is_exporting():
+        # torch.export cannot keep a branch on symbolic sizes: index arithmetic decides
+        return pad_by_gather(x, *arguments)
     if pad_mode != "reflect" or not torch.jit.is_tracing():
-        return pad_for_blur(x, filter_size, stride, pad_mode, ceil_mode, kernel, padding, dilation)
+        return pad_for_blur(x, *arguments)
     left = (filter_size - 1) // 2
     pads: list[Tensor] = []
     reflectable = torch.ones((), dtype=torch.bool)

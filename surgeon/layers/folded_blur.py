@@ -204,18 +204,39 @@ class FoldedBlurConv(nn.Module):
         stride, kernel, padding, dilation = self._arithmetic()
         if torch.jit.is_scripting():
             padded = pad_for_blur(
-                x, self.filter_size, stride, self.pad_mode, self.ceil_mode, kernel, padding, dilation
+                x,
+                self.filter_size,
+                stride,
+                self.pad_mode,
+                self.ceil_mode,
+                kernel,
+                padding,
+                dilation,
             )
             return self._conv(padded)
         if constant:
             return self._constant_padding(x)
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
             padded = pad_for_blur_graph(
-                x, self.filter_size, stride, self.pad_mode, self.ceil_mode, kernel, padding, dilation
+                x,
+                self.filter_size,
+                stride,
+                self.pad_mode,
+                self.ceil_mode,
+                kernel,
+                padding,
+                dilation,
             )
         else:
             padded = pad_for_blur(
-                x, self.filter_size, stride, self.pad_mode, self.ceil_mode, kernel, padding, dilation
+                x,
+                self.filter_size,
+                stride,
+                self.pad_mode,
+                self.ceil_mode,
+                kernel,
+                padding,
+                dilation,
             )
         return self._conv(padded)
 

@@ -92,7 +92,9 @@ def padded_conv(
     Runtime keeps the convolution in its blocked layout); anywhere else, `F.pad` then the
     convolution."""
     if torch.onnx.is_in_onnx_export():
-        return _OnnxPaddedConv.apply(x, weight, bias, list(stride), list(lefts), list(rights), groups)
+        return _OnnxPaddedConv.apply(
+            x, weight, bias, list(stride), list(lefts), list(rights), groups
+        )
     pads = [p for lo, r in zip(reversed(lefts), reversed(rights), strict=True) for p in (lo, r)]
     conv = (F.conv1d, F.conv2d, F.conv3d)[len(stride) - 1]
     return conv(F.pad(x, pads), weight, bias, list(stride), 0, 1, groups)
