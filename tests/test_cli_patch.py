@@ -191,7 +191,7 @@ def test_patch_fold_records_the_fold_and_load_replays_it(
     assert run_cli(capsys, "patch", *common, "--out", str(plain))[0] == 0
     code, _, err = run_cli(capsys, "patch", *common, "--out", str(folded), "--fold")
     assert code == 0, err
-    assert "SPD layers folded" in err
+    assert "layers rewritten for eager" in err
     history = json.loads((folded / "surgery.json").read_text())["history"]
     assert [entry["kind"] for entry in history] == ["patch", "fold"]
     record = history[1]
@@ -211,7 +211,8 @@ def test_patch_fold_records_the_fold_and_load_replays_it(
     code, stdout, _ = run_cli(capsys, "info", str(folded))
     assert (
         code == 0
-        and f"folded (patch --fold): {sum(f == 'folded' for f in forms.values())} of 7" in stdout
+        and f"folded (patch --fold): {sum(f == 'folded' for f in forms.values())} of 7 layers"
+        in stdout
     )
 
     # a fold record that names a form surgeon does not know is refused, nothing is built

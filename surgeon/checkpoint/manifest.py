@@ -90,6 +90,9 @@ EDIT_OP = Tagged(
     },
 )
 
+# what a fold made of a unit (surgeon.fold): unchanged, one of its folds, or a BlurPool form
+FOLD_FORM = Literal["kept", "folded", "interior", "gather", "pad", "separable", "conv"]
+
 SOURCE_WEIGHTS = Tagged(
     "kind",
     {
@@ -132,7 +135,7 @@ HISTORY_ENTRY = Tagged(
                 "choose": str,
                 "threads": int,
                 "backend": Literal["eager", "inductor", "onnxruntime"],
-                "layers": ListOf(Obj({"name": str, "form": str})),
+                "layers": ListOf(Obj({"name": str, "form": FOLD_FORM})),
                 "edits": ListOf(EDIT_OP),
             },
             frozenset({"backend"}),  # folds recorded before per-backend folding were eager
