@@ -92,8 +92,9 @@ def padded_conv(
     Runtime keeps the convolution in its blocked layout); anywhere else, `F.pad` then the
     convolution."""
     if torch.onnx.is_in_onnx_export():
+        kernel = list(weight.shape[2:])
         return _OnnxPaddedConv.apply(
-            x, weight, bias, list(stride), list(lefts), list(rights), groups
+            x, weight, bias, list(stride), list(lefts), list(rights), groups, kernel
         )
     pads = [p for lo, r in zip(reversed(lefts), reversed(rights), strict=True) for p in (lo, r)]
     conv = (F.conv1d, F.conv2d, F.conv3d)[len(stride) - 1]
@@ -113,6 +114,7 @@ class _OnnxPaddedConv(torch.autograd.Function):
         lefts: list[int],
         rights: list[int],
         groups: int,
+        kernel: list[int],
     ) -> Tensor:
         pads = [p for lo, r in zip(reversed(lefts), reversed(rights), strict=True) for p in (lo, r)]
         conv = (F.conv1d, F.conv2d, F.conv3d)[len(stride) - 1]
@@ -128,9 +130,17 @@ class _OnnxPaddedConv(torch.autograd.Function):
         lefts: list[int],
         rights: list[int],
         groups: int,
+        kernel: list[int],
     ) -> Any:
         inputs = [x, weight] if bias is None else [x, weight, bias]
-        return graph.op("Conv", *inputs, strides_i=stride, pads_i=lefts + rights, group_i=groups)
+        return graph.op(
+            "Conv",
+            *inputs,
+            kernel_shape_i=kernel,
+            strides_i=stride,
+            pads_i=lefts + rights,
+            group_i=groups,
+        )
 
 
 def phase_major_kernel(weight: Tensor, block: Sequence[int]) -> Tensor:
