@@ -37,7 +37,13 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from surgeon import __version__
-from surgeon.backends import ONNX_OPSET, dynamic_axes_names, onnx_export, onnx_session
+from surgeon.backends import (
+    BACKENDS,
+    ONNX_OPSET,
+    dynamic_axes_names,
+    onnx_export,
+    onnx_session,
+)
 from surgeon.checkpoint.atomic import temporary_file
 from surgeon.errors import AnalysisError, OutputError, PatchError, UsageError
 from surgeon.fold import Choice, FoldRecord, fold
@@ -175,6 +181,10 @@ def export(
     _check_format(format)
     if method not in ("auto", "script", "trace"):
         raise UsageError(f"torchscript method must be auto, script or trace, got {method!r}")
+    if fold_backend is not None and fold_backend not in BACKENDS:
+        raise UsageError(
+            f"unknown fold backend {fold_backend!r}; choose one of {', '.join(BACKENDS)}"
+        )
     choose: Choice | None = None
     if fold_layers:
         choose = "fastest" if fold_layers is True else fold_layers

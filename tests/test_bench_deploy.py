@@ -88,8 +88,8 @@ def test_rows_are_grouped_by_path_with_the_folded_model_beside_the_patched_one()
     assert "### eager" in text and "### onnxruntime" in text
     assert "| resnet50 | 8 | spd | 7 | 1.00 | 105.0 | 1.05 | 1.05 | as patched (0/7) | — |" in text
     assert (
-        "| resnet50 | 8 | antialias | 7 | 1.00 | 130.0 | 1.30 | **1.30** | 120.0 (7/10) | **1.20** | 3.0e-07 |"
-        in text
+        "| resnet50 | 8 | antialias | 7 | 1.00 | 130.0 | 1.30 | **1.30** | 120.0 (7/10) "
+        "| **1.20** | 3.0e-07 |" in text
     )
     assert "Rows above 1.1 at batch 8 (folded where a fold applies): none." in text
     assert "(folded where a fold applies): resnet50 antialias." in text

@@ -168,6 +168,28 @@ def test_eval_and_export_run_from_the_cli(
     )
     assert code == 0, err
     assert "matches eager PyTorch" in stdout and (tmp_path / "m.pt").exists()
+    code, stdout, err = run_cli(capsys, "export", str(out), "--format", "onnx", "--fold", "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["path"].endswith("model-folded.onnx")
+    assert result["fold"]["backend"] == "onnxruntime" and "rewritten for onnxruntime" in err
+    code, _, err = run_cli(capsys, "export", str(out), "--fold", "--fold-for", "tensorrt")
+    assert code == 2 and "unknown fold backend 'tensorrt'" in err, err
+    assert err.strip().count("\n") == 0, err
+
+
+def test_patch_fold_for_a_backend_records_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "spd-ort"
+    code, _, err = run_cli(
+        capsys, "patch", "resnet18", "--policy", "spd", "--input-size", "3x32x32",
+        "--fold", "--fold-for", "onnxruntime", "--out", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    fold = json.loads((out / "surgery.json").read_text())["history"][1]
+    assert fold["backend"] == "onnxruntime" and len(fold["layers"]) == 7
+    assert all(set(layer["timings"]) == {"kept", "folded"} for layer in fold["layers"])
 
 
 def test_dilate_output_stride_option(capsys: pytest.CaptureFixture[str]) -> None:
