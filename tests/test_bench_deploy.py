@@ -94,6 +94,7 @@ def test_rows_are_grouped_by_path_with_the_folded_model_beside_the_patched_one()
     assert "Rows above 1.1 at batch 8 (folded where a fold applies): none." in text
     assert "(folded where a fold applies): resnet50 antialias." in text
     assert "cuda-graphs: not run (no CUDA device)." in text
+    assert "ONNX files whose check exceeded 1e-05: none." in text
 
 
 def test_a_miss_is_explained_by_its_generated_profile() -> None:

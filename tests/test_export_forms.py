@@ -72,6 +72,28 @@ def test_channel_major_spd_keeps_the_reshape_copy(tmp_path: Path) -> None:
     assert "SpaceToDepth" not in _ops(graph)
 
 
+@pytest.mark.parametrize(
+    ("conv", "kernel_size", "pads"),
+    [
+        (nn.Conv2d(8, 16, 3, 2, 1), None, [1, 1, 2, 2]),  # dense SPD b2 + k2: a 4x4 conv
+        (nn.Conv2d(8, 16, 3, 2, 1), 3, [1, 1, 4, 4]),  # the spd policy's k3: 6x6
+        (nn.Conv2d(8, 8, 1, 2, groups=2), None, [0, 0, 1, 1]),  # a grouped shortcut
+    ],
+)
+def test_folded_spd_is_one_convolution_with_its_own_padding(
+    conv: nn.Conv2d, kernel_size: int | None, pads: list[int], tmp_path: Path
+) -> None:
+    from surgeon.fold import fold_space_to_depth
+
+    torch.manual_seed(0)
+    layer, _ = SpaceToDepthConv.from_conv(conv, kernel_size=kernel_size)
+    with torch.no_grad():
+        layer.conv.weight.add_(0.05 * torch.randn_like(layer.conv.weight))
+    graph, _ = _export(fold_space_to_depth(layer), tmp_path / "folded.onnx")
+    (node,) = graph.node  # the padding is the same at every size: the convolution's own
+    assert node.op_type == "Conv" and list(_attribute(node, "pads")) == pads
+
+
 def test_reflect_blur_pad_form_keeps_the_reflect_or_replicate_choice_in_the_graph(
     tmp_path: Path,
 ) -> None:

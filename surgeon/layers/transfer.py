@@ -96,8 +96,10 @@ def padded_conv(
         return _OnnxPaddedConv.apply(
             x, weight, bias, list(stride), list(lefts), list(rights), groups, kernel
         )
-    pads = [p for lo, r in zip(reversed(lefts), reversed(rights), strict=True) for p in (lo, r)]
     conv = (F.conv1d, F.conv2d, F.conv3d)[len(stride) - 1]
+    if list(lefts) == list(rights):
+        return conv(x, weight, bias, list(stride), list(lefts), 1, groups)
+    pads = [p for lo, r in zip(reversed(lefts), reversed(rights), strict=True) for p in (lo, r)]
     return conv(F.pad(x, pads), weight, bias, list(stride), 0, 1, groups)
 
 
