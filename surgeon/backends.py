@@ -62,7 +62,18 @@ def onnx_export(
     PyTorch's TorchScript-based exporter (`dynamo=False`, opset `ONNX_OPSET`): it needs only
     onnx and onnxruntime, and with `dynamic_axes` on batch and spatial dims the layers' shape
     arithmetic stays in the graph. Warnings of the exporter are silenced (the numeric checks
-    are what say whether a file is right)."""
+    are what say whether a file is right).
+
+    The shapes the exporter writes for the outputs of `If` branches (BlurPool's choice between
+    reflect and replicate padding) come from one scripted function shared by every call, so
+    different layers' branches would claim the same symbolic sizes, which ONNX Runtime then
+    holds them to: those shapes are removed and left to ONNX Runtime's own inference."""
+    try:
+        import onnx
+    except ImportError as exc:
+        raise UsageError(
+            "ONNX export needs the onnx package: pip install onnx onnxruntime"
+        ) from exc
     dims = dynamic_axes_names(example)
     names = [f"output_{i}" if output_count > 1 else "output" for i in range(output_count)]
     axes: dict[str, dict[int, str]] = {
@@ -83,7 +94,40 @@ def onnx_export(
             dynamic_axes=axes,
             opset_version=ONNX_OPSET,
         )
+    proto = (
+        onnx.load_from_string(target.getvalue())
+        if isinstance(target, io.BytesIO)
+        else onnx.load(str(target))
+    )
+    if _clear_branch_shapes(proto.graph):
+        if isinstance(target, io.BytesIO):
+            target.seek(0)
+            target.truncate()
+            target.write(proto.SerializeToString())
+        else:
+            onnx.save(proto, str(target))
     return names
+
+
+def _clear_branch_shapes(graph: Any) -> bool:
+    """Remove the shapes recorded for `If` outputs and inside branches; whether any were."""
+    import onnx
+
+    branch_outputs: set[str] = set()
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                branch = attribute.g
+                for output in branch.output:
+                    output.type.tensor_type.ClearField("shape")
+                del branch.value_info[:]
+                _clear_branch_shapes(branch)
+                branch_outputs.update(node.output)
+    kept = [info for info in graph.value_info if info.name not in branch_outputs]
+    if len(kept) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+    return bool(branch_outputs)
 
 
 def onnx_session(source: bytes | str | Path, *, profile: str | None = None) -> Any:

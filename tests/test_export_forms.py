@@ -114,6 +114,34 @@ def test_reflect_blur_pad_form_keeps_the_reflect_or_replicate_choice_in_the_grap
     _runs_on_tiny_maps(tmp_path / "pad.onnx", BlurPool(8))
 
 
+def test_several_blurs_with_branches_in_one_file_keep_their_own_sizes(tmp_path: Path) -> None:
+    # every If comes from one scripted function: the file must not give their outputs one
+    # shared symbolic size, or ONNX Runtime holds different layers to it
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        BlurPool(8, export_form="pad"),
+        nn.Conv2d(8, 12, 1),
+        BlurPool(12, export_form="separable"),
+        nn.Conv2d(12, 12, 1),
+        BlurPool(12, filter_size=3, export_form="pad"),
+    )
+    graph, _ = _export(model, tmp_path / "three.onnx")
+    branches = [g for n in graph.node if n.op_type == "If" for g in _branch_graphs(n)]
+    assert len(branches) == 6
+    claimed = [o.name for g in branches for o in g.output if o.type.tensor_type.HasField("shape")]
+    assert not claimed, f"If branch outputs with recorded shapes: {claimed}"
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(
+        str(tmp_path / "three.onnx"), providers=["CPUExecutionProvider"]
+    )
+    for shape in [(3, 8, 40, 36), (1, 8, 5, 7)]:
+        x = torch.randn(shape)
+        (got,) = session.run(None, {"input": x.numpy()})
+        with torch.no_grad():
+            assert torch.allclose(torch.from_numpy(got), model(x), atol=1e-6), shape
+
+
 def _branch_graphs(node: Any) -> list[Any]:
     return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
 
