@@ -220,3 +220,21 @@ def test_an_interior_fold_is_checked_against_the_folded_model(tmp_path: Path) ->
     record = result.fold
     assert record is not None and record.forms == {"0.0": "kept", "0": "interior"}
     assert record.layers[1].rel_diff > TOLERANCE, "its borders differ from the pair's"
+
+
+@pytest.mark.parametrize("format", ["torchscript", "onnx", "exported-program"])
+def test_every_form_exports_in_every_format_within_1e5(format: str, tmp_path: Path) -> None:
+    from surgeon.fold import fold_space_to_depth
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        fold_space_to_depth(_dense_spd(nn.Conv2d(8, 16, 3, 2, 1))),
+        BlurPool(16, export_form="pad"),
+        nn.Sequential(BlurPool(16, export_form="separable"), nn.Conv2d(16, 4, 1)),
+        FoldedBlurConv.from_pair(BlurPool(4, pad_mode="zero"), nn.Conv2d(4, 4, 1)),
+        BlurPool(4, pad_mode="zero", export_form="conv"),
+    ).eval()
+    suffix = {"torchscript": "pt", "onnx": "onnx", "exported-program": "pt2"}[format]
+    x = torch.randn(1, 8, 64, 64)
+    result = export(model, format, tmp_path / f"m.{suffix}", example_input=x, tolerance=TOLERANCE)
+    assert [c.input_shape for c in result.checks] == [(1, 8, 64, 64), (2, 8, 49, 49)]
