@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint sweep bench
+.PHONY: demo test lint docs sweep bench
 
 $(BIN)/surgeon: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,3 +26,8 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy surgeon
 	$(BIN)/python -m pytest -q -n 0 tests/test_architecture.py
+
+# every generated page (docs/coverage.md, docs/benchmarks.md, the README's coverage sentence)
+# rendered again from the committed records; run after any change to surgeon/ or configs/
+docs: $(VENV)/.dev
+	$(BIN)/python scripts/pages.py

@@ -1,11 +1,12 @@
 """CUDA checks of surgeon's layers and patched models: correctness against the CPU, and speed
 against the same reference formulations as scripts/bench_layers.py and the original models.
 
-    python scripts/bench_cuda.py [--output docs/benchmarks.md] [--rounds 50]
+    python scripts/bench_cuda.py [--rounds 50] [--records DIR]
 
-Needs a CUDA device; nothing in the test suite does. Writes (or replaces) the "## CUDA" section
-of the output file, naming the card. Correctness runs with TF32 off, so CUDA and CPU are both
-float32 throughout; timing runs with PyTorch's defaults (cuDNN convolutions may use TF32).
+Needs a CUDA device; nothing in the test suite does. Writes one record,
+docs/records/bench/cuda.json (naming the card, with its provenance); `make docs` renders the
+"CUDA" section of docs/benchmarks.md from it. Correctness runs with TF32 off, so CUDA and CPU
+are both float32 throughout; timing runs with PyTorch's defaults (cuDNN convolutions may use TF32).
 Times come from CUDA events: the median of `--rounds` interleaved rounds for the layers, the
 best for the models (as scripts/bench.py does on the CPU).
 """
@@ -15,11 +16,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import platform
+import functools
 import statistics
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,9 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import LATENCY_MODELS, densify, macs, write_sections  # noqa: E402
+from bench import LATENCY_MODELS, densify, macs  # noqa: E402
 from bench_layers import (  # noqa: E402
     BLUR_SHAPES,
     LAYOUTS,
@@ -42,13 +44,14 @@ from bench_layers import (  # noqa: E402
     slicing_cat,
     slicing_stack,
 )
+from bench_page import BENCH_RECORDS, save_section  # noqa: E402
+from records import script_command  # noqa: E402
 
 from surgeon.layers import BlurPool, SpaceToDepthConv, space_to_depth  # noqa: E402
 from surgeon.models import load_model  # noqa: E402
 from surgeon.patch import patch  # noqa: E402
 from surgeon.policy_loader import list_builtin_policies  # noqa: E402
 
-SECTION = "## CUDA"
 Candidate = Callable[[torch.Tensor], Any]
 
 
@@ -131,7 +134,7 @@ def bench_layers(rounds: int) -> list[dict[str, Any]]:
         for shape in SPD_SHAPES:
             for layout, memory_format in LAYOUTS.items():
                 x = torch.randn(shape, device="cuda").contiguous(memory_format=memory_format)
-                ours: Candidate = lambda t, o=order: space_to_depth(t, (2, 2), o)  # noqa: E731
+                ours: Candidate = functools.partial(space_to_depth, block=(2, 2), order=order)
                 expected = explicit_phase_major(x) if order == "phase" else F.pixel_unshuffle(x, 2)
                 if not torch.equal(ours(x), expected):
                     raise AssertionError(f"{op} is not the permutation on CUDA {shape} {layout}")
@@ -224,74 +227,14 @@ def bench_models(batches: list[int], rounds: int) -> list[dict[str, Any]]:
     return rows
 
 
-# --------------------------------------------------------------------------- report
-
-
-def section(
-    errors: list[tuple[str, float]],
-    layers: list[dict[str, Any]],
-    models: list[dict[str, Any]],
-    failures: list[str],
-    rounds: int,
-) -> str:
-    lines = [
-        SECTION,
-        "",
-        "Recorded apart from the CPU sections above: another machine and software stack. On "
-        "CUDA surgeon's layers run the formulations that measured fastest there: BlurPool one "
-        "pad and one depthwise convolution, channel-major space-to-depth `F.pixel_unshuffle`, "
-        "padded space-to-depth `F.pad` and then the copy.",
-        "",
-        "**Correctness** (TF32 off: float32 on both devices). Largest absolute difference "
-        "between CUDA and CPU outputs of the same module on the same input:",
-        "",
-        "| case | max abs diff |",
-        "|---|---:|",
-        *[f"| {name} | {value:.2e} |" for name, value in errors],
-        "",
-        f"**Layers**: median of {rounds} interleaved rounds, CUDA events, float32; *vs surgeon* "
-        "is the candidate's time over surgeon's (above 1: surgeon faster).",
-        "",
-        "| op | input (N, C, H, W) | layout | candidate | median ms | vs surgeon |",
-        "|---|---|---|---|---:|---:|",
-    ]
-    for r in layers:
-        shape = "x".join(map(str, r["shape"]))
-        name = f"**{r['name']}**" if r["name"] == "surgeon" else r["name"]
-        lines.append(
-            f"| {r['op']} | {shape} | {r['layout']} | {name} | {r['ms']:.3f} | {r['vs']:.2f}x |"
-        )
-    lines += [
-        "",
-        f"**Models**: 3×224×224, float32, eval, `torch.no_grad()`, best of {rounds} "
-        "interleaved rounds (CUDA events, PyTorch's default TF32 for cuDNN convolutions). "
-        "*rel. error* is max |CUDA − CPU| over max |CPU output| of the same patched model with "
-        "TF32 off; *÷ MACs* is the latency ratio over the MAC ratio (the CPU target, 1.1, is "
-        "a compute-bound expectation that small batches on a GPU are far from).",
-        "",
-        "| model | batch | policy | ms | latency ratio | MAC ratio | ÷ MACs | rel. error |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in models:
-        lines.append(
-            f"| {r['model']} | {r['batch']} | {r['policy']} | {r['ms']:.2f} | {r['ratio']:.2f} | "
-            f"{r['mac_ratio']:.2f} | {r['per_mac']:.2f} | {r['error']:.1e} |"
-        )
-    if failures:
-        lines += ["", "Parts that failed on this machine:", ""]
-        lines += [f"- {failure}" for failure in failures]
-    return "\n".join(lines) + "\n"
-
-
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
-    args = parser.parse_args()
+    parser.add_argument("--records", type=Path, default=BENCH_RECORDS, help="where the record goes")
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_cuda.py needs a CUDA device; this machine has none")
-    card = torch.cuda.get_device_name()
     failures: list[str] = []
     errors: list[tuple[str, float]] = []
     layers: list[dict[str, Any]] = []
@@ -313,14 +256,18 @@ def main() -> None:
     except Exception as exc:
         failures.append(f"models: {type(exc).__name__}: {exc}")
         traceback.print_exc()
-    header = (
-        f"Measured by `scripts/bench_cuda.py` on {card}; torch {torch.__version__}, CUDA "
-        f"{torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, Python "
-        f"{platform.python_version()}."
-    )
-    body = section(errors, layers, models, failures, args.rounds)
-    print(header, body, sep="\n\n")
-    write_sections(args.output, header, {SECTION: body})
+    body = {
+        "card": torch.cuda.get_device_name(),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "errors": errors,
+        "layers": layers,
+        "models": models,
+        "failures": failures,
+        "settings": {"rounds": args.rounds, "batches": args.batch},
+    }
+    command = script_command(__file__, argv)
+    print(save_section("cuda", body, command=command, directory=args.records))
 
 
 if __name__ == "__main__":

@@ -4,32 +4,31 @@ Each candidate runs on the same input, contiguous and channels-last: 3 warm-up r
 30 timed rounds in which every candidate runs once in turn, reported as the median per
 candidate. By default torch runs one thread and the time is that thread's CPU time, which
 other processes on a shared machine do not inflate; `--threads 2` times wall-clock instead.
-Outputs are checked against surgeon's before timing. The results replace the
-"## Replacement layers" section of docs/benchmarks.md (created if missing); other sections
-are kept.
+Outputs are checked against surgeon's before timing. The result is one record,
+docs/records/bench/layers.json (with its provenance); `make docs` renders the "Replacement
+layers" section of docs/benchmarks.md from it.
 
 glibc hands blocks above its mmap threshold back to the kernel on free, so a candidate whose
 output is a few MB can page-fault its whole output afresh on every call, or not, depending on
-what ran before it: a 2-5x swing that has nothing to do with the formulation. The script
-re-runs itself with M_MMAP_THRESHOLD at its 32 MiB maximum and trimming off
-(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), the steady state of a process that keeps
-running a model, so every candidate reuses freed memory the same way.
+what ran before it, which has nothing to do with the formulation. The script re-runs itself
+with M_MMAP_THRESHOLD at its 32 MiB maximum and trimming off (MALLOC_MMAP_THRESHOLD_,
+MALLOC_TRIM_THRESHOLD_), the steady state of a process that keeps running a model, so every
+candidate reuses freed memory the same way.
 
-    .venv/bin/python scripts/bench_layers.py [--repeats 30] [--threads 1] [--output FILE]
-    .venv/bin/python scripts/bench_layers.py --quick    # small shapes, 3 rounds, prints only
+    python scripts/bench_layers.py [--repeats 30] [--threads 1]
+    python scripts/bench_layers.py --quick    # small shapes, 3 rounds: prints, writes nothing
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import dataclasses
 import os
-import platform
 import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +36,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_page import BENCH_RECORDS, save_section
+from records import script_command
 
 from surgeon.layers import BlurPool, binomial_filter, space_to_depth
 
-SECTION = "## Replacement layers"
 SPD_SHAPES = [(8, 64, 112, 112), (8, 256, 56, 56), (32, 128, 28, 28), (1, 3, 224, 224)]
 BLUR_SHAPES = [(8, 64, 112, 112), (8, 256, 56, 56), (32, 128, 28, 28), (8, 64, 111, 111)]
 # --quick: one small shape of each kind, to check the script runs (its numbers mean nothing)
@@ -188,7 +190,7 @@ def time_each(candidates: dict[str, Candidate], x: torch.Tensor, repeats: int) -
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def bench_spd(repeats: int, shapes: list[tuple[int, ...]] = SPD_SHAPES) -> list[Row]:
+def bench_spd(repeats: int, shapes: Sequence[tuple[int, ...]] = SPD_SHAPES) -> list[Row]:
     rows = []
     for op, order in SPD_ORDERS.items():
         expected = explicit_phase_major if order == "phase" else lambda x: F.pixel_unshuffle(x, 2)
@@ -205,7 +207,7 @@ def bench_spd(repeats: int, shapes: list[tuple[int, ...]] = SPD_SHAPES) -> list[
 
 
 def bench_blur(
-    repeats: int, shapes: list[tuple[int, ...]] = BLUR_SHAPES, filter_size: int = 4
+    repeats: int, shapes: Sequence[tuple[int, ...]] = BLUR_SHAPES, filter_size: int = 4
 ) -> list[Row]:
     rows = []
     for shape in shapes:
@@ -235,145 +237,6 @@ def bench_blur(
     return rows
 
 
-# --------------------------------------------------------------------------- report
-
-
-def machine() -> list[str]:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import timm
-
-    return [
-        f"- CPU: {cpu}, {os.cpu_count()} logical cores; torch threads: {torch.get_num_threads()}",
-        f"- Python {platform.python_version()}, torch {torch.__version__}, "
-        f"timm {timm.__version__}, {platform.system()} {platform.release()}",
-    ]
-
-
-def table(rows: list[Row]) -> list[str]:
-    lines = [
-        "| op | input (N, C, H, W) | layout | candidate | median ms | vs surgeon |",
-        "| --- | --- | --- | --- | ---: | ---: |",
-    ]
-    for row in rows:
-        ours = next(
-            r
-            for r in rows
-            if r.role == "surgeon" and (r.op, r.shape, r.layout) == (row.op, row.shape, row.layout)
-        )
-        ratio = "—" if row.role == "surgeon" else f"{row.ms / ours.ms:.2f}x"
-        name = (
-            f"**{row.name}**"
-            if row.role == "surgeon"
-            else row.name + (f" ({row.note})" if row.note else "")
-        )
-        shape = "x".join(str(s) for s in row.shape)
-        lines.append(f"| {row.op} | {shape} | {row.layout} | {name} | {row.ms:.2f} | {ratio} |")
-    return lines
-
-
-def summary(rows: list[Row]) -> list[str]:
-    lines = []
-    for op in dict.fromkeys(r.op for r in rows):
-        for layout in LAYOUTS:
-            group = [r for r in rows if r.op == op and r.layout == layout]
-            refs = sorted({r.name for r in group if r.role == "reference"})
-            for ref in refs:
-                wins = sum(
-                    1
-                    for shape in dict.fromkeys(r.shape for r in group)
-                    if next(r.ms for r in group if r.shape == shape and r.role == "surgeon")
-                    < next(r.ms for r in group if r.shape == shape and r.name == ref)
-                )
-                total = len({r.shape for r in group})
-                lines.append(f"- {op}, {layout}: faster than {ref} on {wins} of {total} shapes")
-    return lines
-
-
-def section(rows: list[Row], repeats: int, load: tuple[float, float]) -> str:
-    policy = "scheduled SCHED_FIFO (chrt), as the machine was shared"
-    if os.sched_getscheduler(0) != os.SCHED_FIFO:
-        policy = "normal scheduling"
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    clock = (
-        "CPU time of the one torch thread"
-        if torch.get_num_threads() == 1
-        else f"wall-clock time with {torch.get_num_threads()} torch threads"
-    )
-    text = [
-        SECTION,
-        "",
-        f"Generated by `scripts/bench_layers.py` on {now}: float32, 3 warm-up rounds then "
-        f"{repeats} timed rounds, each calling every candidate once, in an order shuffled "
-        f"afresh each round; the median per "
-        f"candidate; {clock}; glibc's allocator pinned (mmap threshold 32 MiB, no trimming) "
-        f"so that no candidate page-faults a fresh output on some calls and not others; "
-        f"{policy}.",
-        "",
-        *machine(),
-        f"- load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f} "
-        "(other work on this machine shows up here; above ~0.5 treat small differences "
-        "as noise)",
-        "",
-        "Candidates. `space_to_depth` (block 2) in surgeon's two channel orders: phase-major "
-        "(phase p of channel c at p·C + c), which SPD-Conv layers of ungrouped convolutions "
-        "use, and channel-major (c·4 + p, `F.pixel_unshuffle`'s), which grouped and depthwise "
-        "convolutions and pools need; each against SPD-Conv's slicing + cat (phase-major, its "
-        "phases in another order), `F.pixel_unshuffle` and a plain copy of the input; "
-        "channel-major also against SPD-Conv's slicing written for that order (stack instead "
-        "of cat), the like-for-like reference there. `BlurPool` (filter 4, stride 2, "
-        "reflect): surgeon's against reflect padding + one 4x4 depthwise convolution "
-        "(antialiased-cnns' formulation), timm's `BlurPool2d`, and padding + two 1-d "
-        "depthwise convolutions; all but timm's give the same output.",
-        "",
-        *table(rows),
-        "",
-        "Summary:",
-        "",
-        *summary(rows),
-        "",
-        "How surgeon's versions work: PyTorch ops only, chosen per mode and memory layout. "
-        "`space_to_depth` on a contiguous input is one view/permute/reshape copy whose inner "
-        "loop runs along output rows. Phase-major order on a channels-last input is one reshape "
-        "copy that moves runs of (last block dim × channels) values, whole channel vectors, "
-        "with no interleave (below 8 channels, one strided copy per phase). Channel-major order "
-        "on a channels-last input means interleaving the phases of every channel, which no "
-        "plain copy does fast; surgeon writes float pairs as complex numbers (bit-exact) so "
-        "that the interleave runs in a vectorised kernel. `BlurPool` on channels-last inputs of "
-        "at least 2^20 elements and spatial sizes of at least 48 (whose output count the "
-        "convolution's own padding gives, e.g. even sizes for filter 4) filters with the "
-        "convolution's zero padding, so no padded copy of the input is made, then adds what "
-        "the reflected border contributes: per spatial dim one small slab (the input rows the "
-        "padding mirrors) filtered along the other dims and added to the border outputs. Other "
-        "inputs pad then filter, the reference's own formulation, so those rows measure the "
-        "same computation twice.",
-        "",
-    ]
-    return "\n".join(text)
-
-
-def write_section(path: Path, body: str) -> None:
-    existing = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    lines = existing.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        updated = existing.rstrip("\n") + "\n\n" + body
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        tail = "".join(lines[end:])
-        updated = "".join(lines[:start]) + body + ("\n" + tail if tail else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(updated)
-
-
 ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
@@ -385,16 +248,13 @@ def pin_allocator() -> None:
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR})
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds per candidate")
     parser.add_argument(
-        "--output",
+        "--records",
         type=Path,
-        default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md",
-    )
-    parser.add_argument(
-        "--no-write", action="store_true", help="print the section instead of writing it"
+        help="where the record goes (default docs/records/bench; --quick: nowhere)",
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: CPU time, else wall-clock)"
@@ -402,26 +262,36 @@ def main() -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="small shapes and 3 rounds, printed, never written: checks that the script runs",
+        help="small shapes and 3 rounds: checks that the script runs (its numbers mean nothing)",
     )
-    args = parser.parse_args()
-    pin_allocator()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    load_before = os.getloadavg()[0]
+    before = os.getloadavg()
     if args.quick:
-        args.repeats, args.no_write = 3, True
+        args.repeats = 3
         rows = bench_spd(3, QUICK_SPD_SHAPES) + bench_blur(3, QUICK_BLUR_SHAPES)
     else:
         rows = bench_spd(args.repeats) + bench_blur(args.repeats)
-    body = section(rows, args.repeats, (load_before, os.getloadavg()[0]))
-    if args.no_write:
-        print(body)
-    else:
-        write_section(args.output, body)
-        print(body)
-        print(f"wrote {args.output}")
+    scheduling = "normal scheduling"
+    if os.sched_getscheduler(0) == os.SCHED_FIFO:
+        scheduling = "scheduled SCHED_FIFO (chrt)"
+    body = {
+        "settings": {
+            "repeats": args.repeats,
+            "warmup": 3,
+            "threads": torch.get_num_threads(),
+            "allocator_pinned": all(os.environ.get(k) == v for k, v in ALLOCATOR.items()),
+            "scheduling": scheduling,
+        },
+        "rows": [dataclasses.asdict(row) for row in rows],
+        "load": {"before": list(before), "after": list(os.getloadavg())},
+    }
+    records = args.records if args.records or args.quick else BENCH_RECORDS
+    command = script_command(__file__, argv)
+    print(save_section("layers", body, command=command, directory=records, quick=args.quick))
 
 
 if __name__ == "__main__":
+    pin_allocator()
     main()

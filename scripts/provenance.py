@@ -5,8 +5,8 @@
     staleness(record["provenance"])   # None while current, else why the record is stale
 
 A record is current while the code that decides results (`surgeon/` and `configs/`) is the
-same as when it ran: its commit is the last commit that changed them or a descendant, and
-those paths had no uncommitted change at the time. Pages generated from records mark the others
+same as when it ran: the last commit that changed them was the same then as now, and those
+paths had no uncommitted change at the time. Pages generated from records mark the others
 stale instead of passing them off as current. Scripts import this module directly (scripts/
 is on their `sys.path`); it needs git only to fill in the commit fields.
 """
@@ -109,7 +109,10 @@ def staleness(
 ) -> str | None:
     """Why a record's results may not hold for the code now, or None while they do.
 
-    `current` is the last commit that changed the code paths (`code_change()` by default)."""
+    `current` is the last commit that changed the code paths (`code_change()` by default). A
+    record is current when it ran, with no uncommitted change to those paths, on a commit whose
+    last code change is `current`. The answer needs no git history once `current` is given, so
+    a page rendered from records is the same in any checkout, shallow or not."""
     commit = record.get("commit")
     if not commit:
         return "no commit recorded"
@@ -122,6 +125,5 @@ def staleness(
         return "no git history to compare with"
     if record.get("code_commit") == latest:
         return None
-    if git("merge-base", "--is-ancestor", latest, commit, root=root) is not None:
-        return None
-    return f"ran on {commit[:10]}, before the code changed in {latest[:10]}"
+    code = str(record.get("code_commit") or "")[:10] or "unknown"
+    return f"ran on {commit[:10]} (code of {code}); the code last changed in {latest[:10]}"

@@ -1,25 +1,39 @@
 #!/usr/bin/env python
 """Coverage sweep: every torchvision and timm model through scan, every built-in policy and a
-checkpoint round trip, with random weights; results in a resumable JSONL file.
+checkpoint round trip, with random weights; one JSON line per model, with its provenance.
 
-    python scripts/sweep.py --source torchvision --threads 1      # all 121 torchvision models
-    python scripts/sweep.py --source timm --nice 5 --threads 1    # all timm architectures (hours)
-    python scripts/sweep.py --source timm --per-family 1          # one seeded pick per family
-    python scripts/sweep.py --source timm --sample 100            # a seeded sample
-    python scripts/sweep.py --rerun-failed                        # run failures and skips again
+    python scripts/sweep.py --source torchvision --threads 1      # all torchvision models
+    python scripts/sweep.py --source timm --per-module 1          # one seeded pick per timm module
+    python scripts/sweep.py --shard 2/4 --threads 1               # the 2nd of 4 independent jobs
+    python scripts/sweep.py --merge out/sweep/shard-*.jsonl       # into docs/sweep-results.jsonl
+    python scripts/sweep.py --rerun-failed --memory 22            # failures and skips again
     python scripts/sweep.py --glob 'resnet*' --rerun              # run recorded models again
     python scripts/sweep.py --compact                             # one line per model
-    python scripts/sweep.py --report                              # docs/coverage.md
+    python scripts/pages.py                                       # docs/coverage.md (make docs)
 
-Per model (`sweep_model`): build with random weights, pick a reduced input size the model
-accepts (see `candidate_sizes`), scan, then for each built-in policy in `configs/`: patch a
-fresh deep copy (`surgeon.patch.patch` raises PatchError if an output shape changes), check
-that a policy whose patched sites all transfer exactly reproduces the original outputs
-(relative difference ≤ 1e-4), save the checkpoint with `surgeon.api.save`, load it back with
-`surgeon.api.load` and require bit-identical outputs. Each model runs in a worker subprocess
-(`--worker`) with a wall-time and memory budget, so a hang or an out-of-memory model is killed
-and recorded instead of ending the sweep; one line per model is appended and flushed to the
-results file, so an interrupted sweep resumes where it stopped.
+Per model (`sweep_model`): build with random weights (seed 0), pick a reduced input size the
+model accepts (see `candidate_sizes`), scan, then for each built-in policy in `configs/`:
+patch an unpatched model in place (`surgeon.patch.patch` raises PatchError if an output shape
+changes), check that a policy whose patched sites all transfer exactly reproduces the original
+outputs (relative difference <= 1e-4, see `_exactness` for models that amplify rounding), save
+the checkpoint with `surgeon.api.save`, drop the patched model, load the checkpoint back with
+`surgeon.api.load` and require bit-identical outputs. Each policy's outcome is one of pass
+(sites patched and verified), no sites (nothing for it to patch), skip (with its reason) or
+fail.
+
+Memory (`memory_plan`): while four float32 copies of the parameters fit the memory budget,
+the unpatched model stays in memory and each policy patches a copy of it; a larger model is
+built afresh (same seed) for each policy, so that one copy is in memory while it is patched
+and two while its checkpoint loads (the weights read, then the model they are loaded into).
+A model whose two copies exceed the budget (or `--max-params`) is skipped before it is built.
+
+Each model runs in a worker subprocess (`--worker`) with a wall-time and memory budget, so a
+hang or an out-of-memory model is killed and recorded instead of ending the sweep; one line
+per model is appended and flushed to the results file, so an interrupted sweep resumes where it
+stopped. `--shard K/N` takes every N-th model of the selection from the K-th, so N jobs
+(a Slurm array, several machines, or one machine one after another) cover it once, each into
+its own file (default out/sweep/shard-K-of-N.jsonl); `--merge` combines them (and the existing
+results) into one file, the latest record of each model winning, in a fixed order.
 
 Model-specific settings live in one place, `model_kwargs`: detection models are built with
 their internal resize at the input size (`min_size`/`max_size`; SSDs keep their fixed size) and
@@ -33,12 +47,14 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import dataclasses
 import fcntl
 import fnmatch
 import gc
 import json
 import os
 import random
+import re
 import selectors
 import shutil
 import signal
@@ -46,6 +62,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import traceback
 from collections import Counter, defaultdict
@@ -56,17 +73,25 @@ from functools import cache
 from pathlib import Path
 from typing import IO, Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from records import commit_table, judged_line, script_command, short, stale_reason
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "sweep-results.jsonl"
 COVERAGE = ROOT / "docs" / "coverage.md"
+SHARDS = ROOT / "out" / "sweep"
 
 REDUCED_SIDE = 64  # the spatial side tried first; the default size is the last resort
 EXACT_TOLERANCE = 1e-4  # relative output difference allowed where every transfer is exact
-ROUNDING = 1e-7  # float32's relative rounding: the least per-site noise the calibration uses
+ROUNDING = 1e-7  # float32's relative rounding at a site: the noise the calibration applies
 AMPLIFICATION_MARGIN = 10.0  # the original must move at least 1/10 as much under that noise
-MAX_PARAMS = 1_000_000_000  # beyond this a model does not fit the sweep's memory budget
+BYTES_PER_PARAM = 4  # float32
+KEEP_COPIES = 4  # kept original + patched copy + the reload's weights read and model built
+LOAD_COPIES = 2  # a rebuilt model's reload: the weights read, then the model they fill
 DEFAULT_TIMEOUT_S = 600.0
-DEFAULT_MEMORY_GIB = 8.0
+DEFAULT_MEMORY_GIB = 22.0  # one worker on a 24 GiB machine, 2 GiB left for everything else
+OUTCOMES = ("pass", "no sites", "skip", "fail")
 
 Progress = Callable[[str], None]
 
@@ -137,15 +162,20 @@ def select_jobs(
     glob: str | None = None,
     family: str | None = None,
     sample: int | None = None,
-    per_family: int | None = None,
+    per_module: int | None = None,
     seed: int = 0,
+    shard: tuple[int, int] | None = None,
 ) -> list[Job]:
-    """Filter by name glob and family, then take a seeded sample: `per_family` models of each
-    family and/or `sample` models in all (kept in the original order)."""
+    """Filter by name glob and family, take a seeded sample (`per_module` models from each
+    defining module and/or `sample` models in all, kept in the original order), then the
+    `shard` (k, n): every n-th model from the k-th (1-based), so n shards cover it once.
+
+    The same library versions list the same models, so the same arguments select the same
+    models on any machine."""
     chosen = [j for j in jobs if glob is None or fnmatch.fnmatchcase(j.name, glob)]
     if family is not None:
         chosen = [j for j in chosen if family_of(j.source, j.name) == family]
-    if per_family is not None:
+    if per_module is not None:
         rng = random.Random(seed)
         groups: dict[tuple[str, str], list[Job]] = defaultdict(list)
         for job in chosen:
@@ -153,13 +183,26 @@ def select_jobs(
         picked = {
             job
             for members in groups.values()
-            for job in rng.sample(members, min(per_family, len(members)))
+            for job in rng.sample(members, min(per_module, len(members)))
         }
         chosen = [j for j in chosen if j in picked]
     if sample is not None and sample < len(chosen):
         keep = set(random.Random(seed).sample(range(len(chosen)), sample))
         chosen = [j for i, j in enumerate(chosen) if i in keep]
+    if shard is not None:
+        k, n = shard
+        chosen = chosen[k - 1 :: n]
     return chosen
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`K/N` (1 <= K <= N) as (K, N); argparse reports a ValueError as a usage error."""
+    found = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if found is None or not 1 <= int(found.group(1)) <= int(found.group(2)):
+        raise argparse.ArgumentTypeError(
+            f"--shard takes K/N with 1 <= K <= N, e.g. 2/4, not {text!r}"
+        )
+    return int(found.group(1)), int(found.group(2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,15 +340,21 @@ def _forward(model: Any, args: tuple[Any, ...]) -> Any:
         return model(*args)
 
 
-def _exactness(report: Any, original: Any, args: tuple[Any, ...]) -> tuple[str | None, str | None]:
+def _exactness(
+    report: Any, original: Callable[[], Any], args: tuple[Any, ...]
+) -> tuple[str | None, str | None]:
     """(why a policy that claims exact transfers is not exact or None, a note or None).
 
     Every exact site is checked on its own first. The whole-model check then allows for models
     that amplify rounding: some random-init networks (timm's efficientnetv2_m/l/xl) move their
-    output by tens of percent when a single layer's output changes in its last float32 bit, so
-    an exact transfer can still change the output. Such a difference passes only if the
-    original model, with its patched sites' outputs perturbed by the same relative amount,
-    moves as much on its own; the record then says so."""
+    output far beyond the tolerance when a single layer's output changes in its last float32
+    bit, so an exact transfer can still change the output. Such a difference passes only when both
+    hold: every patched site is within `AMPLIFICATION_MARGIN` times float32 rounding
+    (`ROUNDING`) of the original site, and the original model (built by `original()`, only
+    when needed), with its patched sites' outputs perturbed by that fixed rounding, moves its
+    output at least 1/`AMPLIFICATION_MARGIN` as much. The noise is fixed, not taken from the
+    observed site error, so a site much worse than rounding cannot excuse itself; the record
+    then says what was measured."""
     patched = [r for r in report.rows if r.status == "patched"]
     for row in patched:
         if row.transfer == "exact" and row.rel_diff is not None and row.rel_diff > EXACT_TOLERANCE:
@@ -314,19 +363,26 @@ def _exactness(report: Any, original: Any, args: tuple[Any, ...]) -> tuple[str |
     all_exact = bool(patched) and all(r.transfer == "exact" for r in patched)
     if not all_exact or report.output_rel_diff <= EXACT_TOLERANCE:
         return None, None
-    site_diff = max([r.rel_diff for r in patched if r.rel_diff is not None], default=0.0)
-    noise = max(site_diff, ROUNDING)
-    own = rounding_sensitivity(original, args, [r.site for r in patched], noise)
+    bound = AMPLIFICATION_MARGIN * ROUNDING
+    worst = max(patched, key=lambda r: r.rel_diff or 0.0)
+    site_diff = worst.rel_diff or 0.0
+    if site_diff > bound:
+        return (
+            f"the output differs by {report.output_rel_diff:.2e} and site {worst.site}'s output "
+            f"by {site_diff:.2e}, more than float32 rounding can explain "
+            f"({AMPLIFICATION_MARGIN:g} x {ROUNDING:g}): an exact transfer that is not exact"
+        ), None
+    own = rounding_sensitivity(original(), args, [r.site for r in patched], ROUNDING)
     if own >= report.output_rel_diff / AMPLIFICATION_MARGIN:
         return None, (
             f"the output differs by {report.output_rel_diff:.2e} with every site exact to "
             f"{site_diff:.1e}: the original model amplifies rounding (perturbing its patched "
-            f"sites' outputs by a relative {noise:.1e} moves its output by {own:.2e})"
+            f"sites' outputs by a relative {ROUNDING:.0e} moves its output by {own:.2e})"
         )
     return (
         f"every transfer is exact but the model output differs by "
         f"{report.output_rel_diff:.2e} (> {EXACT_TOLERANCE:g}; the original moves only "
-        f"{own:.2e} under the same per-site rounding)"
+        f"{own:.2e} under float32 rounding at its patched sites)"
     ), None
 
 
@@ -372,15 +428,58 @@ def builtin_policies() -> list[str]:
     return [name for name, _ in list_builtin_policies()]
 
 
+class Originals:
+    """Unpatched models of one size for the policies to patch in place, one at a time.
+
+    With `keep` the first model stays unpatched in memory and each policy gets a deep copy;
+    without, each policy gets a fresh build from `rebuild` (same seed, same weights) and
+    nothing else is held, so a model that does not fit twice over runs all the same."""
+
+    def __init__(self, first: Any, rebuild: Callable[[], Any], *, keep: bool) -> None:
+        self.keep = keep
+        self._rebuild = rebuild
+        self._kept = first if keep else None
+        self._spare = None if keep else first  # the first build serves the first policy
+
+    def fresh(self) -> Any:
+        """A LoadedModel whose model no one else holds: patch it in place."""
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            return spare
+        if self._kept is not None:
+            return dataclasses.replace(self._kept, model=copy.deepcopy(self._kept.model))
+        return self._rebuild()
+
+    def put_back(self, loaded: Any) -> None:
+        """Take back a model a policy left untouched (no edit made), for the next policy."""
+        self._spare = loaded
+
+    def original(self) -> Any:
+        """The unpatched model (the kept one, else a fresh build) for the rounding check."""
+        return self._kept.model if self._kept is not None else self._rebuild().model
+
+
+def memory_plan(params: int, memory_gib: float, max_params: int | None = None) -> str | None:
+    """How a model of `params` parameters runs under the budget: "keep" (the original kept
+    beside each policy's copy), "rebuild" (built afresh per policy), or None: it cannot fit
+    (its checkpoint reload alone holds two float32 copies) or exceeds `max_params`."""
+    budget = memory_gib * 2**30
+    if max_params is not None and params > max_params:
+        return None
+    if params * BYTES_PER_PARAM * LOAD_COPIES > budget:
+        return None
+    return "keep" if params * BYTES_PER_PARAM * KEEP_COPIES <= budget else "rebuild"
+
+
 def _check_policy(
-    loaded: Any,
-    original: Any,
+    originals: Originals,
     args: tuple[Any, ...],
     policy_name: str,
     progress: Progress,
     checked: dict[tuple[Any, ...], str] | None = None,
 ) -> dict[str, Any]:
-    """Patch a fresh copy with one policy, verify, save, reload, compare; one result dict.
+    """Patch an unpatched model in place with one policy, verify, save, drop it, reload,
+    compare; one result dict.
 
     `checked` maps the edits of policies already round-tripped on this model to their name: a
     policy whose edits are the same (spd and spd-all on a model without max pools; any two
@@ -392,10 +491,10 @@ def _check_policy(
     stage = "patch"
     try:
         policy = resolve_policy(policy_name)
-        model = copy.deepcopy(original)
+        loaded = originals.fresh()
         progress(f"{policy_name}: patch")
         start = time.perf_counter()
-        patched, report = patch(model, policy, args, model_name=loaded.spec.text)
+        patched, report = patch(loaded.model, policy, args, model_name=loaded.spec.text)
         result["patch_s"] = round(time.perf_counter() - start, 3)
         result["patched"] = report.patched
         result["skipped"] = report.skipped
@@ -408,39 +507,50 @@ def _check_policy(
             result["skip_reasons"] = dict(skips)
         if report.notes:
             result["notes"] = list(report.notes)
-        inexact, amplified = _exactness(report, original, args)
+        inexact, amplified = _exactness(report, originals.original, args)
         if inexact is not None:
             result["reason"] = inexact
             return result
         if amplified is not None:
             result["rounding"] = amplified
         edits = tuple((r.site, r.status, r.replacement, r.transfer) for r in report.rows)
+        outcome = _passed(result, report)
         if checked is not None and edits in checked:
             result["roundtrip"] = f"as {checked[edits]} (the same edits)"
-            return _passed(result, report)
+            if not report.ops:  # nothing was edited: the model is still the original
+                originals.put_back(loaded)
+            return outcome
         stage = "save"
         progress(f"{policy_name}: save + load")
         start = time.perf_counter()
         expected = _forward(patched, args)
         size = sum(t.numel() * t.element_size() for t in patched.state_dict().values())
+        # a user factory (`pkg.mod:fn`, the sweep's own tests) is trusted: we built it
+        trusted = [loaded.spec.text] if loaded.spec.source == "import" else []
+        edited = bool(report.ops)
         with tempfile.TemporaryDirectory(prefix="surgeon-sweep-", dir=_scratch(size)) as tmp:
             directory = Path(tmp) / "ckpt"
             save(directory, patched, loaded, report, policy.to_dict())
-            del model, patched  # the reload below builds a third copy: keep the peak down
+            # the patched model (and the new layers the report's edits hold) are not needed
+            # any more: drop them before the reload builds its own copy
+            described = dataclasses.replace(loaded, model=None)
+            del loaded, patched, report
+            _release_memory()
             stage = "load"
-            # a user factory (`pkg.mod:fn`, the sweep's own tests) is trusted: we built it
-            trusted = [loaded.spec.text] if loaded.spec.source == "import" else []
             reloaded = load(directory, trust_import=trusted)
         stage = "compare"
         mismatch = _bit_identical(expected, _forward(reloaded, args))
         result["roundtrip_s"] = round(time.perf_counter() - start, 3)
         if mismatch is not None:
-            result["reason"] = mismatch
+            result.update(status="fail", reason=mismatch)
             return result
+        if not edited:  # the reloaded model is the original, bit for bit: the next one's
+            originals.put_back(dataclasses.replace(described, model=reloaded))
         if checked is not None:
             checked[edits] = policy_name
-        return _passed(result, report)
+        return outcome
     except Exception as exc:
+        result["status"] = "fail"
         result["reason"] = (f"{stage}: " if stage != "patch" else "") + _reason(exc)
         if _not_applicable(exc, stage, policy_name):
             result["status"] = "skip"
@@ -450,7 +560,8 @@ def _check_policy(
 
 
 def _passed(result: dict[str, Any], report: Any) -> dict[str, Any]:
-    result["status"] = "pass"
+    """The outcome of a verified policy: pass when it patched sites, else no sites."""
+    result["status"] = "pass" if report.patched else "no sites"
     patchify = sum(r.role == "patchify" and r.status != "patched" for r in report.rows)
     result["reason"] = (
         f"{report.patched} patched"
@@ -519,16 +630,26 @@ def _param_count(job: Job) -> int | None:
     return sum(p.numel() for p in model.parameters())
 
 
+def _too_big(params: int, memory_gib: float, max_params: int | None) -> str:
+    if max_params is not None and params > max_params:
+        return f"{params / 1e9:.2f}B parameters: over --max-params {max_params:,}"
+    need = params * BYTES_PER_PARAM * LOAD_COPIES / 2**30
+    return (
+        f"{params / 1e9:.2f}B parameters: reloading its checkpoint holds two float32 copies "
+        f"({need:.1f} GiB), over the sweep's {memory_gib:g} GiB memory budget"
+    )
+
+
 def sweep_model(
     job: Job,
     *,
     policies: Sequence[str] | None = None,
     side: int = REDUCED_SIDE,
+    memory_gib: float = DEFAULT_MEMORY_GIB,
+    max_params: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Build, scan, patch with every policy, verify and round-trip one model: its record."""
-    import torch
-
     from surgeon.models import example_inputs, load_model
     from surgeon.scan import scan
 
@@ -546,33 +667,36 @@ def sweep_model(
     try:
         say("size")
         params = _param_count(job)
-        if params is not None and params > MAX_PARAMS:
+        if params is not None and memory_plan(params, memory_gib, max_params) is None:
+            reason = _too_big(params, memory_gib, max_params)
             record.update(
                 status="skip",
                 params=params,
-                reason=f"{params / 1e9:.2f}B parameters: a float32 copy per policy does not fit "
-                "the sweep's memory budget",
-                policies={p: {"status": "skip", "reason": "model too big"} for p in names},
+                reason=reason,
+                policies={p: {"status": "skip", "reason": reason} for p in names},
             )
             return record
-        torch.manual_seed(0)
         say("build")
         start = time.perf_counter()
-        loaded = load_model(job.key)
+        loaded = load_model(job.key, seed=0)
         record["build_s"] = round(time.perf_counter() - start, 3)
         record["params"] = sum(p.numel() for p in loaded.model.parameters())
         say(f"built {record['params'] / 1e6:.0f}M parameters")
+        plan = memory_plan(record["params"], memory_gib, max_params)
+        if plan is None:  # the meta-device count failed: the build says it now
+            record.update(status="skip", reason=_too_big(record["params"], memory_gib, max_params))
+            return record
+        record["memory_plan"] = plan
         default = tuple(loaded.input_size)
         record["default_size"] = list(default)
         tried: list[str] = []
-        chosen: tuple[Any, Any, tuple[int, ...]] | None = None
+        chosen: tuple[Any, Any, tuple[int, ...], dict[str, Any]] | None = None
         for size, kwargs in size_attempts(job, default, side):
             say(f"try {'x'.join(map(str, size))}")
             model_at = loaded
             if kwargs:
-                torch.manual_seed(0)
                 try:
-                    model_at = load_model(job.key, kwargs=kwargs)
+                    model_at = load_model(job.key, kwargs=kwargs, seed=0)
                 except Exception as exc:  # this model does not take the size kwarg: next size
                     tried.append(f"{'x'.join(map(str, size))} {kwargs}: {_one_line(exc)}")
                     continue
@@ -583,7 +707,7 @@ def sweep_model(
             except Exception as exc:  # the original model rejects this size: try the next
                 tried.append(f"{'x'.join(map(str, size))} {kwargs or ''}: {_one_line(exc)}")
                 continue
-            chosen = (model_at, args, size)
+            chosen = (model_at, args, size, kwargs)
             break
         if tried:
             record["sizes_rejected"] = tried
@@ -594,7 +718,8 @@ def sweep_model(
                 else "no input size to try"
             )
             return record
-        loaded, args, size = chosen
+        loaded, args, size, kwargs = chosen
+        del chosen
         record["input_size"] = list(size)
         record["kwargs"] = dict(loaded.spec.kwargs)
         say("scan")
@@ -606,16 +731,23 @@ def sweep_model(
         record["roles"] = dict(Counter(s.role for s in result.sites))
         record["found_by"] = sorted({s.found_by.split(" ")[0] for s in result.sites})
         record["regions"] = sorted({r.method for r in result.regions})
+        del result
+
+        def rebuild(kwargs: dict[str, Any] = kwargs, size: tuple[int, ...] = size) -> Any:
+            say("rebuild")
+            built = load_model(job.key, kwargs=kwargs or None, seed=0)
+            built.input_size = size
+            return built
+
+        originals = Originals(loaded, rebuild, keep=plan == "keep")
+        del loaded
         outcomes: dict[str, dict[str, Any]] = {}
         checked: dict[tuple[Any, ...], str] = {}
         for name in names:
-            outcomes[name] = _check_policy(loaded, loaded.model, args, name, say, checked)
-            _release_memory()  # the policy's copies are gone now: give their memory back
+            outcomes[name] = _check_policy(originals, args, name, say, checked)
+            _release_memory()  # the policy's models are gone now: give their memory back
         record["policies"] = outcomes
-        statuses = {o["status"] for o in outcomes.values()}
-        record["status"] = (
-            "fail" if "fail" in statuses else "pass" if "pass" in statuses else "skip"
-        )
+        record["status"] = model_outcome(record)
         failing = [f"{n}: {o['reason']}" for n, o in outcomes.items() if o["status"] == "fail"]
         record["reason"] = "; ".join(failing) if failing else ""
         times = [o["patch_s"] for o in outcomes.values() if "patch_s" in o]
@@ -629,6 +761,30 @@ def sweep_model(
     finally:
         record["total_s"] = round(time.perf_counter() - started, 3)
     return record
+
+
+def policy_outcome(outcome: Mapping[str, Any]) -> str:
+    """One policy's outcome class. Records written before "no sites" was its own class say
+    "pass" with 0 patched: that is no sites too."""
+    status = str(outcome.get("status", "fail"))
+    if status == "pass" and outcome.get("patched") == 0:
+        return "no sites"
+    return status
+
+
+def model_outcome(record: Mapping[str, Any]) -> str:
+    """A model's outcome class: fail if any policy failed, else pass if any patched and
+    verified sites, else no sites if any policy had nothing to patch, else skip (every policy
+    skipped, or the model was not checked at all; its `reason` says why)."""
+    policies = record.get("policies") or {}
+    if not policies:  # stopped before any policy ran: a failure, or a skip with its reason
+        status = str(record.get("status"))
+        return status if status in OUTCOMES else "fail"
+    outcomes = {policy_outcome(o) for o in policies.values()}
+    for status in ("fail", "pass", "no sites"):
+        if status in outcomes:
+            return status
+    return "skip"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -661,6 +817,8 @@ def worker_main(out_fd: int, threads: int = 0) -> None:
             job,
             policies=spec.get("policies"),
             side=int(spec.get("side", REDUCED_SIDE)),
+            memory_gib=float(spec.get("memory_gib", DEFAULT_MEMORY_GIB)),
+            max_params=spec.get("max_params"),
             progress=lambda text: send({"stage": text}),
         )
         send({"record": record})
@@ -718,9 +876,10 @@ class Worker:
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.messages, selectors.EVENT_READ)
 
-    def send(self, job: Job, policies: Sequence[str] | None, side: int) -> None:
+    def send(self, job: Job, settings: Mapping[str, Any]) -> None:
+        """Start `job` with `settings` (policies, side, memory_gib, max_params)."""
         assert self.process.stdin is not None
-        payload = {"source": job.source, "name": job.name, "policies": policies, "side": side}
+        payload = {"source": job.source, "name": job.name, **settings}
         self.process.stdin.write(json.dumps(payload) + "\n")
         self.process.stdin.flush()
 
@@ -767,11 +926,13 @@ def run_in_worker(
     timeout_s: float,
     memory_gib: float,
     on_stage: Progress,
+    max_params: int | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Run one job in the worker; (record, worker still usable)."""
     started = time.monotonic()
     stages: list[str] = []
-    worker.send(job, policies, side)
+    settings = {"policies": policies, "side": side, "memory_gib": memory_gib}
+    worker.send(job, {**settings, "max_params": max_params})
     peak = 0.0
     while True:
         elapsed = time.monotonic() - started
@@ -884,24 +1045,79 @@ def _lock(file: IO[str], path: Path) -> None:
         raise ResultsBusy(f"{path} is in use by a running sweep; wait for it or stop it") from None
 
 
+def _order(key: str) -> tuple[bool, str]:
+    return key.split(":")[0] != "torchvision", key
+
+
+def _write_results(path: Path, records: Mapping[str, Mapping[str, Any]]) -> None:
+    """Replace the results file atomically: one line per model, torchvision first, by name."""
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as file:
+        for key in sorted(records, key=_order):
+            file.write(json.dumps(records[key], sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
 def compact_results(path: Path) -> int:
     """Rewrite the results file with one line per model (the latest), atomically; refuses
     (ResultsBusy) while a sweep is appending to it."""
     with path.open("a", encoding="utf-8") as held:
         _lock(held, path)
         records = read_results(path)
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("w", encoding="utf-8") as file:
-            for key in sorted(records, key=lambda k: (k.split(":")[0] != "torchvision", k)):
-                file.write(json.dumps(records[key], sort_keys=True) + "\n")
-        tmp.replace(path)
+        _write_results(path, records)
     return len(records)
+
+
+def _when(record: Mapping[str, Any]) -> str:
+    return str(record.get("finished") or (record.get("provenance") or {}).get("recorded") or "")
+
+
+@dataclass(frozen=True)
+class Merged:
+    """What `merge_results` did: models in the merged file, records taken from the shard
+    files, and shards missing from a K/N series (named as "K/N")."""
+
+    models: int
+    taken: int
+    missing_shards: tuple[str, ...]
+
+
+def merge_results(path: Path, shards: Sequence[Path]) -> Merged:
+    """Merge shard files into the results file (kept as the base): per model the record that
+    finished last wins, ties going to the larger JSON text, so any order of the same files
+    gives the same file. Refuses (ResultsBusy) while a sweep appends to the results file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as held:
+        _lock(held, path)
+        merged = read_results(path)
+        taken = 0
+        series: dict[int, set[int]] = defaultdict(set)
+        for shard in sorted(set(shards)):
+            for key, record in read_results(shard).items():
+                spec = str((record.get("settings") or {}).get("shard") or "")
+                if "/" in spec:
+                    k, n = spec.split("/")
+                    series[int(n)].add(int(k))
+                old = merged.get(key)
+                if old is None or (_when(record), json.dumps(record, sort_keys=True)) > (
+                    _when(old),
+                    json.dumps(old, sort_keys=True),
+                ):
+                    merged[key] = record
+                    taken += 1
+        _write_results(path, merged)
+    missing = tuple(
+        f"{k}/{n}" for n, seen in sorted(series.items()) for k in range(1, n + 1) if k not in seen
+    )
+    return Merged(len(merged), taken, missing)
 
 
 def not_passed(jobs: Iterable[Job], records: Mapping[str, dict[str, Any]]) -> list[Job]:
     """The jobs whose recorded result is a failure or a skip (`--rerun-failed`); models with
     no record yet are left to a normal run."""
-    return [j for j in jobs if j.key in records and records[j.key]["status"] != "pass"]
+    return [
+        j for j in jobs if j.key in records and model_outcome(records[j.key]) in ("fail", "skip")
+    ]
 
 
 def pending_jobs(
@@ -925,6 +1141,18 @@ def pending_jobs(
     return [j for j in jobs if rerun or not finished(j)]
 
 
+def policy_files(names: Iterable[str]) -> list[Path]:
+    """The YAML files of the built-in policies named (their hashes go into provenance)."""
+    from surgeon.policy_loader import BUILTIN_POLICY_DIR
+
+    return [
+        path
+        for name in names
+        for path in (BUILTIN_POLICY_DIR / f"{name}.yaml", BUILTIN_POLICY_DIR / f"{name}.yml")
+        if path.is_file()
+    ]
+
+
 def run_sweep(
     jobs: Sequence[Job],
     results: Path,
@@ -933,13 +1161,22 @@ def run_sweep(
     side: int = REDUCED_SIDE,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     memory_gib: float = DEFAULT_MEMORY_GIB,
+    max_params: int | None = None,
     nice: int = 0,
     threads: int = 0,
     rerun: bool = False,
     quiet: bool = False,
+    command: Sequence[str] | None = None,
+    shard: tuple[int, int] | None = None,
+    listed: Mapping[str, int] | None = None,
 ) -> int:
     """Run the pending jobs in a worker subprocess, appending one record per model; returns the
-    number of models run. Ctrl-C stops after killing the worker; finished records are kept."""
+    number of models run. Ctrl-C stops after killing the worker; finished records are kept.
+
+    Each record carries the provenance of the worker that ran it (taken when the worker
+    starts, as it imports the code), the settings of this run, its `shard` and how many
+    models its source `listed` (the page's denominators)."""
+    from provenance import provenance
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -961,7 +1198,17 @@ def run_sweep(
     if not todo:
         return 0
     results.parent.mkdir(parents=True, exist_ok=True)
+    settings: dict[str, Any] = {
+        "side": side,
+        "timeout_s": timeout_s,
+        "memory_gib": memory_gib,
+        "max_params": max_params,
+        "threads": threads,
+        "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+    }
+    argv = list(command) if command is not None else sys.argv
     worker: Worker | None = None
+    prov: dict[str, Any] = {}
     done = 0
     columns = (
         SpinnerColumn(),
@@ -983,6 +1230,7 @@ def run_sweep(
             for job in todo:
                 bar.update(task, description=f"{job.key}")
                 if worker is None:
+                    prov = provenance(argv, policies=policy_files(wanted))
                     worker = Worker(nice, threads)
                     ready = worker.receive(120.0)
                     if not ready:
@@ -998,12 +1246,17 @@ def run_sweep(
                     side=side,
                     timeout_s=timeout_s,
                     memory_gib=memory_gib,
+                    max_params=max_params,
                     on_stage=stage,
                 )
                 if not usable:
                     worker.stop()
                     worker = None
                 record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                record["settings"] = settings
+                if listed is not None and job.source in listed:
+                    record["listed"] = listed[job.source]
+                record["provenance"] = prov
                 append_result(file, record)
                 done += 1
                 bar.advance(task)
@@ -1020,6 +1273,7 @@ def run_sweep(
 def _line(record: dict[str, Any]) -> str:
     mark = {
         "pass": "[green]pass[/green]",
+        "no sites": "[cyan]no sites[/cyan]",
         "fail": "[red]FAIL[/red]",
         "skip": "[yellow]skip[/yellow]",
     }
@@ -1029,7 +1283,7 @@ def _line(record: dict[str, Any]) -> str:
         f"{mark.get(record['status'], record['status'])} {record['source']}:{record['name']} "
         f"{size} sites {record.get('sites', '-')} {seconds:.1f}s"
     )
-    if record["status"] != "pass" and record.get("reason"):
+    if record["status"] in ("fail", "skip") and record.get("reason"):
         text += f" [dim]{record['reason'][:160]}[/dim]"
     return text
 
@@ -1038,191 +1292,353 @@ def _line(record: dict[str, Any]) -> str:
 # docs/coverage.md
 
 
-def _counts(
-    records: Iterable[dict[str, Any]], key: Callable[[dict[str, Any]], str]
-) -> list[list[Any]]:
-    table: dict[str, Counter[str]] = defaultdict(Counter)
-    for record in records:
-        table[key(record)][record["status"]] += 1
-    return [
-        [name, c["pass"], c["fail"], c["skip"], sum(c.values())]
-        for name, c in sorted(table.items())
-    ]
-
-
 def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    lines += [
+        "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in row) + " |"
+        for row in rows
+    ]
     return lines
 
 
-def is_traceback(record: dict[str, Any]) -> bool:
+def is_traceback(record: Mapping[str, Any]) -> bool:
     """True when a record (or one of its policies) failed with a raw exception."""
     if "traceback" in record or str(record.get("reason", "")).startswith("traceback"):
         return True
-    return any("traceback" in p for p in record.get("policies", {}).values())
+    return any("traceback" in p for p in (record.get("policies") or {}).values())
 
 
-def render_coverage(
-    records: Sequence[dict[str, Any]], expected: dict[str, int], notes: Sequence[str] = ()
-) -> str:
-    """The Markdown coverage report for a set of records; `notes` say how the sweep was run."""
+def _provenance(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A record's provenance; for a record written before records carried one, only its
+    finishing time (its staleness reason is then that no commit was recorded)."""
+    prov = record.get("provenance")
+    return dict(prov) if prov else {"recorded": record.get("finished")}
+
+
+def _ran_on(record: Mapping[str, Any], current: str) -> str:
+    prov = _provenance(record)
+    stale = " (stale)" if stale_reason(prov, current) is not None else ""
+    return short(prov.get("commit")) + stale
+
+
+def _listed(records: Sequence[Mapping[str, Any]], source: str) -> int | None:
+    """How many models `source` listed, as the latest record that says so recorded it."""
+    known = [r for r in records if r["source"] == source and isinstance(r.get("listed"), int)]
+    return int(max(known, key=_when)["listed"]) if known else None
+
+
+def _classes(counter: Counter[str]) -> list[int]:
+    return [counter[c] for c in OUTCOMES]
+
+
+def _policies(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    return sorted({n for r in records for n in (r.get("policies") or {})})
+
+
+def _sources(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    return sorted({r["source"] for r in records}, key=lambda s: s != "torchvision")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 7200 else f"{seconds / 60:.1f} min"
+
+
+def coverage_numbers(records: Sequence[Mapping[str, Any]], current: str) -> dict[str, Any]:
+    """The counts the page and the README quote, from the records alone."""
+    per_source: dict[str, dict[str, Any]] = {}
+    for source in _sources(records):
+        mine = [r for r in records if r["source"] == source]
+        per_source[source] = {
+            "listed": _listed(records, source),
+            "recorded": len(mine),
+            "current": sum(stale_reason(_provenance(r), current) is None for r in mine),
+            "classes": Counter(model_outcome(r) for r in mine),
+            "tracebacks": sum(is_traceback(r) for r in mine),
+        }
+    per_policy: dict[str, Counter[str]] = {name: Counter() for name in _policies(records)}
+    for record in records:
+        for name, outcome in (record.get("policies") or {}).items():
+            per_policy[name][policy_outcome(outcome)] += 1
+    return {
+        "sources": per_source,
+        "policies": per_policy,
+        "classes": Counter(model_outcome(r) for r in records),
+        "recorded": len(records),
+        "current": sum(s["current"] for s in per_source.values()),
+        "tracebacks": sum(s["tracebacks"] for s in per_source.values()),
+    }
+
+
+def coverage_claim(records: Sequence[Mapping[str, Any]], current: str) -> str:
+    """The README's coverage bullet (Markdown, wrapped), every number in it from the records."""
+    numbers = coverage_numbers(records, current)
+    of = ", ".join(
+        f"{s['recorded']} {source} models"
+        + (f" of the {s['listed']} listed" if s["listed"] is not None else "")
+        for source, s in numbers["sources"].items()
+    )
+    c = numbers["classes"]
+    policies = ", ".join(
+        f"`{name}` {'/'.join(map(str, _classes(counts)))}"
+        for name, counts in numbers["policies"].items()
+    )
+    stale = numbers["recorded"] - numbers["current"]
+    freshness = (
+        "Every record ran on the current code."
+        if not stale
+        else f"{numbers['current']} of the records ran on the current code; {stale} are stale "
+        "(older code, or no commit recorded) until the sweep is run again."
+    )
+    text = (
+        f"- **Coverage** ([docs/coverage.md](docs/coverage.md)): the sweep has records of {of}. "
+        f"{c['pass']} pass (sites patched and verified, no policy failing), {c['no sites']} "
+        f"have no site any built-in policy patches, {c['skip']} were skipped (each with its "
+        f"reason) and {c['fail']} fail; {numbers['tracebacks']} tracebacks. Per policy "
+        f"(pass/no sites/skip/fail): {policies}. {freshness}"
+    )
+    return textwrap.fill(text, width=100, subsequent_indent="  ", break_on_hyphens=False)
+
+
+def render_coverage(records: Sequence[dict[str, Any]], current: str) -> str:
+    """docs/coverage.md from the sweep records alone; staleness judged against `current`."""
+    numbers = coverage_numbers(records, current)
+    policies = _policies(records)
     lines = [
         "# Coverage: every torchvision and timm model",
         "",
-        "Generated by `python scripts/sweep.py --report` from "
-        "[`sweep-results.jsonl`](sweep-results.jsonl); do not edit by hand.",
+        "Generated by `python scripts/pages.py` (`make docs`) from "
+        "[`sweep-results.jsonl`](sweep-results.jsonl), one record per model: do not edit by "
+        "hand. Every count and measurement on this page comes from those records (the "
+        "thresholds are the sweep's constants).",
         "",
-        "Each model is built with random weights, scanned, patched with every built-in policy "
-        "(each on a fresh copy), checked (output shapes unchanged; where every patched site "
-        f"transfers exactly, outputs equal to a relative {EXACT_TOLERANCE:g}, unless the "
-        "original model itself moves at least a tenth as much when the same sites' outputs "
-        "are perturbed by rounding-sized noise: see the section on models that amplify "
-        "rounding), saved with "
-        "`surgeon.api.save`, reloaded with `surgeon.api.load` and compared bit for bit. A model "
-        "passes when every policy passes. Inputs are reduced (smaller side "
-        f"{REDUCED_SIDE} px, then {REDUCED_SIDE * 2} px, then the default) to the first size "
-        "the original model accepts.",
+        judged_line(current),
         "",
-        "- **pass**: every policy patched (or had nothing to patch), verified and round-tripped.",
+        "Each model is built with random weights (seed 0), scanned, patched in place with every "
+        "built-in policy, checked (output shapes unchanged; where every patched site transfers "
+        f"exactly, outputs equal to a relative {EXACT_TOLERANCE:g}, unless every site is within "
+        f"{AMPLIFICATION_MARGIN:g}x float32 rounding ({ROUNDING:g}) of the original and the "
+        "original model itself moves at least "
+        f"1/{AMPLIFICATION_MARGIN:g} as much when the same sites' outputs are perturbed by that "
+        "rounding: see the section on models that amplify rounding), saved with "
+        "`surgeon.api.save`, reloaded with `surgeon.api.load` and compared bit for bit. Inputs "
+        f"are reduced (smaller side {REDUCED_SIDE} px, then {REDUCED_SIDE * 2} px, then the "
+        "default) to the first size the original model accepts.",
+        "",
+        "Outcome of each policy on each model:",
+        "",
+        "- **pass**: sites were patched, verified and round-tripped.",
+        "- **no sites**: nothing for this policy to patch (no downsampling site it changes, "
+        "e.g. only non-overlapping patchify convolutions, or only max pools under `spd`); the "
+        "model was still checked and round-tripped.",
+        "- **skip**: the policy does not apply, with its reason: a policy that moves strides "
+        "(`dilate`) refused by `patch()` because the model cannot run with them (a join whose "
+        "other branch is a functional pool or a factorised conv, a position table built for "
+        "the original map size), or the model over the sweep's memory, time or parameter "
+        "budget. The same refusal from a policy that keeps map sizes is a failure.",
         "- **fail**: a policy raised, changed an output shape, broke an exact transfer or did not "
-        "reload bit for bit; the reason is that policy's one-line message. A reason starting "
-        "with `traceback:` is an unexpected exception (counted under *tracebacks*).",
-        "- **skip**: the model was not (fully) checked, for the reason given: over the sweep's "
-        "memory or time budget per model, or too many parameters for it.",
-        "- A policy that moves or removes strides (`dilate`) is *skipped* on a model that cannot "
-        "run with them, with `patch()`'s one-line refusal naming the module that fails and the "
-        "sites left unchanged in it (a join whose other branch is a functional pool or a "
-        "factorised conv, a position table or attention window built for the original map "
-        "size); the model still passes when every other policy does. The same refusal from a "
-        "policy that keeps map sizes is a failure.",
+        "reload bit for bit. A reason starting with `traceback:` is an unexpected exception "
+        "(counted under *tracebacks*).",
         "",
-        "Model-specific settings live in one place, `model_kwargs` in `scripts/sweep.py`, and are "
-        "recorded with each result: torchvision detectors resize internally to the input size "
-        "(`min_size`/`max_size`; SSDs keep their fixed size), and timm models with a fixed input "
-        "size are built with `img_size` set to the reduced size.",
+        "A model's outcome is *fail* if any policy failed, else *pass* if any policy patched "
+        "sites, else *no sites* if any policy had nothing to patch, else *skip*.",
+        "",
+        "## Summary",
         "",
     ]
-    if notes:
-        lines += ["## How this sweep was run", ""] + [f"- {note}" for note in notes] + [""]
-    sources = sorted({r["source"] for r in records}, key=lambda s: s != "torchvision")
-    lines += ["## Summary", ""]
     rows = []
-    for source in sources:
-        mine = [r for r in records if r["source"] == source]
-        c = Counter(r["status"] for r in mine)
-        total = expected.get(source, len(mine))
+    for source, s in numbers["sources"].items():
+        listed = "not recorded" if s["listed"] is None else s["listed"]
         rows.append(
             [
                 source,
-                c["pass"],
-                c["fail"],
-                c["skip"],
-                f"{len(mine)} of {total}",
-                sum(is_traceback(r) for r in mine),
+                listed,
+                s["recorded"],
+                s["current"],
+                s["recorded"] - s["current"],
+                *_classes(s["classes"]),
+                s["tracebacks"],
             ]
         )
-    lines += _md_table(["source", "pass", "fail", "skip", "recorded", "tracebacks"], rows)
+    lines += _md_table(
+        ["source", "listed", "recorded", "current", "stale", *OUTCOMES, "tracebacks"], rows
+    )
     wall = sum(float(r.get("wall_s", r.get("total_s", 0.0))) for r in records)
     patch_times = [float(r["patch_median_s"]) for r in records if "patch_median_s" in r]
+    machines = Counter(
+        f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores"
+        for r in records
+        if (m := _provenance(r).get("machine"))
+    )
     lines += [
         "",
-        f"- Sweep wall time: {wall / 60:.1f} min for {len(records)} models (sum of per-model "
-        "wall times, in worker processes on 2 shared CPU cores).",
+        "*listed*: the models the source's library listed when the latest record of it ran; "
+        "*current* / *stale*: records that did / did not run on the code judged against above.",
+        "",
+        f"- Sum of per-model wall times: {_duration(wall)} for {len(records)} models.",
     ]
     if patch_times:
         lines.append(
             f"- Median per-model patch time: {statistics.median(patch_times):.2f} s (each model's "
             "median over its policies, `patch()` only, excluding building and copying)."
         )
-    policy_counts: dict[str, Counter[str]] = defaultdict(Counter)
-    for record in records:
-        for name, outcome in record.get("policies", {}).items():
-            policy_counts[name][outcome["status"]] += 1
-    if policy_counts:
-        lines += ["", "## Per policy", ""]
-        lines += _md_table(
-            ["policy", "pass", "fail", "skip"],
-            [[n, c["pass"], c["fail"], c["skip"]] for n, c in sorted(policy_counts.items())],
+    if machines:
+        lines.append(
+            "- Machines: "
+            + "; ".join(f"{name} ({count} records)" for name, count in sorted(machines.items()))
+            + "."
         )
+    lines += ["", "## Per policy", ""]
+    lines += _md_table(
+        ["policy", *OUTCOMES],
+        [[f"`{n}`", *_classes(c)] for n, c in numbers["policies"].items()],
+    )
+    lines += ["", "## Per family and policy", ""]
+    lines += [
+        "Families are the modules that define the models. Each policy cell counts "
+        "pass / no sites / skip / fail.",
+        "",
+    ]
+    families: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for record in records:
+        families[f"{record['source']} / {record['family']}"].append(record)
+    matrix = []
+    for family, members in sorted(families.items()):
+        cells = []
+        for name in policies:
+            counts = Counter(
+                policy_outcome(r["policies"][name])
+                for r in members
+                if name in (r.get("policies") or {})
+            )
+            cells.append("/".join(map(str, _classes(counts))))
+        model_counts = Counter(model_outcome(r) for r in members)
+        matrix.append([family, len(members), "/".join(map(str, _classes(model_counts))), *cells])
+    lines += _md_table(["source / family", "models", "model outcome", *policies], matrix)
     lines += ["", "## Per task", ""]
+    tasks: dict[str, Counter[str]] = defaultdict(Counter)
+    for record in records:
+        tasks[f"{record['source']} / {record['task']}"][model_outcome(record)] += 1
     lines += _md_table(
-        ["source / task", "pass", "fail", "skip", "total"],
-        _counts(records, lambda r: f"{r['source']} / {r['task']}"),
+        ["source / task", *OUTCOMES, "total"],
+        [[t, *_classes(c), sum(c.values())] for t, c in sorted(tasks.items())],
     )
-    lines += ["", "## Per family", ""]
-    lines += _md_table(
-        ["source / family", "pass", "fail", "skip", "total"],
-        _counts(records, lambda r: f"{r['source']} / {r['family']}"),
-    )
-    failures = [r for r in records if r["status"] == "fail"]
+    lines += ["", "## Which code each record ran on", ""]
+    lines += commit_table((_provenance(r) for r in records), current, what="models")
+    failures = [r for r in records if model_outcome(r) == "fail"]
     lines += ["", f"## Failures ({len(failures)})", ""]
     lines += (
         _md_table(
-            ["model", "reason"], [[f"{r['source']}:{r['name']}", r["reason"]] for r in failures]
+            ["model", "ran on", "reason"],
+            [[f"{r['source']}:{r['name']}", _ran_on(r, current), r["reason"]] for r in failures],
         )
         if failures
         else ["None."]
     )
-    skips = [r for r in records if r["status"] == "skip"]
+    skips = [r for r in records if model_outcome(r) == "skip"]
     lines += ["", f"## Skipped ({len(skips)})", ""]
     lines += (
-        _md_table(["model", "reason"], [[f"{r['source']}:{r['name']}", r["reason"]] for r in skips])
+        _md_table(
+            ["model", "ran on", "reason"],
+            [[f"{r['source']}:{r['name']}", _ran_on(r, current), r["reason"]] for r in skips],
+        )
         if skips
         else ["None."]
     )
     partial = [
         (r, n, o)
         for r in records
-        if r["status"] == "pass"
-        for n, o in r.get("policies", {}).items()
-        if o["status"] == "skip"
+        if model_outcome(r) in ("pass", "no sites")
+        for n, o in (r.get("policies") or {}).items()
+        if policy_outcome(o) == "skip"
     ]
     if partial:
-        lines += ["", "## Policies skipped on passing models", ""]
+        lines += ["", f"## Policies skipped on models that pass ({len(partial)})", ""]
         lines += _md_table(
-            ["model", "policy", "reason"],
-            [[f"{r['source']}:{r['name']}", n, o["reason"]] for r, n, o in partial],
+            ["model", "policy", "ran on", "reason"],
+            [
+                [f"{r['source']}:{r['name']}", n, _ran_on(r, current), o["reason"]]
+                for r, n, o in partial
+            ],
         )
     amplified = [
         (r, n, o)
         for r in records
-        for n, o in r.get("policies", {}).items()
-        if o["status"] == "pass" and "rounding" in o
+        for n, o in (r.get("policies") or {}).items()
+        if policy_outcome(o) == "pass" and "rounding" in o
     ]
     if amplified:
         lines += ["", "## Exact transfers in models that amplify rounding", ""]
         lines += [
-            "Every site of these transfers exactly, yet the model output moved: at random "
-            "initialisation these networks amplify a change in the last float32 bit of one "
-            "layer to an output change of this size, and the original model moves as much "
-            "under the same per-site rounding (measured on the original, see `rounding` in "
-            "the results).",
+            "Every site of these transfers exactly (within float32 rounding of the original "
+            "site), yet the model output moved: at random initialisation these networks amplify "
+            "a change in the last float32 bit of a layer, and the original model moves as much "
+            "under the same rounding at the same sites (measured on the original; see "
+            "`rounding` in the records).",
             "",
         ]
         lines += _md_table(
-            ["model", "policy", "what was measured"],
-            [[f"{r['source']}:{r['name']}", n, o["rounding"]] for r, n, o in amplified],
+            ["model", "policy", "ran on", "what was measured"],
+            [
+                [f"{r['source']}:{r['name']}", n, _ran_on(r, current), o["rounding"]]
+                for r, n, o in amplified
+            ],
         )
     sizes = Counter(
         "default" if r.get("input_size") == r.get("default_size") else "reduced"
         for r in records
         if "input_size" in r
     )
+    plans = Counter(str(r["memory_plan"]) for r in records if "memory_plan" in r)
     lines += [
         "",
-        "## Input sizes",
+        "## Input sizes and memory",
         "",
         f"{sizes['reduced']} models ran at a reduced size, {sizes['default']} needed their "
         "default size; each record's `input_size`, `kwargs` and `sizes_rejected` say which and "
         "why.",
-        "",
     ]
-    return "\n".join(lines)
+    if plans:
+        lines += [
+            "",
+            f"{plans['keep']} models kept their unpatched original in memory beside each "
+            f"policy's copy; {plans['rebuild']} were built afresh for each policy (their "
+            "parameters did not fit the memory budget four times over); each record's "
+            "`memory_plan` and `peak_rss_gib` say which and how much.",
+        ]
+    lines += ["", *RUN_PLAN]
+    return "\n".join(lines) + "\n"
 
 
-def expected_counts() -> dict[str, int]:
-    return Counter(j.source for j in all_jobs())
+RUN_PLAN = [
+    "## How to re-run",
+    "",
+    "The sweep runs as independent shards (a Slurm array, several machines, or one machine one "
+    "after another); each writes its own file, and the merge is the same whatever order the "
+    "files come in. On one machine with 24 GiB and 2 cores, the plan is two shards side by "
+    "side, one torch thread each, then the models they skipped for memory again, alone:",
+    "",
+    "```",
+    "python scripts/sweep.py --shard 1/2 --threads 1 --memory 11 &",
+    "python scripts/sweep.py --shard 2/2 --threads 1 --memory 11 &",
+    "wait",
+    "python scripts/sweep.py --merge out/sweep/shard-1-of-2.jsonl out/sweep/shard-2-of-2.jsonl",
+    "python scripts/sweep.py --rerun-failed --threads 2 --memory 22 --timeout 1800",
+    "python scripts/sweep.py --compact",
+    "make docs",
+    "```",
+    "",
+    "`--source timm --per-module 1` instead sweeps one seeded pick from each module that "
+    "defines timm models (the same pick for the same timm version); models left out keep their "
+    "older records, marked stale. A Slurm array runs `--shard $SLURM_ARRAY_TASK_ID/N` per "
+    "task; `--compact` leaves one line per model in the results after a rerun appended to "
+    "them. `--memory` is the worker's resident-memory budget in GiB: a model whose checkpoint "
+    "reload alone (two float32 copies of its parameters) cannot fit is skipped before it is "
+    "built, one that outgrows it is stopped and recorded as a skip, and a model whose "
+    "parameters fit four times over keeps its unpatched original in memory (faster) while "
+    "larger ones are built afresh for each policy. `--max-params N` skips models over N "
+    "parameters outright.",
+    "",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1234,36 +1650,54 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--source", choices=("torchvision", "timm"), help="one model source")
     parser.add_argument("--glob", help="model name glob, e.g. 'resnet*'")
     parser.add_argument(
-        "--family", help="model family (defining module), e.g. resnet, vision_transformer"
+        "--family", help="model family (its defining module), e.g. resnet, vision_transformer"
     )
     parser.add_argument("--sample", type=int, help="a seeded random sample of N models")
-    parser.add_argument("--per-family", type=int, help="a seeded sample of N models per family")
-    parser.add_argument("--seed", type=int, default=0, help="seed for --sample and --per-family")
+    parser.add_argument(
+        "--per-module", type=int, help="a seeded sample of N models per defining module"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for --sample and --per-module")
+    parser.add_argument(
+        "--shard",
+        type=parse_shard,
+        help="K/N: every N-th selected model from the K-th, as one of N independent jobs "
+        "(default results file: out/sweep/shard-K-of-N.jsonl)",
+    )
     parser.add_argument(
         "--policy", action="append", help="policy to run (repeatable; default: all built-in)"
     )
-    parser.add_argument("--results", type=Path, default=RESULTS, help="results JSONL file")
+    parser.add_argument(
+        "--results", type=Path, help="results JSONL file (default: docs/sweep-results.jsonl)"
+    )
     parser.add_argument("--side", type=int, default=REDUCED_SIDE, help="reduced input side in px")
     parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per model"
     )
-    parser.add_argument("--memory", type=float, default=DEFAULT_MEMORY_GIB, help="GiB per model")
+    parser.add_argument(
+        "--memory",
+        type=float,
+        default=DEFAULT_MEMORY_GIB,
+        help="resident memory budget of the worker in GiB",
+    )
+    parser.add_argument("--max-params", type=int, help="skip models with more parameters than this")
     parser.add_argument("--nice", type=int, default=0, help="niceness of the worker process")
     parser.add_argument(
         "--threads", type=int, default=0, help="torch threads in the worker (0: torch's default)"
     )
     parser.add_argument("--rerun", action="store_true", help="run models already recorded again")
-    parser.add_argument("--rerun-failed", action="store_true", help="run recorded failures again")
-    parser.add_argument("--list", action="store_true", help="print the selected models and exit")
     parser.add_argument(
-        "--report", action="store_true", help="write docs/coverage.md from the results"
+        "--rerun-failed", action="store_true", help="run recorded failures and skips again"
     )
-    parser.add_argument("--coverage", type=Path, default=COVERAGE, help="where --report writes")
+    parser.add_argument("--list", action="store_true", help="print the selected models and exit")
     parser.add_argument(
         "--compact", action="store_true", help="rewrite the results with one line per model"
     )
     parser.add_argument(
-        "--note", action="append", help="a line for --report's 'how it was run' (repeatable)"
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="SHARD",
+        help="merge these results files (shards) into --results, then exit",
     )
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -1281,44 +1715,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (and SIGINT, which a background shell job ignores) stop the sweep like Ctrl-C
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
-    if args.compact:
-        try:
-            print(f"{args.results}: {compact_results(args.results)} models")
-        except ResultsBusy as exc:
-            print(exc, file=sys.stderr)
-            return 1
-        return 0
-    if args.report:
-        records = list(read_results(args.results).values())
-        page = render_coverage(records, expected_counts(), args.note or ())
-        args.coverage.write_text(page, encoding="utf-8")
-        print(f"wrote {args.coverage} ({len(records)} models)")
-        return 0
-    jobs = select_jobs(
-        all_jobs(args.source),
-        glob=args.glob,
-        family=args.family,
-        sample=args.sample,
-        per_family=args.per_family,
-        seed=args.seed,
+    results = args.results or (
+        SHARDS / f"shard-{args.shard[0]}-of-{args.shard[1]}.jsonl" if args.shard else RESULTS
     )
-    if args.list:
-        print("\n".join(j.key for j in jobs))
-        return 0
-    if args.rerun_failed:
-        jobs = not_passed(jobs, read_results(args.results))
-        args.rerun = True
     try:
+        if args.compact:
+            print(f"{results}: {compact_results(results)} models")
+            return 0
+        if args.merge:
+            missing = [str(p) for p in args.merge if not p.is_file()]
+            if missing:
+                print(f"no such results file: {', '.join(missing)}", file=sys.stderr)
+                return 1
+            merged = merge_results(results, args.merge)
+            print(
+                f"{results}: {merged.models} models, {merged.taken} records taken from "
+                f"{len(args.merge)} file(s); render the pages with `make docs`"
+            )
+            if merged.missing_shards:
+                print(f"missing shards: {', '.join(merged.missing_shards)}", file=sys.stderr)
+                return 1
+            return 0
+        listing = all_jobs(args.source)
+        jobs = select_jobs(
+            listing,
+            glob=args.glob,
+            family=args.family,
+            sample=args.sample,
+            per_module=args.per_module,
+            seed=args.seed,
+            shard=args.shard,
+        )
+        if args.list:
+            print("\n".join(j.key for j in jobs))
+            return 0
+        if args.rerun_failed:
+            jobs = not_passed(jobs, read_results(results))
+            args.rerun = True
         run_sweep(
             jobs,
-            args.results,
+            results,
             policies=args.policy,
             side=args.side,
             timeout_s=args.timeout,
             memory_gib=args.memory,
+            max_params=args.max_params,
             nice=args.nice,
             threads=args.threads,
             rerun=args.rerun,
+            shard=args.shard,
+            listed=Counter(j.source for j in listing),
+            command=script_command(__file__, argv),
         )
     except ResultsBusy as exc:
         print(exc, file=sys.stderr)

@@ -5,15 +5,17 @@ by policy.
     result = surgeon.scan(model, example_input)
     model, report = surgeon.patch(model, "spd", example_input)
     model = surgeon.load("out/resnet50-spd")
+    result = surgeon.heal(model, original, "photos/", steps=2000)
 """
 
 __version__ = "0.1.0"
 
-# The Python API mirrors the CLI. `patch` and `scan` are also the names of the modules that
-# implement them; binding the functions here (after those modules are imported) makes
+# The Python API mirrors the CLI. `patch`, `scan` and `heal` are also the names of the modules
+# that implement them; binding the functions here (after those modules are imported) makes
 # `surgeon.patch(...)` the call, while `from surgeon.patch import PatchReport` still works.
 from surgeon.api import load, save, upgrade
+from surgeon.heal import heal
 from surgeon.patch import patch
 from surgeon.scan import scan
 
-__all__ = ["__version__", "load", "patch", "save", "scan", "upgrade"]
+__all__ = ["__version__", "heal", "load", "patch", "save", "scan", "upgrade"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import sys
@@ -316,34 +317,53 @@ def info(
         out.print_json(jsonlib.dumps(manifest, sort_keys=True))
         return
     info = summarize(manifest)
-    out.print(
+    say = functools.partial(out.print, soft_wrap=True)  # paths and versions never wrap mid-line
+    say(
         f"[bold]{directory}[/bold]: {info.spec} patched with policy {info.policy} "
         f"(format version {info.format_version}; {' + '.join(info.surgeries)})"
     )
-    out.print(
+    say(
         f"  input {'x'.join(map(str, info.input_size))}, kwargs {dict(info.kwargs)}, "
         f"seed {info.seed}"
     )
-    out.print(
+    say(
         f"  {sum(r['status'] == 'patched' for r in info.rows)} sites patched, "
         f"{sum(r['status'] == 'skipped' for r in info.rows)} skipped; {len(state)} tensors, "
         f"{sum(t.numel() for t in state.values()):,} values"
     )
     if info.totals:
-        out.print(
+        say(
             f"  params {info.totals['params_before']:,} → {info.totals['params_after']:,}, "
             f"MACs {info.totals['macs_before']:,} → {info.totals['macs_after']:,}"
         )
     for row in info.rows:
         if row["status"] == "patched":
-            out.print(f"  {row['site']}: {row['replacement']} [{row['transfer']}]", highlight=False)
+            say(f"  {row['site']}: {row['replacement']} [{row['transfer']}]", highlight=False)
     if info.fold_layers:
-        out.print(
+        say(
             f"  folded (patch --fold): {len(info.folded)} of {info.fold_layers} layers "
             f"rewritten: {', '.join(info.folded) or 'none'}",
             highlight=False,
         )
-    out.print(f"  written {info.created} with {dict(info.versions)}", style="dim")
+    for entry in manifest.get("history", []):
+        if entry.get("kind") == "heal":
+            say(f"  {_heal_line(entry)}", highlight=False)
+    say(f"  written {info.created} with {dict(info.versions)}", style="dim")
+
+
+def _heal_line(entry: dict[str, Any]) -> str:
+    """One line for a heal entry of a checkpoint's history."""
+    data, before, after = entry["data"], entry["before"], entry["after"]
+
+    def pct(metrics: dict[str, Any], key: str) -> str:
+        return f"{100 * metrics[key]:.1f}%" if key in metrics else "—"
+
+    return (
+        f"healed ({entry['created']}): {entry['steps']} steps of {entry['batch_size']} x "
+        f"{entry['world_size']} on {data['images']} images (sha256 {data['sha256'][:12]}...); "
+        f"agreement {pct(before, 'agreement')} → {pct(after, 'agreement')}, consistency (crop) "
+        f"{pct(before, 'consistency_crop')} → {pct(after, 'consistency_crop')}"
+    )
 
 
 @app.command()
@@ -396,6 +416,153 @@ def upgrade(
     err.print(f"wrote {written} (checkpoint format version 2)")
 
 
+@app.command()
+def heal(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A checkpoint directory from `surgeon patch`.")
+    ],
+    data: Annotated[
+        Path, typer.Option("--data", help="Folder of images (any tree; ImageFolder with --labels).")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Checkpoint directory to write.")],
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
+    epochs: Annotated[
+        float | None, typer.Option("--epochs", help="Passes over the images (instead of --steps).")
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Images per step and process.")
+    ] = 64,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, cosine).")] = 1e-4,
+    labels: Annotated[
+        bool, typer.Option("--labels", help="One folder per class: add cross-entropy.")
+    ] = False,
+    features: Annotated[
+        bool, typer.Option("--features", help="Also match features at the patched sites.")
+    ] = False,
+    temperature: Annotated[
+        float, typer.Option("--temperature", help="Softmax temperature of the KL term.")
+    ] = 2.0,
+    freeze_bn: Annotated[
+        bool, typer.Option("--freeze-bn", help="Keep BatchNorm statistics (see docs/heal.md).")
+    ] = False,
+    device: Annotated[
+        str | None, typer.Option("--device", help="cpu or cuda (default: cuda if available).")
+    ] = None,
+    precision: Annotated[
+        str, typer.Option("--precision", help="auto, bf16, fp16 or fp32.")
+    ] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the student.")] = False,
+    eval_every: Annotated[
+        int | None,
+        typer.Option("--eval-every", help="Measure on the held-out images every K steps."),
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option("--state-dir", help="State checkpoints and log (default: OUT.heal-state)."),
+    ] = None,
+    state_every: Annotated[
+        int, typer.Option("--state-every", help="Steps between state checkpoints.")
+    ] = 200,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last state checkpoint.")
+    ] = False,
+    teacher_weights: Annotated[
+        Path | None,
+        typer.Option("--teacher-weights", help="The original's weights file, if it has moved."),
+    ] = None,
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader workers per process.")] = 4,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the split and the batches.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing checkpoint.")] = False,
+    trust_import: TrustImportOpt = None,
+    plugin: PluginOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Distil a patched checkpoint from its original model (no labels needed) and write it."""
+    import json as jsonlib
+
+    from surgeon.heal import HealOptions, default_state_dir, heal_checkpoint
+
+    options = HealOptions(
+        steps=steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        temperature=temperature,
+        labels=labels,
+        freeze_bn=freeze_bn,
+        device=device,
+        precision=precision,
+        compile=compile,
+        eval_every=eval_every,
+        state_dir=state_dir,
+        state_every=state_every,
+        resume=resume,
+        workers=workers,
+        seed=seed,
+    )
+    try:
+        result = heal_checkpoint(
+            checkpoint,
+            data,
+            out_dir,
+            options,
+            features=features,
+            teacher_weights=teacher_weights,
+            force=force,
+            trust_import=trust_import or (),
+            plugins=plugin or (),
+            console=err,
+        )
+    except KeyboardInterrupt:
+        states = state_dir or default_state_dir(out_dir)
+        err.print(
+            f"interrupted; {out_dir} was not written, and the last state checkpoint in "
+            f"{states} (if any) is kept: run the same command with --resume to continue"
+        )
+        raise typer.Abort() from None  # exit code 130 (`main`)
+    if not result.is_main:
+        return
+    if json:
+        out.print_json(jsonlib.dumps(result.record()))
+    else:
+        _render_heal(result)
+    err.print(f"wrote {out_dir}")
+
+
+def _render_heal(result: Any) -> None:
+    from rich.table import Table
+
+    def pct(value: float | None) -> str:
+        return f"{100 * value:.1f}%" if value is not None else "—"
+
+    table = Table(header_style="bold", title=f"held-out images: {result.holdout_images}")
+    for column in ("model", "agreement", "output error", "consistency (crop)", "(circular)"):
+        table.add_column(column)
+    table.add_column("accuracy")
+    for name, m in (("original", result.teacher), ("patched", result.before)):
+        table.add_row(name, *_heal_cells(m, pct))
+    table.add_row("healed", *_heal_cells(result.after, pct))
+    out.print(table)
+    losses = ", ".join(f"{k} {v:.4g}" for k, v in sorted(result.losses.items()))
+    out.print(
+        f"{result.steps} steps, {result.epochs} epochs, {result.images} images "
+        f"({result.images_skipped} skipped), {result.images_per_s:.1f} images/s; {losses}",
+        style="dim",
+        highlight=False,
+    )
+
+
+def _heal_cells(m: Any, pct: Any) -> list[str]:
+    error = f"{m.output_error:.4f}" if m.output_error is not None else "—"
+    return [
+        pct(m.agreement),
+        error,
+        pct(m.consistency_crop),
+        pct(m.consistency_circular),
+        pct(m.accuracy),
+    ]
+
+
 @app.command(name="eval")
 def eval_(
     targets: Annotated[
@@ -410,6 +577,14 @@ def eval_(
     ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for shifts and images.")] = 0,
+    baseline: Annotated[
+        bool,
+        typer.Option("--baseline", help="Also measure each checkpoint's original model."),
+    ] = False,
+    baseline_weights: Annotated[
+        Path | None,
+        typer.Option("--baseline-weights", help="The original's weights file, if it has moved."),
+    ] = None,
     input_size: InputSizeOpt = None,
     trust_import: TrustImportOpt = None,
     plugin: PluginOpt = None,
@@ -434,6 +609,8 @@ def eval_(
         input_size=parse_input_size(input_size) if input_size else None,
         trust_import=tuple(trust_import or ()),
         plugins=tuple(plugin or ()),
+        baseline=baseline,
+        baseline_weights=baseline_weights,
     )
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("evaluating", total=None)
@@ -633,19 +810,23 @@ def main() -> None:
         sys.exit(ExitCode.USER_ERROR)
 
 
+GC_THRESHOLD = 100_000
+"""Allocations between young-generation garbage collections in the `surgeon` script."""
+
+
 def entry() -> None:
     """The `surgeon` console script: `main`, then exit without the interpreter's teardown.
 
     With torch imported, Python's shutdown (releasing every module, tensor and cached kernel)
-    takes about 0.7 s of CPU on a 2-core machine: a fifth of `surgeon patch resnet50`. Every
+    is a noticeable part of a short command's time (docs/benchmarks.md, "CLI wall time"). Every
     file a command writes is closed (and fsynced) before it returns, so only the standard
     streams are left to flush. `--debug` tracebacks still propagate the usual way.
 
-    Cyclic garbage is collected every 100,000 allocations rather than Python's 700: importing
-    torchvision and tracing a model create hundreds of thousands of objects that live to the
-    end, and the young-generation collections that re-scan them cost 0.45 s of
-    `surgeon patch resnet50` (3.1 -> 2.7 s wall); the process is short-lived either way."""
-    gc.set_threshold(100_000)
+    Cyclic garbage is collected every `GC_THRESHOLD` allocations rather than Python's 700:
+    importing torchvision and tracing a model create hundreds of thousands of objects that live
+    to the end, and young-generation collections would re-scan them again and again; the
+    process is short-lived either way."""
+    gc.set_threshold(GC_THRESHOLD)
     try:
         main()
         code = 0

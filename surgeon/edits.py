@@ -1,15 +1,21 @@
 """Edit operations on a model, and the editor through which every rewrite changes a model.
 
-Four operations describe every change surgeon makes to a user's model:
+Five operations describe every change surgeon makes to a user's model:
 
 - `Replace(path, module)`: `module` stands where the submodule at `path` was;
 - `Wrap(path, before, after)`: the submodule at `path` becomes
   `Sequential(*before, original, *after)` (a blur after an activation, a pad before a conv);
-- `SetAttrs(path, attrs)`: new `stride`, `dilation` or `padding` of an existing conv or pool;
-- `ReplaceCall(owner, function, index, attr, module)`: the `index`-th direct call of a known
-  function (`max_pool2d`, named as in `surgeon.calls`) in the forward of the module at `owner`
-  becomes a call of `module`, registered on the owner as `attr`; the owner becomes an
-  `fx.GraphModule` (the model itself when `owner` is "").
+- `SetAttrs(path, attrs)`: new `stride`, `dilation` or `padding` of an existing conv or pool,
+  or a new `padding_mode` of a conv;
+- `ReplaceCall(owner, function, index, attr, module, keywords)`: the `index`-th direct call of
+  a known function (`max_pool2d`, named as in `surgeon.calls`) in the forward of the module at
+  `owner` becomes a call of `module` on the call's input (and on the call's own arguments named
+  in `keywords`, passed by name: an interpolation's `size` taken from another tensor at run
+  time), registered on the owner as `attr`; the owner becomes an `fx.GraphModule` (the model
+  itself when `owner` is "");
+- `Link(leader, followers)`: the layers at those paths share run-time state (a residual
+  shortcut's polyphase sampler takes its main path's component), made by the `link`
+  classmethod of the leader's registered layer class; nothing in any state dict changes.
 
 `perform` applies one operation and returns how to undo it. `ModelEditor` is the single mutation
 point of a patch: each change a rewrite asks for is performed, logged as an operation (the
@@ -28,16 +34,18 @@ from typing import Any
 
 from torch import fx, nn
 
-from surgeon.calls import function_name
-from surgeon.layers.registry import build_module, module_spec
+from surgeon.calls import FUNCTION_OPS, bind_arguments, function_name
+from surgeon.layers.registry import build_module, module_spec, registered_layers
 from surgeon.sites import Site
 from surgeon.submodules import set_submodule
 from surgeon.trace import Analysis, SurgeonTracer, call_owner, default_leaves
 
 __all__ = [
     "GEOMETRY_ATTRS",
+    "PADDING_MODES",
     "EditError",
     "EditOp",
+    "Link",
     "ModelEditor",
     "Replace",
     "ReplaceCall",
@@ -51,7 +59,14 @@ __all__ = [
 ]
 
 GEOMETRY_ATTRS = ("stride", "dilation", "padding")
-"""The attributes `SetAttrs` may change: a conv or pool module's geometry."""
+"""The attributes `SetAttrs` may change on a conv or pool module: its geometry (and, on a
+convolution, `padding_mode`, one of `PADDING_MODES`)."""
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+"""The padding modes `SetAttrs` may give a convolution (a policy's `padding: circular` gives
+every padded conv "circular")."""
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 Undo = Callable[[], None]
 
@@ -86,7 +101,7 @@ class Wrap:
 @dataclass(frozen=True)
 class SetAttrs:
     """New geometry (`GEOMETRY_ATTRS`) of the conv or pool at `path`: JSON values (a list of
-    ints per dimension, or a padding string such as "same")."""
+    ints per dimension, or a padding string such as "same"); or a conv's `padding_mode`."""
 
     path: str
     attrs: Mapping[str, Any] = field(hash=False)
@@ -95,16 +110,28 @@ class SetAttrs:
 @dataclass(frozen=True)
 class ReplaceCall:
     """The `index`-th direct call of `function` in the forward of `owner` calls `module` (set on
-    the owner as `attr`) instead."""
+    the owner as `attr`) instead, on the call's input and, by name, on those of the call's
+    arguments that `keywords` names and the call gives."""
 
     owner: str
     function: str
     index: int
     attr: str
     module: nn.Module = field(compare=False)
+    keywords: tuple[str, ...] = ()
 
 
-EditOp = Replace | Wrap | SetAttrs | ReplaceCall
+@dataclass(frozen=True)
+class Link:
+    """The layers at `leader` and `followers` are linked by `type(leader).link(leader,
+    followers)`, a classmethod of a class in the layer registry that links them and returns
+    how to undo it (`PolyphaseSampling.link`: the followers take the leader's selection)."""
+
+    leader: str
+    followers: tuple[str, ...]
+
+
+EditOp = Replace | Wrap | SetAttrs | ReplaceCall | Link
 
 
 def op_to_dict(op: EditOp) -> dict[str, Any]:
@@ -122,7 +149,9 @@ def op_to_dict(op: EditOp) -> dict[str, Any]:
         }
     if isinstance(op, SetAttrs):
         return {"op": "set_attrs", "path": op.path, "attrs": dict(op.attrs)}
-    return {
+    if isinstance(op, Link):
+        return {"op": "link", "leader": op.leader, "followers": list(op.followers)}
+    data = {
         "op": "replace_call",
         "owner": op.owner,
         "function": op.function,
@@ -130,6 +159,9 @@ def op_to_dict(op: EditOp) -> dict[str, Any]:
         "attr": op.attr,
         "module": module_spec(op.module),
     }
+    if op.keywords:  # written only when used, so earlier manifests read the same
+        data["keywords"] = list(op.keywords)
+    return data
 
 
 def _build(spec: Mapping[str, Any], field: str) -> nn.Module:
@@ -154,7 +186,12 @@ def op_from_dict(data: Mapping[str, Any]) -> EditOp:
         return SetAttrs(data["path"], dict(data["attrs"]))
     if kind == "replace_call":
         module = _build(data["module"], "module")
-        return ReplaceCall(data["owner"], data["function"], data["index"], data["attr"], module)
+        keywords = tuple(data.get("keywords", ()))
+        return ReplaceCall(
+            data["owner"], data["function"], data["index"], data["attr"], module, keywords
+        )
+    if kind == "link":
+        return Link(data["leader"], tuple(data["followers"]))
     raise EditError(f"unknown edit operation {kind!r}", "op")
 
 
@@ -191,11 +228,15 @@ def _module_value(value: Any) -> Any:
 
 def _set_attrs(model: nn.Module, op: SetAttrs) -> Undo:
     module = _module_at(model, op.path)
-    unknown = [key for key in op.attrs if key not in GEOMETRY_ATTRS or not hasattr(module, key)]
+    allowed = (*GEOMETRY_ATTRS, "padding_mode") if isinstance(module, _CONVS) else GEOMETRY_ATTRS
+    unknown = [key for key in op.attrs if key not in allowed or not hasattr(module, key)]
     if unknown:
         raise EditError(
             f"{type(module).__name__} at {op.path!r} has no {unknown[0]!r} to set", "attrs"
         )
+    mode = op.attrs.get("padding_mode", "zeros")
+    if mode not in PADDING_MODES:
+        raise EditError(f"padding_mode {mode!r} is not one of {', '.join(PADDING_MODES)}", "attrs")
     state = vars(module)
     # a conv keeps its padding twice: as given, and reversed for F.pad (non-zero padding modes)
     saved = {
@@ -240,12 +281,26 @@ def direct_calls(graph: fx.Graph, function: str, owner: str = "") -> list[fx.Nod
     ]
 
 
+class _OwnerTracer(SurgeonTracer):
+    """Traces an owner whose call is replaced, keeping the wrappers edits made (an
+    nn.Sequential holding one of surgeon's layers: a pad before a layer, a blur after an
+    activation, a resampling before a strided conv) as modules, so that they keep running as
+    one module at their path, and the report's hooks see them."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if type(m) is nn.Sequential and any(
+            type(child).__module__.startswith("surgeon.layers") for child in m.children()
+        ):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
 def _owner_graph(module: nn.Module, owner: str) -> fx.GraphModule:
     """A new GraphModule computing `module`'s forward (a copy of its graph if it already is
     one, so the original object stays intact for undo)."""
     if isinstance(module, fx.GraphModule):
         return fx.GraphModule(module, copy.deepcopy(module.graph), type(module).__name__)
-    tracer = SurgeonTracer(*default_leaves())
+    tracer = _OwnerTracer(*default_leaves())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -271,10 +326,11 @@ def _replace_call(model: nn.Module, op: ReplaceCall) -> tuple[nn.Module, Undo]:
     if hasattr(gm, op.attr):
         raise EditError(f"{op.owner or 'the model'} already has an attribute {op.attr!r}", "attr")
     target = calls[op.index]
+    bound = bind_arguments(FUNCTION_OPS[target.target][0], target.args, dict(target.kwargs))
+    passed = {key: bound[key] for key in op.keywords if bound.get(key) is not None}
     gm.add_submodule(op.attr, op.module)
     with gm.graph.inserting_before(target):
-        first = target.args[0] if target.args else target.kwargs["input"]
-        new_node = gm.graph.call_module(op.attr, (first,))
+        new_node = gm.graph.call_module(op.attr, (bound["input"],), passed)
     target.replace_all_uses_with(new_node)
     gm.graph.erase_node(target)
     gm.graph.lint()
@@ -282,6 +338,26 @@ def _replace_call(model: nn.Module, op: ReplaceCall) -> tuple[nn.Module, Undo]:
     if op.owner:
         return model, _put(model, op.owner, gm)
     return gm, lambda: None  # the caller keeps the original root
+
+
+def _link(model: nn.Module, op: Link) -> Undo:
+    leader = _module_at(model, op.leader, "leader")
+    followers = [_module_at(model, p, f"followers[{i}]") for i, p in enumerate(op.followers)]
+    cls = type(leader)
+    link = getattr(cls, "link", None)
+    if cls not in registered_layers().values() or not callable(link):
+        raise EditError(
+            f"{cls.__name__} at {op.leader!r} is not a registered layer with a link(leader, "
+            "followers) classmethod",
+            "leader",
+        )
+    try:
+        undo: Undo = link(leader, followers)
+    except ValueError as exc:
+        raise EditError(
+            f"cannot link {op.leader!r} to {list(op.followers)}: {exc}", "followers"
+        ) from exc
+    return undo
 
 
 def perform(model: nn.Module, op: EditOp) -> tuple[nn.Module, Undo]:
@@ -295,6 +371,8 @@ def perform(model: nn.Module, op: EditOp) -> tuple[nn.Module, Undo]:
         return model, _put(model, op.path, nn.Sequential(*op.before, original, *op.after))
     if isinstance(op, SetAttrs):
         return model, _set_attrs(model, op)
+    if isinstance(op, Link):
+        return model, _link(model, op)
     return _replace_call(model, op)
 
 
@@ -308,6 +386,12 @@ class _Pending:
     attr: str
     module: nn.Module
     type_name: str
+    keywords: tuple[str, ...] = ()
+
+    @property
+    def path(self) -> str:
+        """The path `module` will have once the call is replaced."""
+        return f"{self.owner}.{self.attr}" if self.owner else self.attr
 
 
 @dataclass
@@ -316,7 +400,8 @@ class ModelEditor:
 
     `ops` is the edit plan so far; `rollback()` restores the model exactly (the original module
     objects, attribute values and parameter tensors; the root object is the one passed in).
-    Functional-call replacements are queued by `replace_function` and performed by `finish`.
+    Functional-call replacements are queued by `replace_function` and performed by `finish`,
+    and so is a `link` that names a module such a replacement puts in.
     """
 
     model: nn.Module
@@ -324,7 +409,8 @@ class ModelEditor:
     ops: list[EditOp] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     _undo: list[Undo] = field(default_factory=list, repr=False)
-    _pending: list[_Pending] = field(default_factory=list, repr=False)
+    _pending: list[_Pending | Link] = field(default_factory=list, repr=False)
+    _traced: set[str] = field(default_factory=set, repr=False)  # owners known to trace
 
     def module(self, path: str) -> nn.Module:
         """The submodule at `path` ("" for the model) as it is now."""
@@ -361,21 +447,43 @@ class ModelEditor:
         """Set the geometry (`stride`, `dilation`, `padding`) of the conv or pool at `path`."""
         self.apply(SetAttrs(path, {key: _json_value(v) for key, v in attrs.items()}))
 
-    def replace_site(self, site: Site, new: nn.Module, suffix: str) -> str:
+    def link(self, leader: str, followers: Sequence[str]) -> None:
+        """Link the layer at `leader` to those at `followers` (`Link`); queued until `finish`
+        when a path lies in a module that a queued call replacement will put in."""
+        op = Link(leader, tuple(followers))
+        queued = [p.path for p in self._pending if isinstance(p, _Pending)]
+        if any(
+            path == q or path.startswith(f"{q}.") for path in (leader, *followers) for q in queued
+        ):
+            self._pending.append(op)
+        else:
+            self.apply(op)
+
+    def replace_site(
+        self, site: Site, new: nn.Module, suffix: str, keywords: Sequence[str] = ()
+    ) -> str:
         """Put `new` where the site's operation is: the site's module, or (functional sites,
-        queued until `finish`) the call, with `new` set on the owner as `<node>_<suffix>`.
-        Returns the path `new` has (or will have)."""
+        queued until `finish`) the call, with `new` set on the owner as `<node>_<suffix>` and
+        called with the call's arguments named in `keywords` too. Returns the path `new` has
+        (or will have)."""
         if not site.functional:
             return self.replace(site.module, new)
         owner, _, node = site.name.partition(":")
         attr = f"{node}_{suffix}".replace(".", "_")
-        return self.replace_function(owner, node, new, attr, site.type_name)
+        return self.replace_function(owner, node, new, attr, site.type_name, keywords)
 
     def replace_function(
-        self, owner: str, node_name: str, module: nn.Module, attr: str, type_name: str
+        self,
+        owner: str,
+        node_name: str,
+        module: nn.Module,
+        attr: str,
+        type_name: str,
+        keywords: Sequence[str] = (),
     ) -> str:
         """Queue replacing the call at analysis node `node_name`, made by the forward of the
-        module at `owner`, with `module`; returns the path `module` will have."""
+        module at `owner`, with `module` (given the call's arguments named in `keywords`);
+        returns the path `module` will have."""
         if self.analysis is None:
             raise EditError("replacing a function call needs the analysis of the model")
         region = self.analysis.region_of(owner) if owner else self.analysis.regions[0]
@@ -387,20 +495,34 @@ class ModelEditor:
             raise EditError(f"{owner}:{node_name} is not a call of a known function")
         relative = owner[len(region.path) + 1 :] if region.path else owner
         index = direct_calls(region.graph, function, relative).index(node)
-        self._pending.append(_Pending(owner, function, index, attr, module, type_name))
-        return f"{owner}.{attr}" if owner else attr
+        if owner not in self._traced:
+            # an owner traced only as part of a larger region may not trace on its own: say so
+            # now (EditError), so that this site is skipped rather than `finish` failing
+            _owner_graph(self.module(owner), owner)
+            self._traced.add(owner)
+        pending = _Pending(owner, function, index, attr, module, type_name, tuple(keywords))
+        self._pending.append(pending)
+        return pending.path
 
     def finish(self) -> nn.Module:
-        """Perform the queued function-call replacements; returns the model's root (a
-        GraphModule when the root's own forward made a replaced call)."""
+        """Perform the queued function-call replacements, then the queued links; returns the
+        model's root (a GraphModule when the root's own forward made a replaced call)."""
         owners: dict[str, list[_Pending]] = {}
+        links: list[Link] = []
         for item in self._pending:
-            owners.setdefault(item.owner, []).append(item)
+            if isinstance(item, Link):
+                links.append(item)
+            else:
+                owners.setdefault(item.owner, []).append(item)
         self._pending.clear()
         for owner, items in owners.items():
             # the last call first, so the indices of earlier calls still hold when each is done
             for item in sorted(items, key=lambda i: (i.function, -i.index)):
-                self.apply(ReplaceCall(owner, item.function, item.index, item.attr, item.module))
+                self.apply(
+                    ReplaceCall(
+                        owner, item.function, item.index, item.attr, item.module, item.keywords
+                    )
+                )
             types = ", ".join(sorted({i.type_name for i in items}))
             if owner:
                 self.notes.append(
@@ -412,6 +534,8 @@ class ModelEditor:
                     f"{type(self.model).__name__}'s own forward calls the replaced functions, "
                     "so its class and methods are not kept"
                 )
+        for link in links:
+            self.apply(link)
         return self.model
 
     def mark(self) -> tuple[int, int]:

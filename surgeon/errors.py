@@ -13,12 +13,14 @@ from typing import Any
 __all__ = [
     "AnalysisError",
     "CheckpointError",
+    "DataError",
     "ExitCode",
     "ModelSpecError",
     "OutputError",
     "PatchError",
     "PolicyError",
     "SurgeonError",
+    "TrainingError",
     "UsageError",
     "WeightsError",
     "describe_value",
@@ -81,6 +83,14 @@ class PatchError(SurgeonError):
     """The patched model failed verification (a shape changed, an exact transfer was not)."""
 
     exit_code = ExitCode.VERIFY_ERROR
+
+
+class DataError(SurgeonError):
+    """A training data folder is missing, empty, or has too many unreadable images."""
+
+
+class TrainingError(SurgeonError):
+    """Training cannot go on: the loss became NaN/inf, or a state checkpoint does not fit."""
 
 
 # Message helpers: every error is one line, so values are shown short and on one line.

@@ -30,6 +30,7 @@ Every random draw comes from a generator seeded by `seed`: the same call gives t
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -105,6 +106,8 @@ class EvalOptions:
     pretrained: bool = False  # model specs only: the library's pretrained weights
     trust_import: tuple[str, ...] = ()  # checkpoints of `pkg.mod:factory` models to allow
     plugins: tuple[str, ...] = ()  # rewrite plugins a checkpoint may import
+    baseline: bool = False  # also measure each checkpoint's original (unpatched) model
+    baseline_weights: Path | None = None  # the original's weights file, where it has moved
 
     def __post_init__(self) -> None:
         for name in ("pairs", "batch_size", "latency_runs"):
@@ -679,7 +682,8 @@ def evaluate_model(
 def _load_target(
     target: str | Path, options: EvalOptions
 ) -> tuple[nn.Module, str, str | None, tuple[int, ...]]:
-    """(model, canonical spec, policy name or None, input size) of a spec or checkpoint dir."""
+    """(model, canonical spec, policy name or None, input size) of a spec or checkpoint dir.
+    A healed checkpoint's policy reads `POLICY + heal`."""
     if Path(target).is_dir():
         from surgeon.checkpoint.files import read_manifest
         from surgeon.checkpoint.manifest import summarize
@@ -688,6 +692,8 @@ def _load_target(
         model = load_checkpoint(target, trust_import=options.trust_import, plugins=options.plugins)
         info = summarize(read_manifest(Path(target)))
         task, size, policy, spec = info.task, info.input_size, info.policy, info.spec
+        if "heal" in info.surgeries:
+            policy = f"{policy} + heal"
     else:
         from surgeon.models import load_model
 
@@ -711,10 +717,16 @@ def evaluate(
     progress: ProgressHook | None = None,
 ) -> list[EvalResult]:
     """One EvalResult per target, in order: a model spec (`resnet18`, `timm:resnet18`) or a
-    checkpoint directory written by `surgeon patch` (rebuilt with `surgeon.load`)."""
+    checkpoint directory written by `surgeon patch` or `surgeon heal` (rebuilt with
+    `surgeon.load`). With `options.baseline` each checkpoint's original model (rebuilt with
+    the weights it was patched from, `surgeon.checkpoint.restore.build_original`) comes first,
+    once per distinct original, labelled `DIR (original)`."""
     options = options or EvalOptions()
     results = []
+    originals: set[str] = set()
     for target in targets:
+        if options.baseline and Path(target).is_dir():
+            results += _baseline(Path(target), options, originals, progress)
         label = str(target)
         if progress is not None:
             progress(EvalProgress(label, "load", 0, 1))
@@ -724,3 +736,30 @@ def evaluate(
         result = evaluate_model(model, size, options, name=label, spec=spec, progress=progress)
         results.append(replace(result, policy=policy))
     return results
+
+
+def _baseline(
+    directory: Path, options: EvalOptions, seen: set[str], progress: ProgressHook | None
+) -> list[EvalResult]:
+    """The original model of a checkpoint, measured, unless an earlier target had the same."""
+    from surgeon.checkpoint.files import read_manifest
+    from surgeon.checkpoint.restore import build_original
+
+    manifest = read_manifest(directory)
+    key = json.dumps(manifest["model"], sort_keys=True)
+    if key in seen:
+        return []
+    seen.add(key)
+    label = f"{directory} (original)"
+    if progress is not None:
+        progress(EvalProgress(label, "load", 0, 1))
+    loaded = build_original(
+        manifest, weights_file=options.baseline_weights, trust_import=options.trust_import
+    )
+    if loaded.task != "classification":
+        raise UsageError(f"eval measures classifiers; {directory} is a {loaded.task} model")
+    size = options.input_size or tuple(int(s) for s in manifest["model"]["input_size"])
+    if progress is not None:
+        progress(EvalProgress(label, "load", 1, 1))
+    spec = str(manifest["model"]["spec"])
+    return [evaluate_model(loaded.model, size, options, name=label, spec=spec, progress=progress)]

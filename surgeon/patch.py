@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from surgeon.rewrites import (
     action_schemas,
     get_rewrite,
 )
+from surgeon.rewrites.padding import PaddingChange, circular_padding, map_sizes
 from surgeon.scan import ScanResult, scan_analysis
 from surgeon.sites import Site
 from surgeon.submodules import count_params
@@ -80,6 +82,8 @@ class PatchReport:
     sites: tuple[Site, ...] = field(default=(), repr=False)
     ops: tuple[EditOp, ...] = field(default=(), repr=False, compare=False)
     """The edit plan: every change made to the model, in order (what a checkpoint records)."""
+    padding: tuple[PaddingChange, ...] = ()
+    """With the policy's `padding: circular`: every padded layer, changed or kept and why."""
 
     @property
     def patched(self) -> int:
@@ -117,8 +121,19 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return [t for t in leaves if isinstance(t, torch.Tensor)]
 
 
+def _plain(value: Any) -> Any:
+    """`value` with every OrderedDict as a dict: a forward that fx rewrote (a replaced call in
+    the model's own forward) returns the OrderedDict it built (torchvision's segmentation
+    models) as a dict literal, the same keys in the same order."""
+    if isinstance(value, OrderedDict) or type(value) is dict:
+        return {key: _plain(item) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_plain(item) for item in value)
+    return value
+
+
 def _structure(value: Any) -> list[Any]:
-    leaves, spec = tree_flatten(value)
+    leaves, spec = tree_flatten(_plain(value))
     return [str(spec), [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t) for t in leaves]]
 
 
@@ -139,10 +154,16 @@ def _failing_module(exc: BaseException, model: nn.Module) -> tuple[str, str] | N
 def _failure(exc: BaseException, model: nn.Module, unchanged: Mapping[str, str]) -> str:
     """One line: where the patched model fails, why, and the sites inside that module the
     policy left unchanged (a policy that moves or removes strides must change every branch of
-    a join alike, so one skipped branch breaks the join)."""
+    a join alike, so one skipped branch breaks the join). A PatchError raised by one of
+    surgeon's layers (a polyphase follower that ran before its leader) says itself what is
+    wrong."""
     first = (str(exc).strip().splitlines() or [""])[0][:160]
     where = _failing_module(exc, model)
     text = "the patched model fails"
+    if isinstance(exc, PatchError):
+        if where is not None:
+            text += f" in {where[0] or '<model>'} ({where[1]})"
+        return f"{text}: {first}"
     if where is not None:
         path, cls = where
         text += f" in {path or '<model>'} ({cls})"
@@ -275,6 +296,7 @@ def _patch(
         )
     before_params = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
     params_before = count_params(model)
+    sizes = map_sizes(analysis) if resolved.padding == "circular" else {}
 
     torch.manual_seed(seed)
     edits: dict[str, Edit] = {}
@@ -317,6 +339,14 @@ def _patch(
         patched = editor.finish()
     except EditError as exc:
         raise PatchError(f"could not rewrite functional sites: {exc}") from exc
+    padding: tuple[PaddingChange, ...] = ()
+    if resolved.padding == "circular":
+        calls = [s for s in result.sites if s.functional and s.name not in edits]
+        try:
+            padding = circular_padding(editor, calls, sizes)
+        except EditError as exc:
+            raise PatchError(f"could not make the padding circular: {exc}") from exc
+        patched = editor.model
 
     site_outputs: dict[str, tuple[Any, Any]] = {}
     # where each edit's output shape can be read: its output module, else its last new module
@@ -410,6 +440,7 @@ def _patch(
         decisions=tuple(decisions),
         sites=result.sites,
         ops=tuple(editor.ops),
+        padding=padding,
     )
     return patched, report
 

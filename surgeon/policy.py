@@ -29,12 +29,14 @@ __all__ = [
     "KEEP_SCHEMA",
     "MATCH_KEYS",
     "OPS",
+    "PADDINGS",
     "ROLES",
     "Decision",
     "GroupKind",
     "GroupsCondition",
     "IntCondition",
     "Match",
+    "Padding",
     "Policy",
     "Rule",
     "check_strict",
@@ -63,6 +65,10 @@ INT_MATCH_KEYS = (
     "dims",
 )
 MATCH_KEYS = ("op", *INT_MATCH_KEYS, "groups", "role", "name", "functional")
+Padding = Literal["keep", "circular"]
+PADDINGS: tuple[str, ...] = get_args(Padding)
+"""A policy's `padding`: `keep` every layer's own, or make every padded conv and pool of the
+model `circular` (what exact invariance to circular shifts needs: APS, LPS)."""
 
 
 def location(source: str, line: int) -> str:
@@ -248,17 +254,23 @@ class Rule:
 
 @dataclass(frozen=True)
 class Policy:
-    """A validated policy. Equality ignores `source` and rule line numbers."""
+    """A validated policy. Equality ignores `source` and rule line numbers.
+
+    `padding` applies to the whole model, after the rules' actions: `circular` makes every
+    padded convolution and pool pad circularly (`surgeon.rewrites.padding`)."""
 
     name: str
     description: str
     rules: tuple[Rule, ...]
     source: str = field(default="<dict>", compare=False)
     defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
+    padding: Padding = "keep"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON/YAML-ready dict that `policy_from_dict` turns back into an equal Policy."""
         out: dict[str, Any] = {"name": self.name, "description": self.description}
+        if self.padding != "keep":
+            out["padding"] = self.padding
         if self.defaults:
             out["defaults"] = {action: dict(p) for action, p in self.defaults.items()}
         out["rules"] = [rule.to_dict() for rule in self.rules]

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import yaml
 
@@ -24,11 +24,13 @@ from surgeon.policy import (
     KEEP_SCHEMA,
     MATCH_KEYS,
     OPS,
+    PADDINGS,
     ROLES,
     GroupKind,
     GroupsCondition,
     IntCondition,
     Match,
+    Padding,
     Policy,
     Rule,
     location,
@@ -52,7 +54,7 @@ BUILTIN_POLICY_DIR = (
 (pyproject.toml maps the one onto the other; a source checkout reads the repository's)."""
 
 _ACTION_ALIASES = {"ignore": KEEP}
-_TOP_KEYS = ("name", "description", "rules", "defaults")
+_TOP_KEYS = ("name", "description", "rules", "defaults", "padding")
 _RULE_KEYS = ("name", "match", "exclude", "action", "params")
 _RANGE_KEYS = ("min", "max")
 
@@ -299,6 +301,7 @@ class _PolicyBuilder:
         name = self.string(top["name"], nonempty=True)
         description = self.string(top["description"])
         defaults = self.defaults(top["defaults"]) if "defaults" in top else {}
+        padding = self.padding(top["padding"]) if "padding" in top else "keep"
         rules_node = top["rules"]
         if not isinstance(rules_node.value, list):
             self.fail(
@@ -318,7 +321,7 @@ class _PolicyBuilder:
                     item, f"duplicate rule name {rule.name!r} (also rule {first.index}{where})"
                 )
             seen[rule.name] = rule
-        return Policy(name, description, rules, self.source, defaults)
+        return Policy(name, description, rules, self.source, defaults, padding)
 
     # -- structure
 
@@ -360,6 +363,20 @@ class _PolicyBuilder:
                     self.fail(item, f"expected {what}, got {describe_value(item.value)}")
             return list(node.value)
         return [node]
+
+    def padding(self, node: _Node) -> Padding:
+        if not isinstance(node.value, str):
+            self.fail(
+                node,
+                f"expected one of {', '.join(PADDINGS)}, got {describe_value(node.value)}",
+            )
+        if node.value not in PADDINGS:
+            hint = did_you_mean(node.value, PADDINGS)
+            self.fail(
+                node,
+                f"{show_value(node.value)} is not a padding{hint}; allowed: {', '.join(PADDINGS)}",
+            )
+        return cast(Padding, node.value)
 
     # -- rules
 

@@ -205,8 +205,25 @@ def _key_lines(report: PatchReport, limit: int) -> list[str]:
     return lines
 
 
+def _padding_lines(report: PatchReport, limit: int) -> list[str]:
+    """With the policy's `padding: circular`: a count, the layers changed (up to `limit`) and
+    every layer kept with its reason."""
+    if not report.padding:
+        return []
+    changed = [c for c in report.padding if c.changed]
+    kept = [c for c in report.padding if not c.changed]
+    lines = [f"padding: circular at {len(changed)} of {len(report.padding)} padded layers"]
+    if changed:
+        shown = [f"{c.layer} ({c.before})" for c in changed]
+        more = f", … ({len(shown) - limit} more)" if len(shown) > limit else ""
+        lines.append(f"circular: {', '.join(shown[:limit])}{more}")
+    lines += [f"kept: {c.layer} ({c.before}): {c.reason}" for c in kept]
+    return lines
+
+
 def render_patch(report: PatchReport, console: Console, *, key_limit: int = 6) -> None:
-    """The layer-by-layer diff as a rich table, then totals, key changes, notes and warnings."""
+    """The layer-by-layer diff as a rich table, then totals, key changes, the layers whose
+    padding changed, notes and warnings."""
     table = Table(title=f"{report.model} · policy {report.policy}", header_style="bold")
     for column in _PATCH_COLUMNS:
         table.add_column(
@@ -222,6 +239,10 @@ def render_patch(report: PatchReport, console: Console, *, key_limit: int = 6) -
         console.print(line, highlight=False)
     for line in _key_lines(report, key_limit):
         console.print(f"  {line}", style="dim", highlight=False)
+    for i, line in enumerate(_padding_lines(report, key_limit)):
+        console.print(
+            line if i == 0 else f"  {line}", style=None if i == 0 else "dim", highlight=False
+        )
     for note in report.notes:
         console.print(f"note: {note}", style="yellow", highlight=False)
     for warning in report.warnings:
@@ -247,6 +268,22 @@ def patch_markdown(report: PatchReport) -> str:
     key_lines = _key_lines(report, limit=10_000)
     if key_lines:
         lines += ["", "## State-dict keys", "", *[f"- {line}" for line in key_lines]]
+    if report.padding:
+        changed = sum(c.changed for c in report.padding)
+        lines += [
+            "",
+            "## Padding",
+            "",
+            f"Circular padding at {changed} of {len(report.padding)} padded layers.",
+            "",
+            "| layer | op | before | after |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {cell(c.layer)} | {cell(c.op)} | {cell(c.before)} | "
+            f"{cell(c.after if c.changed else f'kept: {c.reason}')} |"
+            for c in report.padding
+        ]
     if report.notes or report.warnings:
         lines += ["", "## Notes", ""]
         lines += [f"- {n}" for n in report.notes] + [f"- warning: {w}" for w in report.warnings]

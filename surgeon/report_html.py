@@ -78,14 +78,15 @@ def _channels(shape: Sequence[int], dims: int) -> int:
 
 def _inner(row: SiteRow, site: Site | None) -> tuple[int, int] | None:
     """(channels, spatial size) of the widest tensor inside a patched site, when that differs
-    from its output: known for the built-in `spd` and `antialias` actions only."""
+    from its output: known for the built-in `spd`, `haar` (space-to-depth and Haar bands: s^d·C
+    channels at the output's size) and `antialias` actions only."""
     if row.status != "patched" or site is None or site.role != "downsample":
         return None
     stride = math.prod(site.stride)
-    if row.action == "spd":
+    if row.action in ("spd", "haar"):
         out = row.out_shape_after or row.out_shape_before
         return stride * site.in_channels, _spatial(out, site.dims)
-    if row.action == "antialias":
+    if row.action == "antialias" and site.op != "avg_pool":  # an average pool is blurred as is
         return site.out_channels, _spatial(site.in_shape, site.dims)
     return None
 
@@ -369,6 +370,27 @@ def _totals(report: PatchReport) -> str:
     )
 
 
+def _padding(report: PatchReport) -> str:
+    """The policy's `padding: circular`: every padded layer, what it pads with now or why not."""
+    if not report.padding:
+        return ""
+    rows = "".join(
+        f"<tr><td>{_e(c.layer)}</td><td>{_e(c.op)}</td><td>{_e(c.before)}</td>"
+        + (
+            f'<td><span class="chg">{_e(c.after)}</span></td></tr>'
+            if c.changed
+            else f"<td>kept: {_e(c.reason)}</td></tr>"
+        )
+        for c in report.padding
+    )
+    changed = sum(c.changed for c in report.padding)
+    return (
+        f"<h2>Padding</h2><p>circular padding at {changed} of {len(report.padding)} padded "
+        "layers</p><table><tr><th>layer</th><th>op</th><th>before</th><th>after</th></tr>"
+        f"{rows}</table>"
+    )
+
+
 def _notes(report: PatchReport) -> str:
     items = [f"<li>note: {_e(n)}</li>" for n in report.notes]
     items += [f"<li>warning: {_e(w)}</li>" for w in report.warnings]
@@ -409,6 +431,7 @@ def patch_html(report: PatchReport) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
         f"<h1>{_e(title)}</h1><p class='sub'>example input {_e(inputs)}</p>"
-        f"{_totals(report)}{charts}<h2>Sites</h2>{_table(report)}{_notes(report)}"
+        f"{_totals(report)}{charts}<h2>Sites</h2>{_table(report)}{_padding(report)}"
+        f"{_notes(report)}"
         "</body></html>\n"
     )

@@ -48,3 +48,13 @@ def chaotic() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, stride=2, padding=1), _Logistic(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
     )
+
+
+def huge() -> nn.Module:
+    """Ten billion parameters: built on the meta device only, never for real."""
+    return nn.Sequential(*(nn.Linear(50_000, 50_000, bias=False) for _ in range(4)))
+
+
+def plain() -> nn.Module:
+    """No downsampling site at all: every policy leaves it as it is."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())

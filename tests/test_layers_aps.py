@@ -312,6 +312,13 @@ def test_aps_scripts_alone() -> None:
         assert torch.equal(scripted(x), aps(x)), shape
 
 
+def test_linked_aps_is_refused_when_scripting_starts() -> None:
+    # the link is a Python object: scripting stops at once (export then traces) instead of
+    # giving a scripted model that cannot run
+    with pytest.raises(RuntimeError, match=r"role 'leader' cannot be scripted.*trace the model"):
+        torch.jit.script(Block())
+
+
 def test_linked_aps_block_exports_with_torch_export_dynamic_shapes() -> None:
     block = Block()
     dynamic = {0: torch.export.Dim("batch", max=64)}
@@ -353,3 +360,10 @@ def test_aps_runs_off_the_cpu_with_the_cpu_shapes() -> None:
     block = Block()
     x = torch.randn(2, 3, 9, 10)
     assert block.to("meta")(x.to("meta")).shape == Block()(x).shape
+
+
+def test_aps_selects_half_precision_maps_without_overflow() -> None:
+    # squares of values above 256 overflow float16: the norms are taken in float32
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 300
+    aps = APS(3)
+    assert torch.equal(aps(x.half()).float(), aps(x.half().float()))

@@ -16,7 +16,10 @@ Stand-ins: edit these tables when you add an example
   each shell command, and to Python blocks where the row says so. Large models become small
   ones, inputs become 64 px, evaluations take fewer image pairs.
 - FILES: files the README assumes its reader has (their own weights file, the policy they
-  wrote), written into a session's directory when one of its commands names them.
+  wrote, folders of images), written into a session's directory when one of its commands
+  names them.
+- `torchrun ... -m surgeon ARGS` runs as `surgeon ARGS` (each torchrun process runs
+  `python -m surgeon ARGS`); tests/test_cli_heal.py runs the real torchrun on two processes.
 - Pretrained weights: `--pretrained` and hub names read the torch hub and Hugging Face caches,
   which `_seed_caches` fills with random weights of the stand-in models (the session's caches
   are temporary and offline, see conftest.py). A new pretrained example needs its stand-in
@@ -114,6 +117,22 @@ SUBSTITUTIONS = [
         r"\1 --pairs 4 --input-size 3x32x32",
         "4 shift-consistency pairs instead of 64, small inputs",
     ),
+    Substitution(
+        r"^((?:torchrun .*-m )?surgeon heal .*?)(?: --steps \d+)?$",
+        r"\1 --steps 2 --batch-size 4 --workers 0 --device cpu",
+        "2 steps of 4 images (the stand-in folders hold a few dozen), on the CPU",
+    ),
+    Substitution(
+        r" --epochs 1 ",
+        " ",
+        "2 steps (the row above) instead of a pass over the folder",
+    ),
+    Substitution(
+        r"steps=2000, batch_size=64,",
+        "steps=2, batch_size=4, workers=0, device='cpu', input_size=(3, 64, 64),",
+        "the same from Python, at the example's 64 px",
+        kinds=("python",),
+    ),
 ]
 
 
@@ -127,6 +146,20 @@ def _readme_policy(path: Path, readme: str) -> None:
     path.write_text(fenced_blocks(readme, "yaml")[0][2])
 
 
+def _photos(path: Path, readme: str) -> None:
+    """The reader's folder of unlabelled images: a few dozen small generated ones."""
+    from tests.heal_fixtures import write_images
+
+    write_images(path, 24, size=40, suffix=".jpg")
+
+
+def _imagenet(path: Path, readme: str) -> None:
+    """The reader's labelled folder (one sub-folder per class): generated, three classes."""
+    from tests.heal_fixtures import write_images
+
+    write_images(path, 24, classes=3, size=40)
+
+
 def _old_checkpoint(path: Path, readme: str) -> None:
     """The reader's version-1 checkpoint: the committed fixture (a tiny test ResNet)."""
     shutil.copytree(ROOT / "tests" / "data" / "v1" / "tiny-spd", path)
@@ -136,6 +169,8 @@ FILES: dict[str, Callable[[Path, str], None]] = {
     "r50.pt": _stand_in_weights,
     "my_policy.yaml": _readme_policy,
     "out/old-ckpt": _old_checkpoint,
+    "photos/": _photos,
+    "imagenet/train": _imagenet,
 }
 
 MAKE_SKIPPED = {
@@ -224,6 +259,8 @@ def _run_shell(command: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, s
             raise AssertionError(f"`{command}`: no surgeon command in the Makefile's recipe")
         example = Example("shell", recipe, 0, 0)
         return _run_shell(substituted(example), capsys)
+    if words[:1] == ["torchrun"] and "-m" in words and words[words.index("-m") + 1] == "surgeon":
+        words = words[words.index("-m") + 1 :]  # what each of torchrun's processes runs
     if words[:1] != ["surgeon"]:
         raise AssertionError(f"`{command}`: tests/test_readme.py does not know how to run this")
     return run_cli(capsys, *words[1:])

@@ -54,3 +54,32 @@ def test_quick_run_trains_and_evaluates_every_variant(
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "results_accuracy_by_size.png").stat().st_size > 1000
         assert (tmp_path / "results_consistency.png").stat().st_size > 1000
+
+
+def test_pretrained_protocol_trains_patches_heals_and_controls(
+    reproduce: ModuleType, tmp_path: Path
+) -> None:
+    raw = tmp_path / "pretrained.json"
+    results = reproduce.main(["--protocol", "pretrained", "--quick", "--json", str(raw)])
+    stages = {(r["policy"], r["stage"]) for r in results["runs"]}
+    expected = {("original", "trained"), ("original", "fine-tuned")}
+    for policy in reproduce.HEAL_POLICIES:
+        expected |= {(policy, "step 0"), (policy, "healed")}
+    assert stages == expected, f"missing: {expected - stages}"
+    spd = [r for r in results["runs"] if r["policy"] == "spd" and r["stage"] == "step 0"]
+    assert spd[0]["logit_max_diff"] < 1e-4, "spd at step 0 should compute the original"
+    healed = [r for r in results["runs"] if r["stage"] == "healed"]
+    assert all(r["losses"]["kd"] >= 0 for r in healed)
+    assert json.loads(raw.read_text())["complete"] is True
+    section = "\n".join(reproduce.pretrained_section(results))
+    for policy in reproduce.HEAL_POLICIES:
+        assert f"| {policy} | healed |" in section
+    assert "| original | fine-tuned |" in section and "`spd` at step 0" in section
+    # the section joins the page when the page is rendered from raw results
+    scratch = Path(__file__).resolve().parents[1] / "docs" / "reproduce" / "results.json"
+    out = tmp_path / "page"
+    render = ["--render", str(scratch), "--pretrained-results", str(raw), "--no-plots"]
+    reproduce.main([*render, "--out", str(out)])
+    page = (out / "results.md").read_text(encoding="utf-8")
+    assert "## Pretrained models: patch, then heal" in page
+    assert page.index("## Pretrained models") < page.index("## Per-seed numbers")

@@ -85,8 +85,17 @@ EDIT_OP = Tagged(
         "wrap": Obj({"path": str, "before": ListOf(LAYER_SPEC), "after": ListOf(LAYER_SPEC)}),
         "set_attrs": Obj({"path": str, "attrs": dict[str, list[int] | str]}),
         "replace_call": Obj(
-            {"owner": str, "function": str, "index": int, "attr": str, "module": LAYER_SPEC}
+            {
+                "owner": str,
+                "function": str,
+                "index": int,
+                "attr": str,
+                "module": LAYER_SPEC,
+                "keywords": list[str],
+            },
+            frozenset({"keywords"}),
         ),
+        "link": Obj({"leader": str, "followers": list[str]}),
     },
 )
 
@@ -140,7 +149,27 @@ HISTORY_ENTRY = Tagged(
             },
             frozenset({"backend"}),  # folds recorded before per-backend folding were eager
         ),
-        "heal": Obj(_ENTRY),
+        "heal": Obj(
+            {
+                **_ENTRY,
+                "data": Obj(
+                    {"images": int, "skipped": int, "sha256": str, "train": int, "holdout": int}
+                ),
+                "steps": int,
+                "epochs": float,
+                "batch_size": int,
+                "world_size": int,
+                "options": dict[str, Any],
+                "features": list[str],
+                "losses": dict[str, float],
+                "teacher": dict[str, float],
+                "before": dict[str, float],
+                "after": dict[str, float],
+                "seconds": float,
+                "images_per_s": float,
+                "resumed_from": int | None,
+            }
+        ),
     },
 )
 

@@ -104,6 +104,7 @@ def patch_entry(
                 "keys_added": list(report.keys_added),
                 "keys_removed": list(report.keys_removed),
                 "keys_renamed": [list(p) for p in report.keys_renamed],
+                "padding": [asdict(change) for change in report.padding],
             }
         ),
         "edits": record_edits(report.ops),

@@ -5,6 +5,10 @@ functional calls were replaced, which become GraphModules again), no policy, no 
 so it loads the same under a newer torch or timm whose tracer or policy would decide otherwise.
 A version-1 checkpoint is rebuilt by replaying its surgery (`surgeon.checkpoint.replay`), with a
 one-line note that `surgeon upgrade DIR` rewrites it as version 2.
+
+`build_original` rebuilds the unpatched source model with the weights it was patched from (the
+teacher of `surgeon heal`, the baseline of `surgeon eval --baseline`), checking them against
+the SHA-256 the checkpoint recorded.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from surgeon.checkpoint.files import read_checkpoint
+from surgeon.checkpoint.files import read_checkpoint, sha256_file
 from surgeon.checkpoint.manifest import (
     FIX_MANIFEST,
     MANIFEST_FILE,
@@ -28,11 +32,17 @@ from surgeon.checkpoint.manifest import (
 from surgeon.checkpoint.replay import replay
 from surgeon.checkpoint.weights import check_state_dict_fits
 from surgeon.edits import EditError, op_from_dict, perform
-from surgeon.errors import CheckpointError
-from surgeon.models import ModelSpec, build_model, load_state
+from surgeon.errors import CheckpointError, WeightsError
+from surgeon.models import LoadedModel, ModelSpec, build_model, load_state
 from surgeon.rewrites import load_plugin
 
-__all__ = ["LegacyCheckpointWarning", "apply_history", "load_checkpoint", "rebuild"]
+__all__ = [
+    "LegacyCheckpointWarning",
+    "apply_history",
+    "build_original",
+    "load_checkpoint",
+    "rebuild",
+]
 
 
 class LegacyCheckpointWarning(UserWarning):
@@ -145,3 +155,97 @@ def apply_history(model: nn.Module, history: list[Mapping[str, Any]]) -> nn.Modu
                     f"model this surgeon builds: {FIX_MANIFEST}"
                 ) from exc
     return model
+
+
+def build_original(
+    manifest: Mapping[str, Any],
+    *,
+    weights_file: str | Path | None = None,
+    trust_import: Collection[str] = (),
+) -> LoadedModel:
+    """The unpatched source model of a version-2 manifest, with the weights it was patched
+    from (`model.weights`), in eval mode:
+
+    - `random`: built again from the recorded seed (the same weights);
+    - `file`: loaded from the recorded path, whose SHA-256 must still match; `weights_file`
+      stands in for a file that has moved, and must match too;
+    - `pretrained`: the library's weights of the recorded name (tag or enum member) from its
+      cache or the network; when the checkpoint recorded their SHA-256, the file read must
+      match it (or `weights_file` stands in for it, and must match);
+    - `unrecorded` (a checkpoint upgraded from version 1): only `weights_file`, unchecked.
+
+    A mismatch or a missing file is a one-line WeightsError."""
+    require_trusted_import(manifest, trust_import)
+    info = manifest["model"]
+    spec = ModelSpec(info["source"], info["name"], dict(info["kwargs"]))
+    record = dict(info.get("weights") or {"kind": "unrecorded"})
+    kind = record.get("kind")
+    recorded = record.get("sha256")
+    if weights_file is not None:
+        path = Path(weights_file)
+        if kind == "random":
+            raise WeightsError(
+                f"the original {spec.text} had random weights (seed {record.get('seed')}), "
+                "which are rebuilt from the seed; --teacher-weights stands in for a weights "
+                "file that moved"
+            )
+        if not path.is_file():
+            raise WeightsError(f"--teacher-weights {path}: no such file")
+        if kind == "pretrained" and not recorded:
+            raise WeightsError(
+                f"the checkpoint recorded no SHA-256 for the original's pretrained weights "
+                f"({record.get('name')}), so {path} cannot be checked; drop --teacher-weights "
+                "to use the library's"
+            )
+        if recorded:
+            digest = sha256_file(path)
+            if digest != recorded:
+                raise WeightsError(
+                    f"{path} has SHA-256 {digest[:16]}..., but the original was patched from "
+                    f"weights with {recorded[:16]}... ({record.get('path') or record.get('file')});"
+                    " pass the file the checkpoint was patched from"
+                )
+        return build_model(spec, weights=path)
+    if kind == "random":
+        return build_model(spec, seed=int(record["seed"]))
+    if kind == "file":
+        path = Path(record["path"])
+        if not path.is_file():
+            raise WeightsError(
+                f"the original's weights file {path} is gone; pass --teacher-weights FILE "
+                f"(SHA-256 {str(recorded)[:16]}...)"
+            )
+        digest = sha256_file(path)
+        if digest != recorded:
+            raise WeightsError(
+                f"the original's weights file {path} changed since the checkpoint was patched "
+                f"(SHA-256 {digest[:16]}..., recorded {str(recorded)[:16]}...); pass the "
+                "original file with --teacher-weights FILE"
+            )
+        return build_model(spec, weights=path)
+    if kind == "pretrained":
+        loaded = build_model(_pinned(spec, str(record.get("name") or "")), pretrained=True)
+        loaded.spec = spec
+        got = loaded.weights.get("sha256")
+        if recorded and got and got != recorded:
+            raise WeightsError(
+                f"the library's pretrained weights {record.get('name')} changed since the "
+                f"checkpoint was patched (SHA-256 {got[:16]}..., recorded {recorded[:16]}...); "
+                "pass the original file with --teacher-weights FILE"
+            )
+        return loaded
+    raise WeightsError(
+        "the checkpoint does not record where the original's weights came from (it was "
+        "upgraded from version 1); pass them with --teacher-weights FILE"
+    )
+
+
+def _pinned(spec: ModelSpec, name: str) -> ModelSpec:
+    """The spec naming exactly the pretrained weights recorded as `name`: timm's `arch.tag`,
+    or torchvision's `Enum.MEMBER` as the `arch.MEMBER` tag (the default may move on)."""
+    if spec.source == "timm" and name and not spec.hub:
+        return ModelSpec("timm", name, spec.kwargs)
+    if spec.source == "torchvision" and "." in name:
+        member = name.rpartition(".")[2]
+        return ModelSpec("torchvision", f"{spec.architecture}.{member}", spec.kwargs)
+    return spec

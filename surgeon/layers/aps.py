@@ -20,7 +20,6 @@ from surgeon.layers.transfer import Transfer
 __all__ = ["NORMS", "AdaptivePolyphaseSampling"]
 
 NORMS = ("l2", "l1", "linf")
-_ORDERS = {"l2": 2.0, "l1": 1.0, "linf": float("inf")}
 
 
 class AdaptivePolyphaseSampling(PolyphaseSampling):
@@ -43,7 +42,7 @@ class AdaptivePolyphaseSampling(PolyphaseSampling):
 
     `role` "leader" / "follower" share one selection between layers (`share_phase`), as a
     residual shortcut must take its main path's component. Parameter-free: the blur filter is
-    a non-persistent buffer. Traces and exports to ONNX (ReduceL2/L1/Max, ArgMax, Gather) with
+    a non-persistent buffer. Traces and exports to ONNX (ReduceSum/Max, ArgMax, Gather) with
     dynamic batch and spatial sizes; scripts with role "alone".
     """
 
@@ -61,14 +60,27 @@ class AdaptivePolyphaseSampling(PolyphaseSampling):
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.norm = norm
-        self.order = _ORDERS[norm]
-        self.reduce = [1] + [2 + 2 * i for i in range(dims)]  # channels and positions
+        self.positions = [1 + 2 * i for i in range(dims)]  # the T dims, once channels are gone
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", norm={self.norm!r}"
 
     def _select(self, view: Tensor) -> tuple[Tensor, Tensor | None]:
-        scores = torch.linalg.vector_norm(view, self.order, self.reduce)
+        # the channels first (one pass over the map, leaving 1/C of it), then each component's
+        # positions: l2 compares sums of squares, which order the components as their norms do;
+        # half precision would overflow the squares and sums (autocast keeps the map in it)
+        if view.dtype == torch.float16 or view.dtype == torch.bfloat16:
+            view = view.float()
+        if self.norm == "l2":
+            per_position = (view * view).sum(1)
+        elif self.norm == "l1":
+            per_position = view.abs().sum(1)
+        else:
+            per_position = view.abs().amax(1)
+        if self.norm == "linf":
+            scores = per_position.amax(self.positions)
+        else:
+            scores = per_position.sum(self.positions)
         return scores.flatten(1).argmax(1), None
 
     def config(self) -> dict[str, Any]:

@@ -107,7 +107,7 @@ class BlurPool(nn.Module):
     border_any_layout = False
     """Eager inputs take the border-correction path from `border_min_numel` elements with
     every spatial size at least `border_min_size`, and only in channels-last memory unless
-    `border_any_layout`. Measured on a 2-core CPU (docs/benchmarks.md): there the corrections
+    `border_any_layout`. Measured on the CPU (docs/benchmarks.md): there the corrections
     cost less than the padded copy they avoid; in contiguous (NCHW) memory gathering the
     border columns reads about as much as the copy, and on smaller inputs or maps (28 x 28)
     the extra small ops cost more than it."""
@@ -335,7 +335,7 @@ class BlurPool(nn.Module):
         )
         # the zero-padded convolution must already give every output: odd lengths with even
         # filters and ceil-mode extras would need it grown by a copy (measured slower than
-        # padding the input in 5 of 6 shape/layout pairs)
+        # padding the input in most shape/layout pairs)
         interior = [
             (size + 2 * left - f) // s + 1 for size, s in zip(sizes, self.stride, strict=True)
         ]

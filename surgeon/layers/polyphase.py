@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -150,9 +150,8 @@ class PolyphaseSampling(nn.Module):
             x = self._blur(x)
         view = self._components(self._wrap(x))
         if torch.jit.is_scripting():
-            # the link is a Python object TorchScript cannot hold
-            if self.role != "alone":
-                raise RuntimeError("scripted polyphase samplers must have role 'alone'")
+            # the link is a Python object TorchScript cannot hold: only role "alone" scripts
+            # (`__prepare_scriptable__` refuses the others)
             index, weights = self._select(view)
         else:
             index, weights = self._linked_selection(x, view)
@@ -298,6 +297,38 @@ class PolyphaseSampling(nn.Module):
             )
         return s
 
+    # ----------------------------------------------------------------------- checkpoints
+
+    @classmethod
+    def link(cls, leader: nn.Module, followers: Sequence[nn.Module]) -> Callable[[], None]:
+        """`share_phase(leader, followers)`, as the checkpoint's `link` edit calls it; returns
+        a function that puts back the links the modules had before (ValueError, before any
+        change, when they cannot be linked)."""
+        modules = [leader, *followers]
+        for module in modules:
+            if not isinstance(module, cls):
+                raise ValueError(f"{type(module).__name__} is not a {cls.__name__}")
+        linked: list[PolyphaseSampling] = modules  # type: ignore[assignment]  # checked above
+        saved = [(m, m._link, m._slot) for m in linked]
+        share_phase(linked[0], linked[1:])
+
+        def undo() -> None:
+            for module, link, slot in saved:
+                module._link, module._slot = link, slot
+
+        return undo
+
+    def __prepare_scriptable__(self) -> PolyphaseSampling:
+        # torch.jit.script calls this on every submodule first: a linked sampler is refused
+        # while scripting starts (a caller such as `surgeon export` then traces), not when the
+        # scripted model first runs
+        if self.role != "alone":
+            raise RuntimeError(
+                f"a polyphase sampler with role {self.role!r} cannot be scripted (its link to "
+                "the other samplers is a Python object); trace the model instead"
+            )
+        return self
+
     def config(self) -> dict[str, Any]:
         """The constructor arguments (JSON-serialisable) that rebuild this layer."""
         return {
@@ -316,8 +347,8 @@ def share_phase(leader: PolyphaseSampling, followers: Sequence[PolyphaseSampling
     before its shortcut, say); a follower that runs without a fresh selection from its leader
     raises PatchError. The link is a plain object on the modules (`PhaseLink`), not a
     submodule, so state dicts do not change; a checkpoint records it as its own edit naming
-    the module paths, and loading calls this function again. Linking again replaces the
-    followers' previous link.
+    the module paths (`surgeon.edits.Link`), and loading links them again through
+    `PolyphaseSampling.link`. Linking again replaces the followers' previous link.
     """
     if not isinstance(leader, PolyphaseSampling):
         raise ValueError(f"the leader must be a polyphase sampler, got {type(leader).__name__}")

@@ -90,8 +90,8 @@ def _rearrange(x: Tensor, block: list[int], reduced: list[int], phase_major: boo
     if torch.jit.is_tracing():
         return _traced(x, block, reduced, phase_major)
     if x.device.type != "cpu" and not phase_major and len(block) == 2 and block[0] == block[1]:
-        # GPUs: pixel_unshuffle is one kernel in channel-major order (H200, docs/benchmarks.md:
-        # 2x faster than the view copy) and keeps channels-last memory as it is
+        # GPUs: pixel_unshuffle is one kernel in channel-major order (faster than the view copy
+        # there, docs/benchmarks.md "CUDA") and keeps channels-last memory as it is
         return F.pixel_unshuffle(x, block[0])
     channels_last = is_channels_last(x)
     if channels_last and phase_major and x.shape[1] >= _NARROW:

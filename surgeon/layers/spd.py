@@ -176,10 +176,10 @@ class SpaceToDepthConv(nn.Module):
         """The same outputs as one strided convolution with the kernel's phases moved back into
         space (what `surgeon.fold` makes permanent), rebuilt from `conv.weight` on each call so
         that gradients still reach it. Grouped and depthwise layers take this path in eager
-        mode, as a convolution with a few channels per group runs 4-10x slower per MAC on CPU
-        than the strided depthwise one; so do narrow inputs (a 3-channel stem), where the
-        space-to-depth copy and a 12-channel convolution cost 15-30% more than a strided
-        convolution on 3 channels (docs/benchmarks.md)."""
+        mode, as a convolution with a few channels per group runs several times slower per MAC
+        on CPU than the strided depthwise one; so do narrow inputs (a 3-channel stem), where the
+        space-to-depth copy and a 12-channel convolution cost more than a strided convolution
+        on 3 channels (docs/benchmarks.md)."""
         weight = spatial_kernel(self.conv.weight, self.block, self.phase_major)
         lefts, rights = pads[-2::-2], pads[-1::-2]  # F.pad order: last dim first
         return strided_conv(x, weight, self.conv.bias, self.block, lefts, rights, self.conv.groups)

@@ -7,6 +7,7 @@ import importlib
 from surgeon.errors import PolicyError
 from surgeon.rewrites.allconv import AllConvRewrite
 from surgeon.rewrites.antialias import AntialiasRewrite
+from surgeon.rewrites.aps import ApsRewrite
 from surgeon.rewrites.base import (
     Edit,
     LayerChange,
@@ -18,7 +19,12 @@ from surgeon.rewrites.base import (
     Target,
 )
 from surgeon.rewrites.dilate import DilateRewrite
+from surgeon.rewrites.haar import HaarRewrite
+from surgeon.rewrites.lip import LipRewrite
+from surgeon.rewrites.lps import LpsRewrite
 from surgeon.rewrites.relocate import RelocateRewrite
+from surgeon.rewrites.sfm import SfmRewrite
+from surgeon.rewrites.softpool import SoftPoolRewrite
 from surgeon.rewrites.spd import SpdRewrite
 from surgeon.rewrites.upsample import UpsampleRewrite
 from surgeon.schema import ActionSchema
@@ -45,6 +51,12 @@ _REGISTRY: dict[str, Rewrite | ModelRewrite] = {
     "dilate": DilateRewrite(),
     "relocate": RelocateRewrite(),
     "upsample": UpsampleRewrite(),
+    "aps": ApsRewrite(),
+    "lps": LpsRewrite(),
+    "haar": HaarRewrite(),
+    "lip": LipRewrite(),
+    "softpool": SoftPoolRewrite(),
+    "sfm": SfmRewrite(),
 }
 
 

@@ -1,7 +1,12 @@
 """`antialias`: anti-aliased downsampling (Zhang 2019, "Making Convolutional Networks
 Shift-Invariant Again"): evaluate densely, low-pass filter, then subsample.
 
-- MaxPool(k, s) -> MaxPool(k, 1) + BlurPool(s); AvgPool(k, s) -> AvgPool(k, 1) + BlurPool(s).
+- MaxPool(k, s) -> MaxPool(k, 1) + BlurPool(s).
+- AvgPool(k, s) -> BlurPool(s) (the paper's §3.3): average pooling already is blurred
+  downsampling, with a box filter; the binomial filter takes its place rather than blurring the
+  box-filtered map again. A fixed pad or crop (`StridePad`) gives the blur the length the
+  stride-1 pool would have, (i + 2p - k + 1), so the output size is the pool's at every input
+  size (ceil_mode through BlurPool's `ceil_source`); the function changes ("approximate").
 - A strided conv runs at stride 1 and BlurPool(s) goes after the activation that follows it
   (through its norm layer), as in the paper's ResNet; with no activation after it (a 1×1
   shortcut) BlurPool comes first and the conv runs at stride 1 on the blurred map.
@@ -21,6 +26,7 @@ from typing import Any
 from torch import nn
 
 from surgeon.layers.blur import BlurPool
+from surgeon.layers.stride_pad import StridePad
 from surgeon.rewrites.base import Edit, ModelEditor, SkipSite
 from surgeon.schema import ActionSchema, ParamSpec
 from surgeon.sites import Neighbour, Site
@@ -31,6 +37,20 @@ _POOL_TYPES: dict[str, dict[int, type[nn.Module]]] = {
     "max_pool": {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d},
     "avg_pool": {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d},
 }
+
+
+def _dense_length_pads(site: Site, filter_size: int) -> tuple[tuple[int, int], ...]:
+    """Per dim, the (left, right) zero pad (negative: crop) that turns the pool's input length
+    i into i + 2p - k + 1, the length its stride-1 version gives, so BlurPool's length rule
+    (ceil(L / s), or the ceil_mode pool's through `ceil_source`) gives the pool's output size.
+    The left side centres the blur on the pool's windows (to half a pixel where the filter and
+    the window differ in parity), without padding where none is needed."""
+    assert not isinstance(site.padding, str)
+    pads = []
+    for k, p in zip(site.kernel, site.padding, strict=True):
+        left = p - max(0, (k - 1 - (filter_size - 1) % 2) // 2)
+        pads.append((left, 2 * p - k + 1 - left))
+    return tuple(pads)
 
 
 class AntialiasRewrite:
@@ -78,6 +98,8 @@ class AntialiasRewrite:
         )
 
     def _pool(self, editor: ModelEditor, site: Site, params: Mapping[str, Any]) -> Edit:
+        if site.op == "avg_pool":
+            return self._average(editor, site, params)
         blur = self._blur(site, params, site.in_channels, ceil=site.ceil_mode)
         if site.padding == "same":
             if site.functional:
@@ -91,20 +113,9 @@ class AntialiasRewrite:
                 f"{same}(k{site.kernel[0]}, s1) + BlurPool(f{blur.filter_size}, s{site.stride[0]})"
             )
             return Edit(site.name, "antialias", description, "kept", (site.module,), site.module)
-        dense: nn.Module
-        if site.op == "max_pool":
-            dense = _POOL_TYPES["max_pool"][site.dims](
-                site.kernel, stride=1, padding=site.padding, dilation=site.dilation
-            )
-        else:
-            if site.divisor_override is not None:
-                raise SkipSite("average pooling with divisor_override")
-            dense = _POOL_TYPES["avg_pool"][site.dims](
-                site.kernel,
-                stride=1,
-                padding=site.padding,
-                count_include_pad=site.count_include_pad,
-            )
+        dense = _POOL_TYPES["max_pool"][site.dims](
+            site.kernel, stride=1, padding=site.padding, dilation=site.dilation
+        )
         if site.max_kernel == 1:
             new: nn.Module = blur
             description = f"BlurPool(f{blur.filter_size}, s{site.stride[0]})"
@@ -116,6 +127,28 @@ class AntialiasRewrite:
             )
         path = editor.replace_site(site, new, "aa")
         return Edit(site.name, "antialias", description, "kept", (path,), path)
+
+    def _average(self, editor: ModelEditor, site: Site, params: Mapping[str, Any]) -> Edit:
+        """AvgPool(k, s) -> BlurPool(s) on the map the stride-1 pool would give (Zhang 2019,
+        §3.3): one filter, the binomial in place of the box."""
+        if site.divisor_override is not None:
+            raise SkipSite("average pooling with divisor_override (a scaled sum, not an average)")
+        kernel = "×".join(map(str, sorted(set(site.kernel))))
+        note = (
+            f"the box filter of the average pool (k{kernel}) is replaced by the binomial one, "
+            "not blurred again (Zhang 2019, §3.3): the function changes"
+        )
+        if site.padding == "same":
+            # timm's AvgPool2dSame: TF 'SAME' gives ceil(i / s) positions, BlurPool's own length
+            blur = self._blur(site, params, site.in_channels)
+            new: nn.Module = blur
+        else:
+            blur = self._blur(site, params, site.in_channels, ceil=site.ceil_mode)
+            pads = _dense_length_pads(site, blur.filter_size)
+            new = nn.Sequential(StridePad(pads), blur) if any(map(any, pads)) else blur
+        path = editor.replace_site(site, new, "aa")
+        description = f"BlurPool(f{blur.filter_size}, s{site.stride[0]}) in place of the box filter"
+        return Edit(site.name, "antialias", description, "approximate", (path,), path, note=note)
 
     def _conv(self, editor: ModelEditor, site: Site, params: Mapping[str, Any]) -> Edit:
         if site.functional:
