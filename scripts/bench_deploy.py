@@ -1,9 +1,9 @@
 """Deployment benchmark: patched models against the original on the paths models are deployed
 with, as latency ÷ MAC ratio, before and after `surgeon.fold` for that path.
 
-    nice .venv/bin/python scripts/bench_deploy.py      # full run: docs/benchmarks.md + record
+    nice .venv/bin/python scripts/bench_deploy.py [--records DIR]   # full run: the record
     .venv/bin/python scripts/bench_deploy.py --quick   # tiny model and inputs, prints only
-    .venv/bin/python scripts/bench_deploy.py --models resnet50 --paths onnxruntime --no-write
+    .venv/bin/python scripts/bench_deploy.py --models resnet50 --paths onnxruntime --records /tmp/r
 
 Paths: eager PyTorch, `torch.compile(model, dynamic=False)` (Inductor) and ONNX Runtime (CPU
 provider, the same thread count, the file `surgeon.export` writes and checks), and with a CUDA
@@ -27,8 +27,9 @@ by the operations that grew most. The ONNX Runtime formulations are compared per
 fold records give every timed form, and SPD's SpaceToDepth operator is timed against the
 Reshape/Transpose copy it replaces.
 
-The results go to a JSON record with its provenance (scripts/provenance.py) and replace the
-"## Deployment paths" section of docs/benchmarks.md, rendered from that record.
+Writes its record, docs/records/bench/deploy.json (rows, profiles, fold choices, settings, load
+averages and provenance); `make docs` renders the "## Deployment paths" section of
+docs/benchmarks.md from it (scripts/bench_page.py's `render_deploy`).
 """
 
 from __future__ import annotations
@@ -54,27 +55,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench import densify, interleaved, macs, write_sections  # noqa: E402
+from bench import densify, interleaved, macs  # noqa: E402
 from bench_layers import pin_allocator  # noqa: E402
-from provenance import provenance, staleness  # noqa: E402
+from bench_page import BENCH_RECORDS, DEPLOY_BATCH, LATENCY_TARGET, save_section  # noqa: E402
+from records import script_command  # noqa: E402
 
 from surgeon.backends import compiled, onnx_export, onnx_session, race, runner  # noqa: E402
 from surgeon.export import export  # noqa: E402
-from surgeon.fold import Choice, FoldRecord, fold  # noqa: E402
+from surgeon.fold import FoldRecord, fold  # noqa: E402
 from surgeon.layers import BlurPool, SpaceToDepthConv  # noqa: E402
 from surgeon.layers.transfer import channel_major_kernel  # noqa: E402
 from surgeon.models import load_model  # noqa: E402
 from surgeon.patch import patch  # noqa: E402
-from surgeon.policy_loader import BUILTIN_POLICY_DIR, list_builtin_policies  # noqa: E402
+from surgeon.policy_loader import list_builtin_policies  # noqa: E402
 
-SECTION = "## Deployment paths: patched vs original"
-RECORD = ROOT / "docs" / "deploy-benchmark.json"
 MODELS = ("resnet50", "mobilenet_v3_large", "convnext_tiny", "timm:resnet50d")
 CPU_PATHS = ("eager", "inductor", "onnxruntime")
 GPU_PATHS = ("cuda-graphs", "tensorrt")
-TARGET = 1.1
-CHECK = 1e-5  # every exported formulation must match eager PyTorch to this (relative)
-PROFILE_BATCH = 8
 TOP = 8  # operations listed per profile
 
 
@@ -102,10 +99,11 @@ def patched_models(
 
 
 def folded_for(
-    model: nn.Module, x: torch.Tensor, path: str, choose: Choice, min_seconds: float
+    model: nn.Module, x: torch.Tensor, path: str, min_seconds: float
 ) -> tuple[nn.Module, FoldRecord]:
+    """A copy of `model` folded for `path`, each unit in the form that timed fastest there."""
     backend = path if path in CPU_PATHS else "eager"
-    return fold(copy.deepcopy(model), x, backend=backend, choose=choose, min_seconds=min_seconds)
+    return fold(copy.deepcopy(model), x, backend=backend, min_seconds=min_seconds)
 
 
 # --------------------------------------------------------------------------- paths
@@ -284,27 +282,6 @@ def compare(original: Mapping[str, Any], patched: Mapping[str, Any]) -> dict[str
     }
 
 
-def why(profile: Mapping[str, Any], mac_ratio: float) -> str:
-    """One generated sentence: which kinds of operation the extra time went to."""
-    categories = profile["categories"]
-    extra = {name: after - before for name, (before, after) in categories.items()}
-    total = sum(extra.values()) or 1.0
-    parts = []
-    for name, added in sorted(extra.items(), key=lambda item: -item[1])[:3]:
-        before, after = categories[name]
-        ratio = f"×{after / before:.2f}" if before > 0 else "new"
-        parts.append(f"{name} {before:.1f} → {after:.1f} ms ({ratio}, {added / total:.0%})")
-    conv_before = sum(categories.get(k, [0, 0])[0] for k in ("convolution", "matrix multiply"))
-    conv_after = sum(categories.get(k, [0, 0])[1] for k in ("convolution", "matrix multiply"))
-    dense = ""
-    if conv_before > 0:
-        dense = (
-            f" Dense convolutions and matrix multiplies ran ×{conv_after / conv_before:.2f} "
-            f"against a MAC ratio of {mac_ratio:.2f}."
-        )
-    return "The extra time went to " + "; ".join(parts) + "." + dense
-
-
 # --------------------------------------------------------------------------- formulations
 
 
@@ -347,7 +324,6 @@ def bench_model(
     rounds: int,
     workdir: Path,
     fold_seconds: float,
-    quick: bool,
 ) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     profiles: list[dict[str, Any]] = []
@@ -367,9 +343,8 @@ def bench_model(
                 models[policy] = model
                 meta[policy] = {"sites": sites, "macs": macs(model, x)}
                 if fold_units(model) and path in CPU_PATHS:
-                    choose = "folded" if quick and path == "inductor" else "fastest"
                     print(f"[{name} x{batch} {path}] fold {policy}", file=sys.stderr, flush=True)
-                    folded, record = folded_for(model, x, path, choose, fold_seconds)
+                    folded, record = folded_for(model, x, path, fold_seconds)
                     rewritten = f"{record.folded}/{len(record.layers)}"
                     if record.folded:
                         label = f"{policy}+fold"
@@ -432,7 +407,7 @@ def bench_model(
                 }
                 rows.append(row)
                 print(f"[row] {json.dumps(row)}", file=sys.stderr, flush=True)
-            if batch != PROFILE_BATCH or path not in CPU_PATHS:
+            if batch != DEPLOY_BATCH or path not in CPU_PATHS:
                 continue
             for policy in patched:
                 label = f"{policy}+fold" if f"{policy}+fold" in models else policy
@@ -443,7 +418,7 @@ def bench_model(
                     and r["policy"] == policy
                     and r["folded"] == (label != policy)
                 )
-                if deployed["per_mac"] <= TARGET:
+                if deployed["per_mac"] <= LATENCY_TARGET:
                     continue
                 print(f"[{name} x{batch} {path}] profile {label}", file=sys.stderr, flush=True)
                 if path == "onnxruntime":
@@ -463,251 +438,55 @@ def bench_model(
                         "variant": label,
                         "per_mac": deployed["per_mac"],
                         "mac_ratio": deployed["mac_ratio"],
-                        "why": why(comparison, deployed["mac_ratio"]),
                         **comparison,
                     }
                 )
     return {"rows": rows, "profiles": profiles, "folds": folds, "spd_layers": spd_layers}
 
 
-# --------------------------------------------------------------------------- rendering
-
-
-def _mark(value: float) -> str:
-    return f"{value:.2f}" if value <= TARGET else f"**{value:.2f}**"
-
-
-def section(record: Mapping[str, Any]) -> str:
-    """The "## Deployment paths" section, rendered from a record."""
-    settings = record["settings"]
-    origin = record["provenance"]
-    stale = staleness(origin)
-    lines = [SECTION, ""]
-    if stale:
-        lines += [f"**Stale** ({stale}): these numbers do not describe the code as it is.", ""]
-    versions = ", ".join(f"{k} {v}" for k, v in origin.get("versions", {}).items())
-    machine = origin.get("machine", {})
-    lines += [
-        f"Recorded {origin.get('recorded', '?')} by `{origin.get('command', '?')}` at commit "
-        f"{(origin.get('commit') or '?')[:10]} (code {(origin.get('code_commit') or '?')[:10]}"
-        f"{', uncommitted changes' if origin.get('dirty') else ''}) on {machine.get('cpu', '?')}, "
-        f"{machine.get('cores', '?')} cores; {versions}. Record: "
-        f"`{settings['record']}`.",
-        "",
-        f"3×{settings['size']}×{settings['size']} float32 inputs, batch "
-        f"{' and '.join(map(str, settings['batches']))}, `torch.no_grad()`, "
-        f"{settings['threads']} torch thread(s) ({settings['clock']}); every variant of a model, "
-        f"batch and path timed in {settings['rounds']} interleaved rounds, the best round "
-        "setting the ratios. *÷ MACs* is the latency ratio to the original on the same path "
-        "divided by the MAC ratio (FlopCounterMode, eager); target ≤ 1.1. *Folded* is the model "
-        "after `surgeon.fold(backend=path)`, each layer in the exact form that timed fastest on "
-        "that path (n/m: layers rewritten). Replacement weights are dense: SPD kernels "
-        "transferred exactly plus small random values in the taps the transfer leaves zero, as "
-        "after fine-tuning. ONNX Runtime runs the file `surgeon export` writes; *check* is the "
-        "largest relative difference of its check against eager PyTorch (two input sizes; "
-        f"each must be ≤ {CHECK:.0e}). "
-        f"Load average (1/5/15 min) before: {settings['load_before']}, after: "
-        f"{settings['load_after']}.",
-        "",
-    ]
-    rows = record["rows"]
-    for path in dict.fromkeys(r["path"] for r in rows):
-        lines += [f"### {path}", ""]
-        onnx = path == "onnxruntime"
-        lines.append(
-            "| model | batch | policy | sites | MAC ratio | ms | ratio | ÷ MACs | folded ms (n/m) "
-            "| folded ÷ MACs |" + (" check |" if onnx else "")
-        )
-        lines.append(
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if onnx else "")
-        )
-        plain = [r for r in rows if r["path"] == path and not r["folded"]]
-        for r in plain:
-            folded = next(
-                (
-                    f
-                    for f in rows
-                    if f["path"] == path
-                    and f["folded"]
-                    and (f["model"], f["batch"], f["policy"])
-                    == (r["model"], r["batch"], r["policy"])
-                ),
-                None,
-            )
-            original = r["policy"] == "original"
-            cells = [
-                r["model"],
-                str(r["batch"]),
-                r["policy"],
-                "—" if original else str(r["sites"]),
-                f"{r['mac_ratio']:.2f}",
-                f"{r['best']:.1f}",
-                f"{r['ratio']:.2f}",
-                "—" if original else _mark(r["per_mac"]),
-                f"{folded['best']:.1f} ({folded['fold']})" if folded else _unchanged(r),
-                _mark(folded["per_mac"]) if folded else "—",
-            ]
-            if onnx:
-                worst = max(x["check_rel_diff"] for x in (r, folded) if x)
-                cells.append(f"{worst:.1e}" if worst <= CHECK else f"**{worst:.1e}**")
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-        if onnx:
-            inexact = [
-                f"{r['model']} {r['policy']}{' folded' if r['folded'] else ''} (batch {r['batch']})"
-                for r in rows
-                if r["path"] == path and r["check_rel_diff"] > CHECK
-            ]
-            lines += [
-                f"ONNX files whose check exceeded {CHECK:.0e}: {', '.join(inexact) or 'none'}.",
-                "",
-            ]
-        misses = [
-            f"{r['model']} {r['policy']}"
-            for r in plain
-            if r["batch"] == PROFILE_BATCH
-            and r["policy"] != "original"
-            and _deployed(rows, r) > TARGET
-        ]
-        lines += [
-            f"Rows above {TARGET} at batch {PROFILE_BATCH} (folded where a fold applies): "
-            f"{', '.join(misses) or 'none'}.",
-            "",
-        ]
-    for skipped in record.get("skipped", []):
-        lines += [f"{skipped['path']}: not run ({skipped['reason']}).", ""]
-    if record["profiles"]:
-        lines += [
-            "### Why rows miss the target",
-            "",
-            f"Each row above {TARGET} at batch {PROFILE_BATCH}, profiled on its path: the time of "
-            "each kind of operation in the original and the patched model (ms per call), and "
-            "the operations whose time grew most. Eager and Inductor: torch.profiler, self CPU "
-            "time per operation and input shape (Inductor's fused kernels are one entry). ONNX "
-            "Runtime: its node profile, per node of the optimised graph (node names carry the "
-            "module path).",
-            "",
-        ]
-    for p in record["profiles"]:
-        lines += [
-            f"**{p['model']} {p['policy']}, {p['path']}** (÷ MACs {p['per_mac']:.2f}, "
-            f"{p['variant']}). {p['why']}",
-            "",
-            "| kind of operation | original ms | patched ms |",
-            "|---|---:|---:|",
-        ]
-        lines += [
-            f"| {name} | {before:.2f} | {after:.2f} |"
-            for name, (before, after) in p["categories"].items()
-        ]
-        lines += ["", "| operation | original ms | patched ms |", "|---|---:|---:|"]
-        lines += [
-            f"| `{op[:90]}` | {before:.2f} | {after:.2f} |" for op, before, after in p["grown"]
-        ]
-        lines.append("")
-    if record["spd_rearrangements"]:
-        lines += [
-            "### SPD in ONNX Runtime: SpaceToDepth against Reshape/Transpose",
-            "",
-            "Every phase-major 2-d SPD layer is exported with ONNX's SpaceToDepth operator. "
-            "Here each such layer (dense weights, its input shape) runs in ONNX Runtime as "
-            "exported, and as a twin in channel-major order whose space-to-depth exports as "
-            "Reshape/Transpose/Reshape (its kernel permuted to match, so the outputs are the "
-            "same): best ms of interleaved rounds.",
-            "",
-            "| layer | input | SpaceToDepth ms | Reshape/Transpose ms |",
-            "|---|---|---:|---:|",
-        ]
-        for r in record["spd_rearrangements"]:
-            shape = "×".join(map(str, r["shape"]))
-            lines.append(
-                f"| {r['layer']} | {shape} | {r['ms']['SpaceToDepth']:.3f} | "
-                f"{r['ms']['Reshape/Transpose']:.3f} |"
-            )
-        faster = sum(
-            r["ms"]["SpaceToDepth"] < r["ms"]["Reshape/Transpose"]
-            for r in record["spd_rearrangements"]
-        )
-        lines += [
-            "",
-            f"SpaceToDepth faster on {faster} of {len(record['spd_rearrangements'])} layers.",
-            "",
-        ]
-    if record["folds"]:
-        lines += [
-            "### What fold chose per path",
-            "",
-            "Forms chosen by `surgeon.fold(backend=path)` (timed per layer on that path), "
-            "counted over the models and batch sizes above; every timing is in the record.",
-            "",
-            "| path | kind | form | layers |",
-            "|---|---|---|---:|",
-        ]
-        counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
-        for f in record["folds"]:
-            for layer in f["layers"]:
-                counts[(f["path"], layer["kind"], layer["form"])] += 1
-        lines += [f"| {p} | {k} | {form} | {n} |" for (p, k, form), n in sorted(counts.items())]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _unchanged(row: Mapping[str, Any]) -> str:
-    """The folded cell of a row whose fold rewrote nothing (or that has nothing to fold)."""
-    return f"as patched ({row['fold']})" if "fold" in row else "—"
-
-
-def _deployed(rows: Sequence[Mapping[str, Any]], row: Mapping[str, Any]) -> float:
-    """÷ MACs of what is deployed on the row's path: folded where a fold applies."""
-    folded = [
-        r["per_mac"]
-        for r in rows
-        if r["folded"]
-        and (r["model"], r["batch"], r["path"], r["policy"])
-        == (row["model"], row["batch"], row["path"], row["policy"])
-    ]
-    return folded[0] if folded else float(row["per_mac"])
-
-
 # --------------------------------------------------------------------------- main
 
 
-def settings_record(args: argparse.Namespace) -> str:
-    """The record's path as the page names it (relative to the repository)."""
-    path: Path = args.record.resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, DEPLOY_BATCH])
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--paths", nargs="+", default=[*CPU_PATHS, *GPU_PATHS])
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        choices=[*CPU_PATHS, *GPU_PATHS],
+        help="default: all (--quick: eager and onnxruntime, Inductor's compiles being slow)",
+    )
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds per variant")
     parser.add_argument(
         "--fold-seconds", type=float, default=0.05, help="fold's timing per form and layer"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch (and ORT) threads")
-    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    parser.add_argument("--record", type=Path, default=RECORD)
-    parser.add_argument("--no-write", action="store_true", help="print the section instead")
+    parser.add_argument(
+        "--records",
+        type=Path,
+        help="where the record goes (default docs/records/bench; --quick: nowhere)",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
         help="checks that the script runs: resnet18 at 32×32, batch 8, the spd and antialias "
-        "policies, 2 rounds, Inductor folds forced instead of timed; prints, never writes",
+        "policies, 2 rounds; prints, never writes",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     policies = [name for name, _ in list_builtin_policies()]
     if args.quick:
-        args.models, args.size, args.rounds, args.no_write = ["resnet18"], 32, 2, True
-        args.batch = [PROFILE_BATCH]
+        args.models, args.size, args.rounds = ["resnet18"], 32, 2
+        args.batch = [DEPLOY_BATCH]
+        args.paths = args.paths or ["eager", "onnxruntime"]
         args.fold_seconds = 0.001
         policies = ["spd", "antialias"]
-    pin_allocator()
+    args.paths = args.paths or [*CPU_PATHS, *GPU_PATHS]
+    if argv is None:
+        pin_allocator()
     torch.set_num_threads(args.threads)
-    load_before = "/".join(f"{v:.1f}" for v in os.getloadavg())
+    before = list(os.getloadavg())
     started = time.perf_counter()
     results: dict[str, list[Any]] = {"rows": [], "profiles": [], "folds": [], "spd_layers": []}
     skipped = [
@@ -726,18 +505,15 @@ def main() -> None:
                 args.rounds,
                 Path(tmp),
                 args.fold_seconds,
-                args.quick,
             )
             for key, values in result.items():
                 results[key] += values
         print("[formulations] SpaceToDepth against Reshape/Transpose", file=sys.stderr)
         rearrangements = spd_rearrangements(results.pop("spd_layers"), args.fold_seconds)
-    record = {
-        "provenance": provenance(
-            sys.argv,
-            policies=sorted(BUILTIN_POLICY_DIR.glob("*.yaml")),
-            extra={"script": "bench_deploy"},
-        ),
+    body = {
+        **results,
+        "spd_rearrangements": rearrangements,
+        "skipped": skipped,
         "settings": {
             "models": args.models,
             "policies": policies,
@@ -745,27 +521,17 @@ def main() -> None:
             "size": args.size,
             "paths": args.paths,
             "rounds": args.rounds,
-            "threads": args.threads,
-            "clock": "CPU time of the one thread" if args.threads == 1 else "wall time",
+            "threads": torch.get_num_threads(),
             "fold_seconds": args.fold_seconds,
-            "record": settings_record(args),
-            "load_before": load_before,
-            "load_after": "/".join(f"{v:.1f}" for v in os.getloadavg()),
             "seconds": time.perf_counter() - started,
         },
-        **results,
-        "spd_rearrangements": rearrangements,
-        "skipped": skipped,
+        "load": {"before": before, "after": list(os.getloadavg())},
     }
-    body = section(record)
-    print(f"[done] {record['settings']['seconds']:.0f} s", file=sys.stderr)
-    if args.no_write:
-        print(body)
-        return
-    args.record.write_text(json.dumps(record, indent=1) + "\n")
-    header = "Generated by `scripts/bench_deploy.py`, rendered from its record."
-    write_sections(args.output, header, {SECTION: body})
-    print(f"wrote {args.record} and {SECTION!r} in {args.output}", file=sys.stderr)
+    print(f"[done] {body['settings']['seconds']:.0f} s", file=sys.stderr)
+    records = args.records if args.records or args.quick else BENCH_RECORDS
+    command = script_command(__file__, argv)
+    print(save_section("deploy", body, command=command, directory=records, quick=args.quick))
+    return body
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
-"""scripts/bench_deploy.py renders its section from the record alone: rows per path, misses
-marked and explained by their generated profiles, stale records said to be stale."""
+"""The "Deployment paths" section of docs/benchmarks.md is rendered from bench_deploy's record
+alone (scripts/bench_page.py): rows per path, misses marked and explained by their profiles,
+stale records said to be stale."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from tests.conftest import load_script
 
 bench_deploy = load_script("bench_deploy")
+bench_page = load_script("bench_page")
 
 
 def _row(path: str, policy: str, per_mac: float, *, folded: bool = False, **extra: Any) -> dict:
@@ -28,7 +32,7 @@ def _row(path: str, policy: str, per_mac: float, *, folded: bool = False, **extr
     }
 
 
-def _record(provenance: dict[str, Any]) -> dict[str, Any]:
+def _record(commit: str | None) -> dict[str, Any]:
     profile = bench_deploy.compare(
         {"conv a": {"ms": 10.0, "category": "convolution"}},
         {
@@ -37,17 +41,18 @@ def _record(provenance: dict[str, Any]) -> dict[str, Any]:
         },
     )
     return {
-        "provenance": provenance,
-        "settings": {
-            "size": 224,
-            "batches": [8],
-            "threads": 1,
-            "clock": "CPU time of the one thread",
-            "rounds": 10,
-            "load_before": "0.1/0.1/0.1",
-            "load_after": "0.2/0.1/0.1",
-            "record": "docs/deploy-benchmark.json",
+        "provenance": {
+            "commit": commit,
+            "code_commit": commit,
+            "dirty": False,
+            "recorded": "2026-12-07T00:00:00+00:00",
+            "command": "scripts/bench_deploy.py",
+            "versions": {"torch": "2.x"},
+            "machine": {"cpu": "test CPU", "cores": 2},
         },
+        "quick": False,
+        "settings": {"size": 224, "batches": [8], "threads": 1, "rounds": 10},
+        "load": {"before": [0.1, 0.1, 0.1], "after": [0.2, 0.1, 0.1]},
         "rows": [
             _row("eager", "original", 1.0),
             _row("eager", "spd", 1.05, fold="0/7"),
@@ -62,7 +67,7 @@ def _record(provenance: dict[str, Any]) -> dict[str, Any]:
                 "path": "onnxruntime",
                 "variant": "antialias+fold",
                 "per_mac": 1.2,
-                "why": bench_deploy.why(profile, 1.26),
+                "mac_ratio": 1.26,
                 **profile,
             }
         ],
@@ -80,11 +85,19 @@ def _record(provenance: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-CURRENT = {"commit": None, "recorded": "2026-12-07T00:00:00+00:00", "command": "x"}
+CURRENT = "c" * 40
 
 
-def test_rows_are_grouped_by_path_with_the_folded_model_beside_the_patched_one() -> None:
-    text = bench_deploy.section(_record(CURRENT))
+def _section(record: dict[str, Any], tmp_path: Path) -> str:
+    (tmp_path / "deploy.json").write_text(json.dumps(record))
+    page = bench_page.render_benchmarks(CURRENT, tmp_path)
+    return page.split("## Deployment paths")[1].split("\n## ")[0]
+
+
+def test_rows_are_grouped_by_path_with_the_folded_model_beside_the_patched_one(
+    tmp_path: Path,
+) -> None:
+    text = _section(_record(CURRENT), tmp_path)
     assert "### eager" in text and "### onnxruntime" in text
     assert "| resnet50 | 8 | spd | 7 | 1.00 | 105.0 | 1.05 | 1.05 | as patched (0/7) | — |" in text
     assert (
@@ -95,20 +108,29 @@ def test_rows_are_grouped_by_path_with_the_folded_model_beside_the_patched_one()
     assert "(folded where a fold applies): resnet50 antialias." in text
     assert "cuda-graphs: not run (no CUDA device)." in text
     assert "ONNX files whose check exceeded 1e-05: none." in text
+    assert "Load average (1/5/15 min) before: 0.1/0.1/0.1, after: 0.2/0.1/0.1." in text
+    assert "**Stale**" not in text
 
 
-def test_a_miss_is_explained_by_its_generated_profile() -> None:
-    text = bench_deploy.section(_record(CURRENT))
+def test_a_miss_is_explained_by_its_profile(tmp_path: Path) -> None:
+    text = _section(_record(CURRENT), tmp_path)
     assert "**resnet50 antialias, onnxruntime** (÷ MACs 1.20, antialias+fold)." in text
     assert "The extra time went to copies, padding, rearrangement 0.0 → 4.0 ms (new, 80%)" in text
+    assert "against a MAC ratio of 1.26." in text
     assert "| `Pad b` | 0.00 | 4.00 |" in text
     assert "SpaceToDepth faster on 1 of 1 layers." in text
     assert "| onnxruntime | blur | pad | 3 |" in text
 
 
-def test_a_record_without_a_commit_is_marked_stale() -> None:
-    text = bench_deploy.section(_record(CURRENT))
-    assert text.splitlines()[2].startswith("**Stale** (no commit recorded)")
+def test_a_record_of_older_code_is_marked_stale(tmp_path: Path) -> None:
+    text = _section(_record("d" * 40), tmp_path)
+    assert "**Stale**" in text and "python scripts/bench_deploy.py" in text, text
+
+
+def test_without_a_record_the_section_says_which_command_makes_it(tmp_path: Path) -> None:
+    page = bench_page.render_benchmarks(CURRENT, tmp_path)
+    section = page.split("## Deployment paths")[1].split("\n## ")[0]
+    assert "No record yet: `python scripts/bench_deploy.py` writes" in section, section
 
 
 def test_operations_are_sorted_into_kinds() -> None:
