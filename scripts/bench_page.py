@@ -11,6 +11,7 @@ one. To add a section (e.g. another deployment path), append a `Section` to `SEC
 
 from __future__ import annotations
 
+import collections
 import math
 import statistics
 import sys
@@ -41,6 +42,8 @@ CLI_TARGET = 1.3  # `surgeon patch` over the build-only process
 LOAD_TARGET = 1.2  # `surgeon.load` over build + read safetensors
 POLYPHASE_TARGET = 1.3  # an APS site over its stride-1 layer + one copy of its output
 HEAL_TARGET = 1.15  # heal step over teacher forward + student training step
+DEPLOY_BATCH = 8  # the batch the deployment target holds at (and where misses are profiled)
+DEPLOY_CHECK = 1e-5  # largest relative difference of an exported file against eager PyTorch
 
 Row = Mapping[str, Any]
 
@@ -557,6 +560,218 @@ def render_heal(record: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+# --------------------------------------------------------------------------- deployment paths
+
+
+def _deployed(rows: Sequence[Row], row: Row) -> float:
+    """÷ MACs of what is deployed on the row's path: folded where a fold rewrote something."""
+    folded = [
+        r["per_mac"]
+        for r in rows
+        if r["folded"]
+        and (r["model"], r["batch"], r["path"], r["policy"])
+        == (row["model"], row["batch"], row["path"], row["policy"])
+    ]
+    return float(folded[0] if folded else row["per_mac"])
+
+
+def _why(profile: Mapping[str, Any]) -> str:
+    """Which kinds of operation a miss's extra time went to, from its profile."""
+    categories = profile["categories"]
+    extra = {name: after - before for name, (before, after) in categories.items()}
+    total = sum(extra.values()) or 1.0
+    parts = []
+    for name, added in sorted(extra.items(), key=lambda item: -item[1])[:3]:
+        before, after = categories[name]
+        grew = f"×{after / before:.2f}" if before > 0 else "new"
+        parts.append(f"{name} {before:.1f} → {after:.1f} ms ({grew}, {added / total:.0%})")
+    dense = ("convolution", "matrix multiply")
+    conv_before = sum(categories.get(k, [0, 0])[0] for k in dense)
+    conv_after = sum(categories.get(k, [0, 0])[1] for k in dense)
+    sentence = "The extra time went to " + "; ".join(parts) + "."
+    if conv_before > 0:
+        sentence += (
+            f" Dense convolutions and matrix multiplies ran ×{conv_after / conv_before:.2f} "
+            f"against a MAC ratio of {profile['mac_ratio']:.2f}."
+        )
+    return sentence
+
+
+def _deploy_path_table(rows: Sequence[Row], path: str) -> list[str]:
+    onnx = path == "onnxruntime"
+    lines = [
+        f"### {path}",
+        "",
+        "| model | batch | policy | sites | MAC ratio | ms | ratio | ÷ MACs | folded ms (n/m) "
+        "| folded ÷ MACs |" + (" check |" if onnx else ""),
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if onnx else ""),
+    ]
+    plain = [r for r in rows if r["path"] == path and not r["folded"]]
+    for r in plain:
+        folded = next(
+            (
+                f
+                for f in rows
+                if f["path"] == path
+                and f["folded"]
+                and (f["model"], f["batch"], f["policy"]) == (r["model"], r["batch"], r["policy"])
+            ),
+            None,
+        )
+        original = r["policy"] == "original"
+        unchanged = f"as patched ({r['fold']})" if "fold" in r else "—"
+        cells = [
+            r["model"],
+            str(r["batch"]),
+            r["policy"],
+            "—" if original else str(r["sites"]),
+            f"{r['mac_ratio']:.2f}",
+            f"{r['best']:.1f}",
+            f"{r['ratio']:.2f}",
+            "—" if original else _ratio(r["per_mac"], LATENCY_TARGET),
+            f"{folded['best']:.1f} ({folded['fold']})" if folded else unchanged,
+            _ratio(folded["per_mac"], LATENCY_TARGET) if folded else "—",
+        ]
+        if onnx:
+            worst = max(x["check_rel_diff"] for x in (r, folded) if x)
+            cells.append(f"{worst:.1e}" if worst <= DEPLOY_CHECK else f"**{worst:.1e}**")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if onnx:
+        inexact = [
+            f"{r['model']} {r['policy']}{' folded' if r['folded'] else ''} (batch {r['batch']})"
+            for r in rows
+            if r["path"] == path and r["check_rel_diff"] > DEPLOY_CHECK
+        ]
+        lines += [
+            f"ONNX files whose check exceeded {DEPLOY_CHECK:.0e}: {', '.join(inexact) or 'none'}.",
+            "",
+        ]
+    misses = [
+        f"{r['model']} {r['policy']}"
+        for r in plain
+        if r["batch"] == DEPLOY_BATCH
+        and r["policy"] != "original"
+        and _deployed(rows, r) > LATENCY_TARGET
+    ]
+    return [
+        *lines,
+        f"Rows above {LATENCY_TARGET} at batch {DEPLOY_BATCH} (folded where a fold applies): "
+        f"{', '.join(misses) or 'none'}.",
+        "",
+    ]
+
+
+def _deploy_profiles(profiles: Sequence[Row]) -> list[str]:
+    if not profiles:
+        return []
+    lines = [
+        "### Why rows miss the target",
+        "",
+        f"Each row above {LATENCY_TARGET} at batch {DEPLOY_BATCH}, profiled on its path: the "
+        "time of each kind of operation in the original and the patched model (ms per call), "
+        "and the operations whose time grew most. Eager and Inductor: torch.profiler, self CPU "
+        "time per operation and input shape (Inductor's fused kernels are one entry). ONNX "
+        "Runtime: its node profile, per node of the optimised graph (node names carry the "
+        "module path).",
+        "",
+    ]
+    for p in profiles:
+        lines += [
+            f"**{p['model']} {p['policy']}, {p['path']}** (÷ MACs {p['per_mac']:.2f}, "
+            f"{p['variant']}). {_why(p)}",
+            "",
+            "| kind of operation | original ms | patched ms |",
+            "|---|---:|---:|",
+            *(
+                f"| {name} | {before:.2f} | {after:.2f} |"
+                for name, (before, after) in p["categories"].items()
+            ),
+            "",
+            "| operation | original ms | patched ms |",
+            "|---|---:|---:|",
+            *(f"| `{op[:90]}` | {before:.2f} | {after:.2f} |" for op, before, after in p["grown"]),
+            "",
+        ]
+    return lines
+
+
+def _deploy_rearrangements(rows: Sequence[Row]) -> list[str]:
+    if not rows:
+        return []
+    faster = sum(r["ms"]["SpaceToDepth"] < r["ms"]["Reshape/Transpose"] for r in rows)
+    return [
+        "### SPD in ONNX Runtime: SpaceToDepth against Reshape/Transpose",
+        "",
+        "Every phase-major 2-d SPD layer is exported with ONNX's SpaceToDepth operator. Here "
+        "each such layer (dense weights, its input shape) runs in ONNX Runtime as exported, "
+        "and as a twin in channel-major order whose space-to-depth exports as "
+        "Reshape/Transpose/Reshape (its kernel permuted to match, so the outputs are the same): "
+        "best ms of interleaved rounds.",
+        "",
+        "| layer | input | SpaceToDepth ms | Reshape/Transpose ms |",
+        "|---|---|---:|---:|",
+        *(
+            f"| {r['layer']} | {'×'.join(map(str, r['shape']))} | "
+            f"{r['ms']['SpaceToDepth']:.3f} | {r['ms']['Reshape/Transpose']:.3f} |"
+            for r in rows
+        ),
+        "",
+        f"SpaceToDepth faster on {faster} of {len(rows)} layers.",
+        "",
+    ]
+
+
+def _deploy_folds(folds: Sequence[Row]) -> list[str]:
+    if not folds:
+        return []
+    counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
+    for f in folds:
+        for layer in f["layers"]:
+            counts[(f["path"], layer["kind"], layer["form"])] += 1
+    return [
+        "### What fold chose per path",
+        "",
+        "Forms chosen by `surgeon.fold(backend=path)` (timed per layer on that path), counted "
+        "over the models and batch sizes above; every timing is in the record.",
+        "",
+        "| path | kind | form | layers |",
+        "|---|---|---|---:|",
+        *(f"| {p} | {k} | {form} | {n} |" for (p, k, form), n in sorted(counts.items())),
+        "",
+    ]
+
+
+def render_deploy(record: Mapping[str, Any]) -> list[str]:
+    settings = record.get("settings") or {}
+    rows = record["rows"]
+    size = settings.get("size")
+    lines = [
+        f"3×{size}×{size} float32 inputs, batch "
+        f"{' and '.join(map(str, settings.get('batches', [])))}, `torch.no_grad()`, "
+        f"{_clock(settings)}; every variant of a model, batch and path timed in "
+        f"{settings.get('rounds')} interleaved rounds, the best round setting the ratios. "
+        "*÷ MACs* is the latency ratio to the original on the same path divided by the MAC "
+        "ratio (FlopCounterMode, eager); target ≤ "
+        f"{LATENCY_TARGET} at batch {DEPLOY_BATCH}. *Folded* is the model after "
+        "`surgeon.fold(backend=path)`, each layer in the exact form that timed fastest on that "
+        "path (n/m: units rewritten of those considered). Replacement weights are dense: SPD "
+        "kernels transferred exactly plus small random values in the taps the transfer leaves "
+        "zero, as after fine-tuning. ONNX Runtime runs the file `surgeon export` writes; "
+        "*check* is the largest relative difference of its check against eager PyTorch (two "
+        f"input sizes; each must be ≤ {DEPLOY_CHECK:.0e}).",
+        "",
+    ]
+    for path in dict.fromkeys(r["path"] for r in rows):
+        lines += _deploy_path_table(rows, path)
+    for skipped in record.get("skipped", []):
+        lines += [f"{skipped['path']}: not run ({skipped['reason']}).", ""]
+    lines += _deploy_profiles(record.get("profiles", []))
+    lines += _deploy_rearrangements(record.get("spd_rearrangements", []))
+    lines += _deploy_folds(record.get("folds", []))
+    return lines
+
+
 SECTIONS: list[Section] = [
     Section("layers", "## Replacement layers", "python scripts/bench_layers.py", render_layers),
     Section(
@@ -580,6 +795,7 @@ SECTIONS: list[Section] = [
         render_polyphase,
     ),
     Section("heal", "## Heal", "python scripts/bench_heal.py", render_heal),
+    Section("deploy", "## Deployment paths", "python scripts/bench_deploy.py", render_deploy),
     Section("cuda", "## CUDA", "python scripts/bench_cuda.py", render_cuda),
 ]
 

@@ -191,6 +191,22 @@ PolicyOpt = Annotated[
         "--policy", "-p", help="Built-in policy name (see `surgeon policies`) or a YAML file."
     ),
 ]
+FoldForOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--fold-for",
+        help="With --fold: the backend the forms are timed on: eager, inductor (torch.compile) "
+        "or onnxruntime (patch: eager; export: where the format runs).",
+    ),
+]
+FoldInteriorOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fold-interior-only",
+        help="With --fold: also fold reflect/replicate blur + 1x1 conv into one zero-padded "
+        "conv, exact only away from the borders.",
+    ),
+]
 
 
 def _default_out(model: str, policy: str) -> Path:
@@ -239,7 +255,9 @@ def patch(
     fold: Annotated[
         bool,
         typer.Option(
-            "--fold", help="Fold SPD + conv into one strided conv where faster (recorded)."
+            "--fold",
+            help="Rewrite the replacement layers into the exact forms fastest on --fold-for "
+            "(recorded).",
         ),
     ] = False,
     allow_unchanged: Annotated[
@@ -253,6 +271,8 @@ def patch(
     show_all: Annotated[
         bool, typer.Option("--all", help="List every site, runs of global pools included.")
     ] = False,
+    fold_for: FoldForOpt = None,
+    fold_interior_only: FoldInteriorOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Rewrite MODEL by POLICY, print the layer-by-layer diff and write the patched checkpoint.
@@ -305,7 +325,9 @@ def patch(
     if fold:
         from surgeon.fold import fold as fold_layers
 
-        patched, record = fold_layers(patched, args)
+        patched, record = fold_layers(
+            patched, args, backend=fold_for or "eager", interior_only=fold_interior_only
+        )
         err.print(record.summary(), highlight=False)
     if not report.changed and (record is None or not record.folded):
         reason = unchanged_reason(report, resolved, history)
@@ -385,10 +407,11 @@ def info(
                     label = transfer_label(row.get("transfer"), row.get("rel_diff"))
                     say(f"         {row['site']}: {row['replacement']} [{label}]")
         elif entry["kind"] == "fold":
-            folded = [layer["name"] for layer in entry["layers"] if layer["form"] == "folded"]
+            folded = [layer["name"] for layer in entry["layers"] if layer["form"] != "kept"]
+            backend = f" for {entry['backend']}" if entry.get("backend") else ""
             say(
                 f"    {number}. folded (patch --fold): {len(folded)} of {len(entry['layers'])} "
-                f"SPD layers, each now one strided conv: {', '.join(folded) or 'none'}"
+                f"layers rewritten{backend}: {', '.join(folded) or 'none'}"
             )
         elif entry["kind"] == "heal":
             say(f"    {number}. {_heal_line(entry)}")
@@ -732,8 +755,15 @@ def export(
     ] = "onnx",
     out_file: Annotated[Path | None, typer.Option("--out", help="Output file.")] = None,
     fold: Annotated[
-        bool, typer.Option("--fold", help="Fold SPD + conv into one strided conv where faster.")
+        bool,
+        typer.Option(
+            "--fold",
+            help="First rewrite the replacement layers into the exact forms fastest where the "
+            "format runs (onnx: ONNX Runtime).",
+        ),
     ] = False,
+    fold_for: FoldForOpt = None,
+    fold_interior_only: FoldInteriorOpt = False,
     method: Annotated[
         str, typer.Option("--method", help="TorchScript only: script, trace, or auto.")
     ] = "auto",
@@ -755,6 +785,8 @@ def export(
         out_file,
         input_size=parse_input_size(input_size) if input_size else None,
         fold_layers=fold,
+        fold_backend=fold_for,
+        interior_only=fold_interior_only,
         method=method,
         force=force,
         trust_import=trust_import or (),

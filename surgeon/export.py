@@ -7,13 +7,17 @@ torch.export.load) at the example size and at a second, odd size with batch 2. T
 written to a hidden temporary sibling and renamed into place only when both checks pass, so a
 failed export leaves nothing behind.
 
-    result = export("out/resnet50-spd", "onnx", fold=True)     # a checkpoint directory
+    result = export("out/resnet50-spd", "onnx", fold_layers=True)  # a checkpoint directory
     result = export(model, "torchscript", "model.pt", example_input=torch.randn(1, 3, 224, 224))
 
-ONNX goes through PyTorch's TorchScript-based exporter (`dynamo=False`): it needs only onnx
-and onnxruntime, and with `dynamic_axes` it keeps batch and spatial sizes symbolic through our
-layers' shape arithmetic. TorchScript is scripted (`method="script"`), traced (`"trace"`), or
-scripted with tracing as the fallback (`"auto"`, the default; the result says which ran).
+With `fold_layers`, the replacement layers are first rewritten by `surgeon.fold` into the
+formulations fastest on the backend the format is run with (`FOLD_BACKENDS`: ONNX files on
+ONNX Runtime, ExportedPrograms under Inductor, TorchScript as eager PyTorch), timed there.
+ONNX goes through PyTorch's TorchScript-based exporter (`dynamo=False`, see
+`surgeon.backends.onnx_export`): it needs only onnx and onnxruntime, and with `dynamic_axes`
+it keeps batch and spatial sizes symbolic through our layers' shape arithmetic. TorchScript is
+scripted (`method="script"`), traced (`"trace"`), or scripted with tracing as the fallback
+(`"auto"`, the default; the result says which ran).
 """
 
 from __future__ import annotations
@@ -33,11 +37,19 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from surgeon import __version__
+from surgeon.backends import (
+    BACKENDS,
+    ONNX_OPSET,
+    dynamic_axes_names,
+    onnx_export,
+    onnx_session,
+)
 from surgeon.checkpoint.atomic import temporary_file
 from surgeon.errors import AnalysisError, Argument, OutputError, PatchError, UsageError
 from surgeon.fold import Choice, FoldRecord, fold
 
 __all__ = [
+    "FOLD_BACKENDS",
     "FORMATS",
     "ExportResult",
     "NumericCheck",
@@ -49,7 +61,13 @@ __all__ = [
 Format = Literal["torchscript", "onnx", "exported-program"]
 FORMATS: tuple[str, ...] = ("torchscript", "onnx", "exported-program")
 SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx", "exported-program": ".pt2"}
-ONNX_OPSET = 17
+FOLD_BACKENDS: dict[str, str] = {
+    "torchscript": "eager",
+    "onnx": "onnxruntime",
+    "exported-program": "inductor",
+}
+"""The backend `fold_layers` times formulations on, per format: where such files are run
+(ExportedPrograms are what AOTInductor and `torch.compile` deploy)."""
 METADATA_FILE = "surgeon.json"  # the name of the metadata entry inside each exported file
 
 # Relative to the eager output's largest magnitude: float32 kernels differ in summation order
@@ -103,7 +121,10 @@ class ExportResult:
         sizes = ", ".join("x".join(map(str, c.input_shape)) for c in self.checks)
         folded = ""
         if self.fold is not None:
-            folded = f", {self.fold.folded} of {len(self.fold.layers)} SPD layers folded"
+            folded = (
+                f", {self.fold.folded} of {len(self.fold.layers)} layers rewritten for "
+                f"{self.fold.backend}"
+            )
         return (
             f"wrote {self.path} ({self.format} via {self.method}, "
             f"{self.bytes / 1e6:.1f} MB{folded}); "
@@ -135,6 +156,8 @@ def export(
     example_input: Tensor | None = None,
     input_size: Sequence[int] | None = None,
     fold_layers: bool | Choice = False,
+    fold_backend: str | None = None,
+    interior_only: bool = False,
     method: str = "auto",
     tolerance: float = DEFAULT_TOLERANCE,
     force: bool = False,
@@ -145,8 +168,11 @@ def export(
 
     `source` is a checkpoint directory (rebuilt with `surgeon.load`; its manifest gives the
     example size) or an nn.Module (then pass `example_input`, or `input_size` as C×H×W). The
-    model must take one tensor (N, C, *spatial). `fold_layers` folds SPD layers first (True or
-    "fastest": per layer, whichever form times faster; "folded": all); a module passed in is
+    model must take one tensor (N, C, *spatial). `fold_layers` rewrites the replacement layers
+    first (`surgeon.fold`; True or "fastest": per layer, whichever form times fastest on
+    `fold_backend`, by default `FOLD_BACKENDS[format]`; "folded": every SPD layer and blur +
+    pointwise pair folded); `interior_only` allows the fold that is exact only away from the
+    borders, and the file is then checked against the folded model. A module passed in is
     copied, never changed. `path` defaults to `default_export_path` for a directory. Raises
     UsageError (bad format or inputs), OutputError (path exists without `force`, or cannot be
     written), AnalysisError (the exporter failed) and PatchError (the file's outputs differ
@@ -155,6 +181,10 @@ def export(
     _check_format(format)
     if method not in ("auto", "script", "trace"):
         raise UsageError(f"torchscript method must be auto, script or trace, got {method!r}")
+    if fold_backend is not None and fold_backend not in BACKENDS:
+        raise UsageError(
+            f"unknown fold backend {fold_backend!r}; choose one of {', '.join(BACKENDS)}"
+        )
     choose: Choice | None = None
     if fold_layers:
         choose = "fastest" if fold_layers is True else fold_layers
@@ -182,12 +212,20 @@ def export(
         if choose is not None:
             if not isinstance(source, (str, Path)):
                 model = copy.deepcopy(model)
-            model, record = fold(model, example, choose=choose)
+            backend = fold_backend or FOLD_BACKENDS[format]
+            model, record = fold(
+                model, example, backend=backend, choose=choose, interior_only=interior_only
+            )
+            if any(layer.form == "interior" for layer in record.layers):
+                # opted into a fold that changes the borders: the file must match the model
+                # it was written from
+                with torch.no_grad():
+                    references = [_leaves(model(x), name) for x in inputs]
         metadata = {
             "surgeon": __version__,
             "format": format,
             "source": info,
-            "input": {"example_shape": list(example.shape), "dynamic": _dynamic_names(example)},
+            "input": {"example_shape": list(example.shape), "dynamic": dynamic_axes_names(example)},
             "fold": record.to_dict() if record else None,
         }
         writer = {"torchscript": _torchscript, "onnx": _onnx, "exported-program": _exported_program}
@@ -259,13 +297,6 @@ def _one_image_tensor(value: Any, name: str) -> Tensor:
     return value
 
 
-def _dynamic_names(example: Tensor) -> list[str]:
-    spatial = (
-        ["height", "width"] if example.dim() == 4 else [f"dim{i}" for i in range(2, example.dim())]
-    )
-    return ["batch", *spatial]
-
-
 # --------------------------------------------------------------------------- writers
 
 # Each writer saves the model to `tmp` and returns (method, notes, a function that runs the
@@ -320,41 +351,20 @@ def _onnx(
     model: nn.Module, example: Tensor, tmp: Path, metadata: dict[str, Any], method: str, name: str
 ) -> tuple[str, list[str], Runner]:
     try:
-        import onnxruntime
+        import onnxruntime  # noqa: F401 (checked before the slow export)
     except ImportError as exc:
         raise UsageError(
             "ONNX export is checked with onnxruntime: pip install onnx onnxruntime"
         ) from exc
     with torch.no_grad():
         outputs = _leaves(model(example), name)
-    dims = _dynamic_names(example)
-    output_names = [f"output_{i}" if len(outputs) > 1 else "output" for i in range(len(outputs))]
-    axes: dict[str, dict[int, str]] = {
-        "input": {i: d for i, d in zip([0, *range(2, example.dim())], dims, strict=True)}
-    }
-    for out_name, out in zip(output_names, outputs, strict=True):
-        axes[out_name] = {0: "batch", **{i: f"{out_name}_dim{i}" for i in range(2, out.dim())}}
     try:
-        with _quiet(), torch.no_grad():
-            torch.onnx.export(
-                model,
-                (example,),
-                str(tmp),
-                dynamo=False,
-                input_names=["input"],
-                output_names=output_names,
-                dynamic_axes=axes,
-                opset_version=ONNX_OPSET,
-            )
+        onnx_export(model, example, tmp, len(outputs))
     except Exception as exc:
         raise AnalysisError(f"ONNX export of {name} failed: {_first_line(exc)}") from exc
     _onnx_metadata(tmp, metadata)
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3  # errors only: shape-inference chatter is not for the user
     try:
-        session = onnxruntime.InferenceSession(
-            str(tmp), options, providers=["CPUExecutionProvider"]
-        )
+        session = onnx_session(tmp)
     except Exception as exc:
         raise AnalysisError(
             f"onnxruntime cannot load the ONNX export of {name}: {_first_line(exc)}"

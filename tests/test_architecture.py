@@ -50,7 +50,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("policy", ("surgeon.policy", "surgeon.policy_loader")),
     ("rewrites", ("surgeon.rewrites.*",)),
     ("patch and its reports", ("surgeon.patch", "surgeon.report", "surgeon.report_html")),
-    ("tools built on patch", ("surgeon.placements", "surgeon.fold")),
+    ("tools built on patch", ("surgeon.placements", "surgeon.backends", "surgeon.fold")),
     (
         "recording and loading checkpoints",
         (

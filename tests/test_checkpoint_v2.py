@@ -27,6 +27,7 @@ from surgeon.checkpoint import read_checkpoint
 from surgeon.checkpoint.restore import LegacyCheckpointWarning
 from surgeon.errors import CheckpointError
 from surgeon.fold import fold
+from surgeon.layers import BlurPool
 from surgeon.models import example_inputs, load_model
 from surgeon.patch import resolve_policy
 from surgeon.policy_loader import policy_from_dict
@@ -48,10 +49,27 @@ RELOCATE = {
 }
 
 
+def _every_form(model: nn.Module) -> dict[str, str]:
+    """Fold forms that rewrite every unit of an antialiased model without timing: each
+    BlurPool into its separable form, each blur + 1x1 conv into one strided conv."""
+    forms = {}
+    for name, module in model.named_modules():
+        if isinstance(module, BlurPool):
+            forms[name] = "separable"
+        elif (
+            isinstance(module, nn.Sequential)
+            and isinstance(module[0], BlurPool)
+            and module[1].kernel_size == (1, 1)
+        ):
+            forms[name] = "folded"
+    return forms
+
+
 def _write(
     directory: Path, spec: str, policy: Any, *, folded: bool = False, **params: Any
 ) -> tuple[Path, nn.Module]:
-    """Patch `spec` with `policy` (and fold it), save it to `directory`; (path, patched model)."""
+    """Patch `spec` with `policy` (and fold it: SPD layers folded, blurs in other forms),
+    save it to `directory`; (path, patched model)."""
     loaded = load_model(spec, seed=0)
     loaded.input_size = SIZE
     resolved = policy
@@ -62,7 +80,9 @@ def _write(
     args = example_inputs(loaded.task, SIZE)
     model, report = surgeon.patch(loaded.model, resolved, args, model_name=spec)
     record = None
-    if folded:
+    if folded and policy == "antialias":
+        model, record = fold(model, args, backend="onnxruntime", forms=_every_form(model))
+    elif folded:
         model, record = fold(model, args, choose="folded")
     surgeon.save(directory, model, loaded, report, resolved, fold=record)
     return directory, model.eval()
@@ -79,6 +99,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, n
         "dilate": _write(root / "dilate", TINY, "dilate", output_stride=4),
         "relocate": _write(root / "relocate", TINY, RELOCATE),
         "fold": _write(root / "fold", TINY, "spd", folded=True),
+        "fold-blur": _write(root / "fold-blur", TINY, "antialias", folded=True),
         "root-call": _write(root / "root-call", "tests.tiny_models:tiny_root_pool", "allconv"),
     }
 
@@ -93,7 +114,8 @@ def _same(a: nn.Module, b: nn.Module) -> None:
 
 
 @pytest.mark.parametrize(
-    "kind", ["spd", "antialias", "allconv", "dilate", "relocate", "fold", "root-call"]
+    "kind",
+    ["spd", "antialias", "allconv", "dilate", "relocate", "fold", "fold-blur", "root-call"],
 )
 def test_every_kind_of_edit_round_trips(
     written: dict[str, tuple[Path, nn.Module]], kind: str
@@ -119,6 +141,13 @@ def test_the_manifest_records_the_edits_as_data(written: dict[str, tuple[Path, n
     assert {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1]} in attrs, attrs
     folded, _ = read_checkpoint(written["fold"][0])
     assert [e["kind"] for e in folded["history"]] == ["patch", "fold"]
+    assert folded["history"][1]["backend"] == "eager"
+    blurred, _ = read_checkpoint(written["fold-blur"][0])
+    entry = blurred["history"][1]
+    assert entry["backend"] == "onnxruntime" and entry["choose"] == "replayed"
+    assert {layer["form"] for layer in entry["layers"]} == {"separable", "folded"}
+    types = {e["module"]["type"] for e in entry["edits"]}
+    assert types == {"BlurPool", "FoldedBlurConv"}, types
 
 
 def test_loading_needs_neither_the_tracer_nor_the_policy(

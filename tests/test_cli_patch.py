@@ -168,6 +168,28 @@ def test_eval_and_export_run_from_the_cli(
     )
     assert code == 0, err
     assert "matches eager PyTorch" in stdout and (tmp_path / "m.pt").exists()
+    code, stdout, err = run_cli(capsys, "export", str(out), "--format", "onnx", "--fold", "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["path"].endswith("model-folded.onnx")
+    assert result["fold"]["backend"] == "onnxruntime" and "rewritten for onnxruntime" in err
+    code, _, err = run_cli(capsys, "export", str(out), "--fold", "--fold-for", "tensorrt")
+    assert code == 2 and "unknown fold backend 'tensorrt'" in err, err
+    assert err.strip().count("\n") == 0, err
+
+
+def test_patch_fold_for_a_backend_records_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "spd-ort"
+    code, _, err = run_cli(
+        capsys, "patch", "resnet18", "--policy", "spd", "--input-size", "3x32x32",
+        "--fold", "--fold-for", "onnxruntime", "--out", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    fold = json.loads((out / "surgery.json").read_text())["history"][1]
+    assert fold["backend"] == "onnxruntime" and len(fold["layers"]) == 7
+    assert all(set(layer["timings"]) == {"kept", "folded"} for layer in fold["layers"])
 
 
 def test_dilate_output_stride_option(capsys: pytest.CaptureFixture[str]) -> None:
@@ -191,7 +213,7 @@ def test_patch_fold_records_the_fold_and_load_replays_it(
     assert run_cli(capsys, "patch", *common, "--out", str(plain))[0] == 0
     code, _, err = run_cli(capsys, "patch", *common, "--out", str(folded), "--fold")
     assert code == 0, err
-    assert "SPD layers folded" in err
+    assert "layers rewritten for eager" in err
     history = json.loads((folded / "surgery.json").read_text())["history"]
     assert [entry["kind"] for entry in history] == ["patch", "fold"]
     record = history[1]
@@ -211,7 +233,8 @@ def test_patch_fold_records_the_fold_and_load_replays_it(
     code, stdout, _ = run_cli(capsys, "info", str(folded))
     assert (
         code == 0
-        and f"folded (patch --fold): {sum(f == 'folded' for f in forms.values())} of 7" in stdout
+        and f"folded (patch --fold): {sum(f == 'folded' for f in forms.values())} of 7 layers"
+        in stdout
     )
 
     # a fold record that names a form surgeon does not know is refused, nothing is built

@@ -361,6 +361,14 @@ def deploy_blurs() -> dict[str, BlurPool]:
         "zero-5": BlurPool(8, filter_size=5, pad_mode="zero"),
         "ceil": BlurPool(8, filter_size=3, ceil_source=(3, 1, 1)),
         "reflect-7": BlurPool(8, filter_size=7),
+        "reflect pad": BlurPool(8, filter_size=4, export_form="pad"),
+        "reflect-7 separable": BlurPool(8, filter_size=7, export_form="separable"),
+        "ceil pad": BlurPool(8, filter_size=3, ceil_source=(3, 1, 1), export_form="pad"),
+        "replicate-3 separable": BlurPool(
+            8, filter_size=3, pad_mode="replicate", export_form="separable"
+        ),
+        "zero-4 conv": BlurPool(8, filter_size=4, pad_mode="zero", export_form="conv"),
+        "zero-5 conv": BlurPool(8, filter_size=5, pad_mode="zero", export_form="conv"),
     }
 
 

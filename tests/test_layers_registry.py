@@ -21,6 +21,7 @@ from surgeon.layers import (
     AdaptiveResampling,
     AdaptiveUpsampling,
     BlurPool,
+    FoldedBlurConv,
     HaarConv,
     LearnablePolyphaseSampling,
     LocalImportancePool,
@@ -90,6 +91,22 @@ SAMPLES: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
     ),
     ("blur 1-d", lambda: BlurPool(3, dims=1, filter_size=5, stride=3), (2, 3, 17)),
     ("blur 3-d", lambda: BlurPool(2, dims=3, pad_mode="replicate"), (1, 2, 5, 6, 7)),
+    ("blur separable", lambda: BlurPool(4, export_form="separable"), (1, 4, 9, 8)),
+    (
+        "blur constant padding",
+        lambda: BlurPool(4, pad_mode="zero", export_form="conv"),
+        (1, 4, 9, 8),
+    ),
+    (
+        "folded blur + pointwise conv",
+        lambda: FoldedBlurConv.from_pair(BlurPool(4), nn.Conv2d(4, 6, 1, groups=2)),
+        (2, 4, 9, 8),
+    ),
+    (
+        "folded blur 1-d, zero padding",
+        lambda: FoldedBlurConv(3, 2, dims=1, filter_size=3, stride=3, pad_mode="zero", bias=False),
+        (1, 3, 11),
+    ),
     ("pool pad ceil_mode", lambda: PoolPad((3, 3), (2, 2), (1, 1), (1, 1), True), (1, 2, 8, 9)),
     ("pool pad same", lambda: PoolPad((3,), (2,), "same", (1,), False), (1, 2, 9)),
     (

@@ -100,6 +100,9 @@ EDIT_OP = Tagged(
     },
 )
 
+# what a fold made of a unit (surgeon.fold): unchanged, one of its folds, or a BlurPool form
+FOLD_FORM = Literal["kept", "folded", "interior", "gather", "pad", "separable", "conv"]
+
 SOURCE_WEIGHTS = Tagged(
     "kind",
     {
@@ -141,9 +144,11 @@ HISTORY_ENTRY = Tagged(
                 **_ENTRY,
                 "choose": str,
                 "threads": int,
-                "layers": ListOf(Obj({"name": str, "form": Literal["folded", "kept"]})),
+                "backend": Literal["eager", "inductor", "onnxruntime"],
+                "layers": ListOf(Obj({"name": str, "form": FOLD_FORM})),
                 "edits": ListOf(EDIT_OP),
-            }
+            },
+            frozenset({"backend"}),  # folds recorded before per-backend folding were eager
         ),
         "heal": Obj(
             {
@@ -412,8 +417,8 @@ class Summary:
     versions: Mapping[str, str] = field(hash=False)
     rows: tuple[Mapping[str, Any], ...]
     totals: Mapping[str, Any] = field(hash=False)
-    folded: tuple[str, ...]  # layers a fold made one strided conv
-    fold_layers: int  # SPD layers a fold considered (0: not folded)
+    folded: tuple[str, ...]  # layers the last fold rewrote (form other than "kept")
+    fold_layers: int  # layers the last fold considered (0: not folded)
     surgeries: tuple[str, ...]  # the kinds of the history entries, in order
     weights: Mapping[str, Any] = field(hash=False)  # the source model's weights record
     history: tuple[Mapping[str, Any], ...] = field(hash=False)
@@ -446,7 +451,7 @@ def summarize(manifest: Mapping[str, Any]) -> Summary:
         versions=dict(patch.get("versions", manifest.get("versions", {}))),
         rows=tuple(patch.get("rows", [])),
         totals=dict(patch.get("summary", {})),
-        folded=tuple(layer["name"] for layer in layers if layer["form"] == "folded"),
+        folded=tuple(layer["name"] for layer in layers if layer["form"] != "kept"),
         fold_layers=len(layers),
         surgeries=tuple(e["kind"] for e in history),
         weights=dict(model.get("weights", {"kind": "unrecorded"})),

@@ -4,8 +4,9 @@ and registered by name (`surgeon.layers.registry`) so that checkpoints rebuild t
 from __future__ import annotations
 
 from surgeon.layers.aps import AdaptivePolyphaseSampling
-from surgeon.layers.blur import PAD_MODES, BlurPool, binomial_filter
+from surgeon.layers.blur import EXPORT_FORMS, PAD_MODES, BlurPool, binomial_filter
 from surgeon.layers.folded import FoldedSpaceToDepthConv
+from surgeon.layers.folded_blur import FoldedBlurConv
 from surgeon.layers.haar import HaarConv, haar_transform
 from surgeon.layers.lip import LocalImportancePool
 from surgeon.layers.lps import LearnablePolyphaseSampling
@@ -30,11 +31,13 @@ from surgeon.layers.sub_pixel import SubPixelConv, shuffle
 from surgeon.layers.transfer import Transfer
 
 __all__ = [
+    "EXPORT_FORMS",
     "PAD_MODES",
     "AdaptivePolyphaseSampling",
     "AdaptiveResampling",
     "AdaptiveUpsampling",
     "BlurPool",
+    "FoldedBlurConv",
     "FoldedSpaceToDepthConv",
     "HaarConv",
     "LearnablePolyphaseSampling",

@@ -18,10 +18,21 @@ from torch import Tensor, nn
 
 from surgeon.arithmetic import conv_output_size
 from surgeon.layers.shapes import is_channels_last, output_length, per_dim
+from surgeon.layers.transfer import padded_conv
 
-__all__ = ["PAD_MODES", "BlurPool", "binomial_filter"]
+__all__ = [
+    "EXPORT_FORMS",
+    "PAD_MODES",
+    "BlurPool",
+    "binomial_filter",
+    "pad_by_gather",
+    "pad_for_blur",
+    "pad_for_blur_graph",
+]
 
 PAD_MODES = ("reflect", "replicate", "zero")
+EXPORT_FORMS = ("gather", "pad", "separable", "conv")
+"""How BlurPool runs when scripted, traced, compiled or exported (see `BlurPool`)."""
 
 _BINOMIAL_ROWS = {
     1: (1,),
@@ -67,16 +78,29 @@ class BlurPool(nn.Module):
     (padding + 1) positions; below that (a 1-wide map with filter 3, say) that call falls back
     to replicate padding instead of failing. filter_size 1 is plain subsampling.
 
-    The filter is a non-persistent buffer (not in the state dict); the module has no
+    The filters are non-persistent buffers (not in the state dict); the module has no
     parameters. On large channels-last inputs eager mode filters with the convolution's own
     zero padding, so no padded copy of the input is made, and then adds what the reflected
     (or replicated) border adds to the outputs that read it; that equals pad-then-filter up to
-    float rounding. Scripting, tracing and export pad by gathers, so tiny maps fall back to
-    replicate inside the graph too.
+    float rounding.
+
+    `export_form` is the formulation graphs see (scripting, tracing, ONNX, torch.compile,
+    torch.export); all give the same outputs at every size, and `surgeon.fold` picks one per
+    layer by timing them on the backend that will run the model:
+
+    - "gather": padding by index gathers whose indices are computed from the input size, one
+      depthwise convolution;
+    - "pad": `F.pad` in `pad_mode`, one depthwise convolution. The test for maps too small to
+      reflect stays in the graph: scripted, or an ONNX `If` when traced;
+    - "separable": the same padding, then one 1-d depthwise convolution per spatial dim;
+    - "conv" (zero padding without `ceil_source` only): the zeros are constant padding,
+      [floor((f-1)/2), ceil((f-1)/2)] whatever the size (the convolution's own padding when
+      symmetric), which ONNX Runtime fuses into the convolution.
     """
 
     if TYPE_CHECKING:  # a class-level annotation is a string TorchScript cannot resolve
         filter: Tensor
+        taps: Tensor
     # plain class attributes, not annotations: see `filter` above
     border_min_numel = 1 << 20
     border_min_size = 48
@@ -98,12 +122,21 @@ class BlurPool(nn.Module):
         pad_mode: str = "reflect",
         ceil_source: tuple[int | Sequence[int], int | Sequence[int], int | Sequence[int]]
         | None = None,
+        export_form: str = "gather",
     ) -> None:
         super().__init__()
         if dims not in (1, 2, 3):
             raise ValueError(f"dims must be 1, 2 or 3, got {dims}")
         if pad_mode not in PAD_MODES:
             raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+        if export_form not in EXPORT_FORMS:
+            raise ValueError(f"export_form must be one of {EXPORT_FORMS}, got {export_form!r}")
+        if export_form == "conv" and (pad_mode != "zero" or ceil_source is not None):
+            raise ValueError(
+                "export_form='conv' needs pad_mode='zero' and no ceil_source: only then is the "
+                "padding the same constant for every input size"
+            )
+        self.export_form = export_form
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
         self.channels = channels
@@ -129,6 +162,8 @@ class BlurPool(nn.Module):
         self.register_buffer(
             "filter", taps[None, None].repeat(channels, *([1] * (dims + 1))), persistent=False
         )
+        # the 1-d filter of the separable form: the N-d filter is its outer product
+        self.register_buffer("taps", binomial_filter(filter_size, 1), persistent=False)
 
     def config(self) -> dict[str, Any]:
         """The constructor's arguments as JSON data: `BlurPool(**m.config())` computes what `m`
@@ -147,6 +182,7 @@ class BlurPool(nn.Module):
             "stride": list(self.stride),
             "pad_mode": self.pad_mode,
             "ceil_source": ceil_source,
+            "export_form": self.export_form,
         }
 
     def extra_repr(self) -> str:
@@ -155,19 +191,21 @@ class BlurPool(nn.Module):
         if self.ceil_mode:
             source = (self.source_kernel, self.source_padding, self.source_dilation)
             text += f", ceil_source={source}"
+        if self.export_form != "gather":
+            text += f", export_form={self.export_form!r}"
         return text
 
     # ----------------------------------------------------------------------- arithmetic
 
     def _length(self, size: int, i: int) -> int:
-        stride = self.stride[i]
-        if not self.ceil_mode:
-            return conv_output_size(size, 1, stride)  # ceil(size / stride)
-        kernel = self.source_kernel[i]
-        padding = self.source_padding[i]
-        dilation = self.source_dilation[i]
-        original = size - 2 * padding + dilation * (kernel - 1)
-        return output_length(original, kernel, stride, padding, dilation, True)
+        return _blur_length(
+            size,
+            self.stride[i],
+            self.ceil_mode,
+            self.source_kernel[i],
+            self.source_padding[i],
+            self.source_dilation[i],
+        )
 
     def _conv(self, x: Tensor, padding: list[int]) -> Tensor:
         weight = self.filter if self.filter.dtype == x.dtype else self.filter.to(x.dtype)
@@ -188,35 +226,85 @@ class BlurPool(nn.Module):
         return self._eager(x)
 
     def _portable(self, x: Tensor) -> Tensor:
-        # Padding by gather: index arithmetic picks reflect or, when reflect would read past
-        # the far edge in any dim, replicate, at run time, so one graph serves every size.
-        spatial = x.shape[2:]
-        left = (self.filter_size - 1) // 2
-        pads: list[int] = []
-        mirrored: list[Tensor] = []
-        clamped: list[Tensor] = []
-        unreachable = torch.zeros((), dtype=torch.bool, device=x.device)
-        for i in range(self.dims):
-            size = spatial[i]
-            right = (self._length(size, i) - 1) * self.stride[i] + self.filter_size - size - left
-            pads = [left, right] + pads  # noqa: RUF005 (TorchScript compiles this)
-            position = torch.arange(-left, size + right, device=x.device)
-            last = size - 1
-            clamped.append(position.clamp(0, last))
-            reflected = last - (last - position.abs()).abs()
-            mirrored.append(reflected)
-            unreachable = unreachable | ((reflected < 0) | (reflected > last)).any()
-        if self.pad_mode == "zero":
-            x = F.pad(x, pads)
+        if self.export_form == "gather":
+            return self._gathered(x)
+        if self.export_form == "conv":
+            left = (self.filter_size - 1) // 2
+            right = self.filter_size - 1 - left
+            if left == right:
+                return self._conv(x, [left] * self.dims)
+            if torch.jit.is_scripting():
+                return self._conv(F.pad(x, [left, right] * self.dims), [0] * self.dims)
+            return self._padded_conv(x, left, right)
+        stride, kernel, padding, dilation = self._arithmetic()
+        if torch.jit.is_scripting():  # TorchScript keeps pad_for_blur's branch as it is
+            padded = pad_for_blur(
+                x,
+                self.filter_size,
+                stride,
+                self.pad_mode,
+                self.ceil_mode,
+                kernel,
+                padding,
+                dilation,
+            )
         else:
+            padded = pad_for_blur_graph(
+                x,
+                self.filter_size,
+                stride,
+                self.pad_mode,
+                self.ceil_mode,
+                kernel,
+                padding,
+                dilation,
+            )
+        if self.export_form == "pad":
+            return self._conv(padded, [0] * self.dims)
+        return self._separable(padded)
+
+    def _arithmetic(self) -> tuple[list[int], list[int], list[int], list[int]]:
+        """stride, and the ceil_mode source's kernel, padding and dilation, as lists."""
+        stride: list[int] = []
+        kernel: list[int] = []
+        padding: list[int] = []
+        dilation: list[int] = []
+        for i in range(self.dims):
+            stride.append(self.stride[i])
+            kernel.append(self.source_kernel[i])
+            padding.append(self.source_padding[i])
+            dilation.append(self.source_dilation[i])
+        return stride, kernel, padding, dilation
+
+    @torch.jit.unused
+    def _padded_conv(self, x: Tensor, left: int, right: int) -> Tensor:
+        weight = self.filter if self.filter.dtype == x.dtype else self.filter.to(x.dtype)
+        sides = [left] * self.dims, [right] * self.dims
+        return padded_conv(x, weight, None, self.stride, *sides, self.channels)
+
+    def _separable(self, x: Tensor) -> Tensor:
+        taps = self.taps if self.taps.dtype == x.dtype else self.taps.to(x.dtype)
+        for d in range(self.dims):
+            view = [1, 1]
+            stride: list[int] = []
             for i in range(self.dims):
-                index = (
-                    clamped[i]
-                    if self.pad_mode == "replicate"
-                    else torch.where(unreachable, clamped[i], mirrored[i])
-                )
-                x = x.index_select(2 + i, index)
-        return self._conv(x, [0] * self.dims)
+                view.append(self.filter_size if i == d else 1)
+                stride.append(self.stride[d] if i == d else 1)
+            weight = taps.reshape(view).expand([self.channels] + view[1:])  # noqa: RUF005
+            if self.dims == 1:
+                x = F.conv1d(x, weight, None, stride, 0, 1, self.channels)
+            elif self.dims == 2:
+                x = F.conv2d(x, weight, None, stride, 0, 1, self.channels)
+            else:
+                x = F.conv3d(x, weight, None, stride, 0, 1, self.channels)
+        return x
+
+    def _gathered(self, x: Tensor) -> Tensor:
+        stride, kernel, padding, dilation = self._arithmetic()
+        padded = pad_by_gather(
+            x, self.filter_size, stride, self.pad_mode, self.ceil_mode, kernel, padding, dilation
+        )
+        return self._conv(padded, [0] * self.dims)
 
     @torch.jit.unused
     def _eager(self, x: Tensor) -> Tensor:
@@ -322,6 +410,168 @@ class BlurPool(nn.Module):
     def _reference(self, x: Tensor, mode: str, pads: list[tuple[int, int]]) -> Tensor:
         # The straightforward definition: pad, then a valid strided depthwise convolution.
         return self._conv(self._padded(x, mode, pads), [0] * self.dims)
+
+
+def _blur_length(
+    size: int, stride: int, ceil_mode: bool, kernel: int, padding: int, dilation: int
+) -> int:
+    """BlurPool's output length for a map of `size`: ceil(size / stride), or the ceil_mode
+    pool's length when the map came from one (see `BlurPool`)."""
+    if not ceil_mode:
+        return conv_output_size(size, 1, stride)  # ceil(size / stride)
+    original = size - 2 * padding + dilation * (kernel - 1)
+    return output_length(original, kernel, stride, padding, dilation, True)
+
+
+def pad_for_blur(
+    x: Tensor,
+    filter_size: int,
+    stride: list[int],
+    pad_mode: str,
+    ceil_mode: bool,
+    kernel: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> Tensor:
+    """`x` padded as BlurPool pads it before filtering with stride `stride`, with plain `F.pad`.
+
+    Per spatial dim floor((f-1)/2) on the left and what the output length needs on the right
+    (a negative right pad crops). Reflect padding falls back to replicate in every dim when
+    some dim is too short to reflect, as BlurPool does. `kernel`, `padding` and `dilation`
+    describe a ceil_mode source (ignored unless `ceil_mode`).
+    """
+    dims = len(stride)
+    left = (filter_size - 1) // 2
+    pads: list[int] = []
+    reflectable = True
+    for i in range(dims):
+        size = x.shape[2 + i]
+        length = _blur_length(size, stride[i], ceil_mode, kernel[i], padding[i], dilation[i])
+        right = (length - 1) * stride[i] + filter_size - size - left
+        if right < 0:
+            x = x.narrow(2 + i, 0, size + right)
+            right = 0
+        pads = [left, right] + pads  # noqa: RUF005 (TorchScript compiles this)
+        if left >= size or right >= size:
+            reflectable = False
+    if pad_mode == "zero":
+        return F.pad(x, pads)
+    if pad_mode == "reflect" and reflectable:
+        return F.pad(x, pads, mode="reflect")
+    return F.pad(x, pads, mode="replicate")
+
+
+def pad_by_gather(
+    x: Tensor,
+    filter_size: int,
+    stride: list[int],
+    pad_mode: str,
+    ceil_mode: bool,
+    kernel: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> Tensor:
+    """`pad_for_blur` without a branch on the sizes: reflect and replicate padding are index
+    gathers, and the indices (computed from the input size) pick reflect or, when reflect would
+    read past the far edge in any dim, replicate, so one graph serves every size."""
+    dims = len(stride)
+    left = (filter_size - 1) // 2
+    pads: list[int] = []
+    mirrored: list[Tensor] = []
+    clamped: list[Tensor] = []
+    unreachable = torch.zeros((), dtype=torch.bool, device=x.device)
+    for i in range(dims):
+        size = x.shape[2 + i]
+        length = _blur_length(size, stride[i], ceil_mode, kernel[i], padding[i], dilation[i])
+        right = (length - 1) * stride[i] + filter_size - size - left
+        pads = [left, right] + pads  # noqa: RUF005 (TorchScript compiles this)
+        position = torch.arange(-left, size + right, device=x.device)
+        last = size - 1
+        clamped.append(position.clamp(0, last))
+        reflected = last - (last - position.abs()).abs()
+        mirrored.append(reflected)
+        unreachable = unreachable | ((reflected < 0) | (reflected > last)).any()
+    if pad_mode == "zero":
+        return F.pad(x, pads)
+    for i in range(dims):
+        index = (
+            clamped[i]
+            if pad_mode == "replicate"
+            else torch.where(unreachable, clamped[i], mirrored[i])
+        )
+        x = x.index_select(2 + i, index)
+    return x
+
+
+@torch.jit.unused
+def pad_for_blur_graph(
+    x: Tensor,
+    filter_size: int,
+    stride: list[int],
+    pad_mode: str,
+    ceil_mode: bool,
+    kernel: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> Tensor:
+    """`pad_for_blur` as traced and compiled graphs must see it.
+
+    torch.compile guards on the sizes, so plain `pad_for_blur` serves. torch.export cannot keep
+    a branch on symbolic sizes: padding is `pad_by_gather` there. A trace (TorchScript,
+    the ONNX exporter) would freeze the test for maps too short to reflect at the example's
+    size: here sizes, pads and that test are recorded as tensor arithmetic, and the choice
+    between reflect and replicate padding is a branch of a scripted function (an ONNX If)."""
+    arguments = (filter_size, stride, pad_mode, ceil_mode, kernel, padding, dilation)
+    if torch.compiler.is_exporting():
+        # torch.export cannot keep a branch on symbolic sizes: index arithmetic decides
+        return pad_by_gather(x, *arguments)
+    if pad_mode != "reflect" or not torch.jit.is_tracing():
+        return pad_for_blur(x, *arguments)
+    left = (filter_size - 1) // 2
+    pads: list[Tensor] = []
+    reflectable = torch.ones((), dtype=torch.bool)
+    for i in range(len(stride)):
+        size = x.shape[2 + i]
+        length = _blur_length(size, stride[i], ceil_mode, kernel[i], padding[i], dilation[i])
+        right = (length - 1) * stride[i] + filter_size - size - left
+        if right < 0:  # only for filters shorter than the stride: the same at every size
+            x = x.narrow(2 + i, 0, size + right)
+            right = 0
+        pads = [torch.as_tensor(left), torch.as_tensor(right), *pads]
+        reflectable = reflectable & torch.as_tensor(left < size) & torch.as_tensor(right < size)
+    return _reflect_or_replicate()[len(stride)](x, torch.stack(pads), reflectable)
+
+
+def _reflect_or_replicate_1d(x: Tensor, pads: Tensor, reflect: Tensor) -> Tensor:
+    flat = [int(pads[0]), int(pads[1])]
+    if bool(reflect):
+        return F.pad(x, flat, mode="reflect")
+    return F.pad(x, flat, mode="replicate")
+
+
+def _reflect_or_replicate_2d(x: Tensor, pads: Tensor, reflect: Tensor) -> Tensor:
+    flat = [int(pads[0]), int(pads[1]), int(pads[2]), int(pads[3])]
+    if bool(reflect):
+        return F.pad(x, flat, mode="reflect")
+    return F.pad(x, flat, mode="replicate")
+
+
+def _reflect_or_replicate_3d(x: Tensor, pads: Tensor, reflect: Tensor) -> Tensor:
+    flat = [int(pads[0]), int(pads[1]), int(pads[2]), int(pads[3]), int(pads[4]), int(pads[5])]
+    if bool(reflect):
+        return F.pad(x, flat, mode="reflect")
+    return F.pad(x, flat, mode="replicate")
+
+
+@functools.cache
+def _reflect_or_replicate() -> dict[int, Any]:
+    """{dims: the padding choice, compiled by TorchScript once}. Written out per rank: a
+    scripted loop or a list of ints passed in would reach ONNX as a Loop or as constants."""
+    return {
+        1: torch.jit.script(_reflect_or_replicate_1d),
+        2: torch.jit.script(_reflect_or_replicate_2d),
+        3: torch.jit.script(_reflect_or_replicate_3d),
+    }
 
 
 @functools.lru_cache(maxsize=256)

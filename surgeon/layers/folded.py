@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from surgeon.arithmetic import conv_output_size
 from surgeon.layers.shapes import output_length, per_dim, same_total
 from surgeon.layers.spd import SpaceToDepthConv
-from surgeon.layers.transfer import strided_conv
+from surgeon.layers.transfer import padded_conv, strided_conv
 
 __all__ = ["FoldedSpaceToDepthConv"]
 
@@ -36,8 +36,10 @@ class FoldedSpaceToDepthConv(nn.Module):
     of the SPD form, reordered.
 
     In eager mode the padding is the convolution's own (symmetric) padding, with only the
-    difference padded or cropped; scripting, tracing and export pad explicitly, so the graph
-    has no size-dependent branch. Build one from an SPD layer with `from_layer`.
+    difference padded or cropped. In graphs (scripting, tracing, export, compile), padding that
+    is the same at every size (integer op padding, no ceil_mode: see `constant_pads`) is the
+    convolution's own, which ONNX writes as one Conv; size-dependent padding is an explicit pad,
+    so the graph has no size-dependent branch. Build one from an SPD layer with `from_layer`.
     """
 
     def __init__(
@@ -91,6 +93,27 @@ class FoldedSpaceToDepthConv(nn.Module):
             device=device,
             dtype=dtype,
         )
+        self.constant_pads = self._constant_pads()
+
+    def _constant_pads(self) -> list[int]:
+        """F.pad's list of the padding that is the same at every input size, or [] when the
+        padding depends on the size ('same' padding, ceil_mode, or a crop).
+
+        With padding [l, r] the convolution gives floor((i + l + r - k) / b) + 1 positions,
+        the op's floor((i + 2p - d(k_op - 1) - 1) / s) + 1 for every i when b = s and
+        r = k - l + 2p - d(k_op - 1) - 1; its windows start where the size-dependent padding
+        puts them (at -l), so the outputs are the same, and the extra zeros are never read."""
+        if self.same or self.ceil_mode or self.block != self.stride:
+            return []
+        pads: list[int] = []
+        for i in range(self.dims):
+            left = self.offset[i] - self.trim[i] + (self.padding[i] if self.keep_op_padding else 0)
+            span = self.dilation[i] * (self.kernel[i] - 1) + 1
+            right = self.conv.kernel_size[i] - left + 2 * self.padding[i] - span
+            if left < 0 or right < 0:
+                return []
+            pads = [left, right, *pads]
+        return pads
 
     @classmethod
     def from_layer(
@@ -189,12 +212,23 @@ class FoldedSpaceToDepthConv(nn.Module):
         return self._eager(x)
 
     def _portable(self, x: Tensor) -> Tensor:
+        if len(self.constant_pads) > 0:
+            if torch.jit.is_scripting():
+                return self._conv(F.pad(x, self.constant_pads), [0] * self.dims)
+            return self._constant_padding(x)
         spatial = x.shape[2:]
         lefts, rights, _ = self._pads([spatial[i] for i in range(self.dims)])
         pads: list[int] = []
         for i in range(self.dims):
             pads = [lefts[i], rights[i]] + pads  # noqa: RUF005 (TorchScript has no * in lists)
         return self._conv(F.pad(x, pads), [0] * self.dims)
+
+    @torch.jit.unused
+    def _constant_padding(self, x: Tensor) -> Tensor:
+        # the convolution's own padding: one ONNX Conv, no Pad node
+        lefts, rights = self.constant_pads[-2::-2], self.constant_pads[-1::-2]
+        conv = self.conv
+        return padded_conv(x, conv.weight, conv.bias, conv.stride, lefts, rights, conv.groups)
 
     @torch.jit.unused
     def _eager(self, x: Tensor) -> Tensor:

@@ -6,8 +6,10 @@ channels; `space_to_depth` makes that split, `pad_space_to_depth` zero-pads firs
 SpaceToDepthConv runs). Each is a permutation of its input, so every formulation below gives
 the same bits; which one runs depends on the mode and the layout:
 
-- scripting and tracing: one view/permute/reshape copy; torch.export and torch.compile: one
-  strided slice per phase (plain ops, sizes that stay symbolic);
+- scripting and tracing: one view/permute/reshape copy, except that an ONNX export writes a
+  phase-major 2-d square block as ONNX's own `SpaceToDepth` operator, whose output channels
+  are ordered (block row, block column, channel): the phase-major order; torch.export and
+  torch.compile: one strided slice per phase (plain ops, sizes that stay symbolic);
 - eager, contiguous memory: the view copy, whose inner loop runs along the output rows;
 - eager, channels-last, phase-major: one reshape copy of whole channel runs (one strided copy
   per phase below 8 channels); channel-major: float pairs written as complex numbers, so that
@@ -86,7 +88,7 @@ def _rearrange(x: Tensor, block: list[int], reduced: list[int], phase_major: boo
     if torch.compiler.is_compiling():
         return _space_to_depth_slices(x, block, phase_major)
     if torch.jit.is_tracing():
-        return _space_to_depth_view(x, block, reduced, phase_major)
+        return _traced(x, block, reduced, phase_major)
     if x.device.type != "cpu" and not phase_major and len(block) == 2 and block[0] == block[1]:
         # GPUs: pixel_unshuffle is one kernel in channel-major order (faster than the view copy
         # there, docs/benchmarks.md "CUDA") and keeps channels-last memory as it is
@@ -127,6 +129,32 @@ def _space_to_depth_view(
     outer = [2 + 2 * i for i in range(dims)]
     perm = [0] + inner + [1] + outer if phase_major else [0, 1] + inner + outer  # noqa: RUF005
     return x.reshape(split).permute(perm).reshape([sz[0], sz[1] * phases] + reduced)  # noqa: RUF005
+
+
+@torch.jit.unused
+def _traced(x: Tensor, block: list[int], reduced: list[int], phase_major: bool) -> Tensor:
+    # ONNX's SpaceToDepth is one operator with its own kernel in ONNX Runtime, against the
+    # Reshape/Transpose/Reshape of the view copy (both are compared on the SPD layer shapes of
+    # scripts/bench_deploy.py's formulation table); it exists for 2-d square blocks only.
+    if phase_major and len(block) == 2 and block[0] == block[1] and torch.onnx.is_in_onnx_export():
+        return _OnnxSpaceToDepth.apply(x, block[0])
+    return _space_to_depth_view(x, block, reduced, phase_major)
+
+
+class _OnnxSpaceToDepth(torch.autograd.Function):
+    """Phase-major space-to-depth of a 2-d map, written to ONNX as its SpaceToDepth operator.
+
+    Used only while `torch.onnx.export` traces a model: the exporter calls `symbolic` in place
+    of recording the copy."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, block: int) -> Tensor:
+        reduced = [x.shape[2] // block, x.shape[3] // block]
+        return _space_to_depth_view(x, [block, block], reduced, True)
+
+    @staticmethod
+    def symbolic(graph: Any, x: Any, block: int) -> Any:
+        return graph.op("SpaceToDepth", x, blocksize_i=block)
 
 
 def _space_to_depth_slices(x: Tensor, block: list[int], phase_major: bool) -> Tensor:

@@ -28,6 +28,7 @@ from torch import nn
 from surgeon.layers.aps import AdaptivePolyphaseSampling
 from surgeon.layers.blur import BlurPool
 from surgeon.layers.folded import FoldedSpaceToDepthConv
+from surgeon.layers.folded_blur import FoldedBlurConv
 from surgeon.layers.haar import HaarConv
 from surgeon.layers.lip import LocalImportancePool
 from surgeon.layers.lps import LearnablePolyphaseSampling
@@ -510,6 +511,7 @@ def _register_builtins() -> None:
         SpaceToDepthConv,
         FoldedSpaceToDepthConv,
         BlurPool,
+        FoldedBlurConv,
         PoolPad,
         StridePad,
         SubPixelConv,

@@ -4,8 +4,9 @@ SPD-Conv's inner kernel (O, I * P, *K) over the P = prod(block) phase channels a
 (O, I, *(b * K)) of a stride-b convolution on the input before space-to-depth hold the same
 numbers: tap b*q + r of channel c is inner tap q of the phase-r channel of c. These functions
 move a kernel between the two forms and between the two channel orders, and run the strided
-form with asymmetric padding; `SpaceToDepthConv.from_conv`, its grouped and narrow-input eager
-path and `surgeon.fold` use them.
+form with asymmetric padding (`strided_conv` in eager mode, `padded_conv` in graphs, where
+ONNX gets one Conv with asymmetric pads); `SpaceToDepthConv.from_conv`, its grouped and
+narrow-input eager path, BlurPool's "conv" form, the folded layers and `surgeon.fold` use them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import Tensor
 __all__ = [
     "Transfer",
     "channel_major_kernel",
+    "padded_conv",
     "phase_major_kernel",
     "rearrange_kernel",
     "spatial_kernel",
@@ -73,6 +75,74 @@ def strided_conv(
         if out.shape[2 + i] != length:
             out = out.narrow(2 + i, 0, length)
     return out
+
+
+@torch.jit.unused
+def padded_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: Sequence[int],
+    lefts: Sequence[int],
+    rights: Sequence[int],
+    groups: int,
+) -> Tensor:
+    """Convolution of `x` zero-padded by the same `lefts`/`rights` per dim at every size, for
+    graphs: an ONNX export writes it as one Conv with asymmetric `pads` (no Pad node, so ONNX
+    Runtime keeps the convolution in its blocked layout); anywhere else, `F.pad` then the
+    convolution."""
+    if torch.onnx.is_in_onnx_export():
+        kernel = list(weight.shape[2:])
+        return _OnnxPaddedConv.apply(
+            x, weight, bias, list(stride), list(lefts), list(rights), groups, kernel
+        )
+    conv = (F.conv1d, F.conv2d, F.conv3d)[len(stride) - 1]
+    if list(lefts) == list(rights):
+        return conv(x, weight, bias, list(stride), list(lefts), 1, groups)
+    pads = [p for lo, r in zip(reversed(lefts), reversed(rights), strict=True) for p in (lo, r)]
+    return conv(F.pad(x, pads), weight, bias, list(stride), 0, 1, groups)
+
+
+class _OnnxPaddedConv(torch.autograd.Function):
+    """`padded_conv` while `torch.onnx.export` traces: the exporter calls `symbolic`."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        stride: list[int],
+        lefts: list[int],
+        rights: list[int],
+        groups: int,
+        kernel: list[int],
+    ) -> Tensor:
+        pads = [p for lo, r in zip(reversed(lefts), reversed(rights), strict=True) for p in (lo, r)]
+        conv = (F.conv1d, F.conv2d, F.conv3d)[len(stride) - 1]
+        return conv(F.pad(x, pads), weight, bias, stride, 0, 1, groups)
+
+    @staticmethod
+    def symbolic(
+        graph: Any,
+        x: Any,
+        weight: Any,
+        bias: Any,
+        stride: list[int],
+        lefts: list[int],
+        rights: list[int],
+        groups: int,
+        kernel: list[int],
+    ) -> Any:
+        inputs = [x, weight] if bias is None else [x, weight, bias]
+        return graph.op(
+            "Conv",
+            *inputs,
+            kernel_shape_i=kernel,
+            strides_i=stride,
+            pads_i=lefts + rights,
+            group_i=groups,
+        )
 
 
 def phase_major_kernel(weight: Tensor, block: Sequence[int]) -> Tensor:
