@@ -344,8 +344,10 @@ class Trainer:
         evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
         console: Console | None = None,
         progress: bool = True,
+        name: str = "heal",
     ) -> None:
         self.config = config
+        self.name = name  # the progress bar's label
         self.dist = dist
         self.objective = objective
         self.state_dir = state_dir
@@ -629,7 +631,9 @@ class Trainer:
         started = time.perf_counter()
         images_seen = 0
         show = self.show_progress and self.dist.is_main
-        with _ProgressBar(self.console, config.steps, self.step, enabled=show) as bar:
+        with _ProgressBar(
+            self.console, config.steps, self.step, enabled=show, name=self.name
+        ) as bar:
             while self.step < config.steps:
                 for batch in self.loader(dataset, self.epoch, self.batch_in_epoch):
                     stats = self.train_step(batch)
@@ -813,12 +817,14 @@ class _JsonLog:
 class _ProgressBar:
     """The rich progress bar of rank 0: step of steps, loss, agreement, images/s, ETA."""
 
-    def __init__(self, console: Console | None, total: int, start: int, *, enabled: bool) -> None:
+    def __init__(
+        self, console: Console | None, total: int, start: int, *, enabled: bool, name: str
+    ) -> None:
         self.progress: Progress | None = None
         if not enabled:
             return
         self.progress = Progress(
-            TextColumn("[bold]heal[/bold]"),
+            TextColumn(f"[bold]{name}[/bold]"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[metrics]}"),
@@ -827,7 +833,7 @@ class _ProgressBar:
             TimeRemainingColumn(),
             console=console or Console(stderr=True),
         )
-        self.task = self.progress.add_task("heal", total=total, completed=start, metrics="")
+        self.task = self.progress.add_task(name, total=total, completed=start, metrics="")
 
     def __enter__(self) -> _ProgressBar:
         if self.progress is not None:
