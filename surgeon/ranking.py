@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
-
 from surgeon.placements import Placement
 
 __all__ = [
@@ -178,6 +176,8 @@ def _ticks(low: float, high: float) -> list[float]:
 def ranking_png(result: SearchResult) -> bytes:
     """Score (y) against MACs (x) of every candidate: the Pareto front joined by a line and
     drawn in blue, the model's own placement ringed in red, the top-ranked one filled."""
+    from PIL import Image, ImageDraw
+
     image = Image.new("RGB", (_WIDTH, _HEIGHT), "white")
     draw = ImageDraw.Draw(image)
     cands: Sequence[CandidateScore] = result.candidates
