@@ -41,6 +41,7 @@ __all__ = [
     "MovableStrides",
     "SupernetMixture",
     "balance_penalty",
+    "balanced_routes",
     "layer_settings",
     "update_assignment",
 ]
@@ -158,11 +159,13 @@ class SupernetMixture(nn.Module):
         return torch.softmax(self.assignment.float(), dim=-1)
 
     def assigned(self) -> list[int]:
-        """The supernet each placement is scored with: its most probable one."""
-        return [int(k) for k in self.probabilities().argmax(-1)]
+        """The supernet each placement is scored with: `balanced_routes` of the assignment, so
+        that each supernet scores at most ⌈placements / K⌉ of them."""
+        capacity = math.ceil(len(self.placements) / len(self.supernets))
+        return balanced_routes(self.probabilities(), capacity)
 
     def shares(self) -> list[float]:
-        """The fraction of placements whose most probable supernet is each supernet."""
+        """The fraction of placements each supernet scores (`assigned`)."""
         counts = torch.bincount(torch.tensor(self.assigned()), minlength=len(self.supernets))
         return [float(c) / max(1, len(self.placements)) for c in counts]
 
@@ -171,6 +174,27 @@ class SupernetMixture(nn.Module):
         for movable in self.movable:
             movable.close()
         self.selected = None
+
+
+def balanced_routes(probabilities: Tensor, capacity: int) -> list[int]:
+    """One supernet per placement, at most `capacity` placements per supernet: the most probable
+    (placement, supernet) pairs first, each placement taken once, each supernet until full.
+
+    The penalty of `balance_penalty` balances the *expected* shares, which a row that spreads
+    evenly over every supernet also satisfies; this capacity constraint makes the hard
+    assignment balanced too, whatever the logits."""
+    placements, supernets = probabilities.shape
+    if capacity * supernets < placements:
+        raise ValueError(f"{supernets} supernets of capacity {capacity} cannot take {placements}")
+    order = torch.argsort(probabilities.flatten(), descending=True, stable=True).tolist()
+    routes: list[int | None] = [None] * placements
+    load = [0] * supernets
+    for flat in order:
+        i, k = divmod(int(flat), supernets)
+        if routes[i] is None and load[k] < capacity:
+            routes[i] = k
+            load[k] += 1
+    return [int(k) for k in routes if k is not None]
 
 
 def balance_penalty(probabilities: Tensor) -> Tensor:
