@@ -30,6 +30,7 @@ from surgeon.supernet import (
     update_assignment,
 )
 from surgeon.training import STATE_FILE
+from tests.conftest import load_script
 from tests.heal_fixtures import TinyNet, write_images
 from tests.search_fixtures import plain_net
 from tests.tiny_models import tiny_resnet
@@ -279,3 +280,22 @@ def test_sigkill_then_resume_gives_the_same_ranking(images: Path, tmp_path: Path
         assert whole[key] == again[key], f"{key} differs after resume"
     steps = [json.loads(line)["step"] for line in (killed / "search-log.jsonl").open()]
     assert steps == [2, 4, 6, 8, 10, 12], f"log after resume: {steps}"
+
+
+def test_kendall_tau_of_the_evidence_script() -> None:
+    digits = load_script("search_digits")
+    assert digits.kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert digits.kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert abs(digits.kendall_tau([1, 2, 3], [1, 3, 2]) - 1 / 3) < 1e-9
+
+
+def test_the_evidence_scripts_quick_mode_writes_a_record(tmp_path: Path) -> None:
+    digits = load_script("search_digits")
+    record = tmp_path / "digits.json"
+    assert digits.main(["--quick", "--threads", "1", "--record", str(record)]) == 0
+    body = json.loads(record.read_text())
+    assert body["quick"] is True and len(body["ground_truth"]) == 3
+    assert set(body["methods"]) == {"mixture", "single"}
+    for method in body["methods"].values():
+        assert -1.0 <= method["kendall_tau"] <= 1.0 and method["top_pick"] in body["ground_truth"]
+    assert body["provenance"]["command"].endswith("--record " + str(record))
