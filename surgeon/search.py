@@ -372,7 +372,8 @@ def search(
       `balance`, `calibration_batches`, `holdout`, `state_every`, `log_every`, `precision`,
       `channels_last`) as keywords.
 
-    `model` itself is not changed: it is the original the supernets (its copies) learn from.
+    `model` is the original the supernets (its copies) learn from: its weights, modes and
+    requires_grad flags are left as they were, on the training device.
     Under torchrun every process calls this; only rank 0 scores and writes."""
     target = Path(out) if out is not None else None
     if state_dir is None and target is not None:
@@ -508,10 +509,27 @@ def _search(
     size = _input_size(model, options)
     if size[0] not in (1, 3):
         raise UsageError(f"image folders give 1 or 3 channels; the model takes {size[0]}")
-    teacher = model
-    teacher_modes = [(m, m.training) for m in teacher.modules()]
-    teacher_grads = [(p, p.requires_grad) for p in teacher.parameters()]
-    teacher.eval()
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()  # the original: tracing and teaching must not move its BatchNorm statistics
+    try:
+        return _search_from(model, size, data, options, dist, progress, console)
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        for param, grad in grads:
+            param.requires_grad_(grad)
+
+
+def _search_from(
+    teacher: nn.Module,
+    size: tuple[int, int, int],
+    data: str | Path | ImageIndex,
+    options: SearchOptions,
+    dist: Distributed,
+    progress: bool,
+    console: Console | None,
+) -> SearchResult:
     space, candidates, total = _space(teacher, size, options)
     index = _index_on_rank0(data, options.labels, dist)
     prep = model_preprocessing(teacher, options.spec, size)
@@ -529,6 +547,12 @@ def _search(
     mixture.to(dist.device)
     teacher = teacher.to(dist.device).requires_grad_(False)
     example = torch.randn(1, *size, generator=torch.Generator().manual_seed(0)).to(dist.device)
+    with torch.inference_mode():
+        if find_logits(teacher(example)) is None:
+            raise AnalysisError(
+                f"{type(teacher).__name__} returns no class scores (a batch x classes tensor); "
+                "search ranks classifiers: search the classifier around a backbone"
+            )
     macs = []
     for i in range(len(candidates)):
         mixture.select(i)
@@ -598,10 +622,6 @@ def _search(
             )  # fmt: skip
     finally:
         mixture.close()
-        for module, mode in teacher_modes:
-            module.training = mode
-        for param, grad in teacher_grads:
-            param.requires_grad_(grad)
     recorded = {
         "lr": options.lr,
         "temperature": options.temperature,
