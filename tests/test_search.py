@@ -299,3 +299,23 @@ def test_the_evidence_scripts_quick_mode_writes_a_record(tmp_path: Path) -> None
     for method in body["methods"].values():
         assert -1.0 <= method["kendall_tau"] <= 1.0 and method["top_pick"] in body["ground_truth"]
     assert body["provenance"]["command"].endswith("--record " + str(record))
+
+
+def test_the_original_keeps_its_modes_and_requires_grad_flags(images: Path) -> None:
+    model = plain_net().train()
+    model[0].weight.requires_grad_(False)
+    search(model, images, budget=6, supernets=2, **QUICK)
+    assert all(m.training for m in model.modules()), "the original was left in eval mode"
+    flags = [p.requires_grad for p in model.parameters()]
+    assert flags[0] is False and all(flags[1:]), f"requires_grad flags changed: {flags}"
+
+
+def test_a_model_without_class_scores_is_refused_before_training(
+    images: Path, tmp_path: Path
+) -> None:
+    from surgeon.errors import AnalysisError
+
+    backbone = torch.nn.Sequential(*list(plain_net())[:12])  # the convs, no pooled head
+    with pytest.raises(AnalysisError, match="returns no class scores"):
+        search(backbone, images, budget=6, out=tmp_path / "out", **QUICK)
+    assert not any(tmp_path.iterdir()), "something was written"
