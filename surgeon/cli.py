@@ -764,9 +764,10 @@ def search(
     from surgeon.checkpoint.atomic import check_writable
     from surgeon.search import RANKING_FILE, default_state_dir
     from surgeon.search import search as run_search
+    from surgeon.training import launch_rank
 
     target = out_dir or _default_out(model, "search")
-    if int(os.environ.get("RANK", "0") or 0) == 0:
+    if launch_rank() == 0:  # before the model is built: a bad path fails in a second
         check_writable(target, force=force, marker=RANKING_FILE)
     loaded, _ = _load(model, input_size, model_kwarg, weights, pretrained, seed)
     size = tuple(int(s) for s in loaded.input_size)

@@ -26,12 +26,11 @@ placements as `relocate` policies that `surgeon patch --policy FILE` applies as 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from rich.console import Console
@@ -44,13 +43,12 @@ from surgeon.data import (
     ImageDataset,
     ImageIndex,
     collate_images,
-    index_images,
     model_preprocessing,
     split_holdout,
     training_transform,
 )
 from surgeon.distill import DistillLoss, find_logits, kd_loss, top1_agreement
-from surgeon.errors import AnalysisError, SurgeonError, UsageError
+from surgeon.errors import AnalysisError, UsageError
 from surgeon.evaluate import count_macs
 from surgeon.placements import Placement, PlacementSpace, placement_policy
 from surgeon.ranking import (
@@ -66,8 +64,13 @@ from surgeon.training import (
     StepOutput,
     TrainConfig,
     Trainer,
+    channels_height_width,
     evaluating,
     init_distributed,
+    launch_rank,
+    model_input_size,
+    seed_everything,
+    shared_index,
 )
 
 __all__ = [
@@ -390,12 +393,12 @@ def search(
         state_dir=Path(state_dir) if state_dir is not None else None,
         resume=resume,
         seed=seed,
-        input_size=_size3(input_size) if input_size is not None else None,
+        input_size=channels_height_width(input_size) if input_size is not None else None,
         spec=spec,
         workers=workers,
         **more,
     )
-    if target is not None and _rank() == 0:
+    if target is not None and launch_rank() == 0:
         from surgeon.checkpoint.atomic import check_writable
 
         check_writable(target, force=force, marker=RANKING_FILE)
@@ -403,19 +406,6 @@ def search(
     if target is not None and result.is_main:
         write_search(result, target, force=force)
     return result
-
-
-def _size3(size: Sequence[int]) -> tuple[int, int, int]:
-    if len(size) != 3 or any(int(s) < 1 for s in size):
-        raise UsageError(f"input size {tuple(size)} must be channels x height x width")
-    return (int(size[0]), int(size[1]), int(size[2]))
-
-
-def _rank() -> int:
-    """This process's rank under torchrun (0 alone), before any process group exists."""
-    import os
-
-    return int(os.environ.get("RANK", "0") or 0)
 
 
 def default_state_dir(out: str | Path) -> Path:
@@ -438,34 +428,6 @@ def run_search(
         return _search(model, data, options, dist, progress, console)
     finally:
         dist.close()
-
-
-def _index_on_rank0(data: str | Path | ImageIndex, labels: bool, dist: Distributed) -> ImageIndex:
-    """Rank 0 reads and hashes the folder once; the others get its index (or its error)."""
-    if isinstance(data, ImageIndex):
-        if labels and data.labels is None:
-            raise UsageError("labels=True needs an index made with index_images(..., labels=True)")
-        return data
-    outcome: ImageIndex | SurgeonError | None = None
-    if dist.is_main:
-        try:
-            outcome = index_images(data, labels=labels)
-        except SurgeonError as exc:
-            outcome = exc
-    outcome = dist.broadcast(outcome)
-    if isinstance(outcome, SurgeonError):
-        raise outcome
-    assert outcome is not None
-    return outcome
-
-
-def _input_size(model: nn.Module, options: SearchOptions) -> tuple[int, int, int]:
-    if options.input_size is not None:
-        return options.input_size
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, Mapping) and cfg.get("input_size"):
-        return _size3(cfg["input_size"])
-    return (3, 224, 224)
 
 
 def _space(model: nn.Module, size: tuple[int, int, int], options: SearchOptions) -> Any:
@@ -492,12 +454,6 @@ def _space(model: nn.Module, size: tuple[int, int, int], options: SearchOptions)
     return space, candidates, total
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _search(
     model: nn.Module,
     data: str | Path | ImageIndex,
@@ -506,7 +462,7 @@ def _search(
     progress: bool,
     console: Console | None,
 ) -> SearchResult:
-    size = _input_size(model, options)
+    size = model_input_size(model, options.input_size)
     if size[0] not in (1, 3):
         raise UsageError(f"image folders give 1 or 3 channels; the model takes {size[0]}")
     modes = [(m, m.training) for m in model.modules()]
@@ -531,7 +487,7 @@ def _search_from(
     console: Console | None,
 ) -> SearchResult:
     space, candidates, total = _space(teacher, size, options)
-    index = _index_on_rank0(data, options.labels, dist)
+    index = shared_index(data, options.labels, dist)
     prep = model_preprocessing(teacher, options.spec, size)
     limit = min(_HOLDOUT_LIMIT, max(1, len(index) // 2))
     train_positions, holdout_positions = split_holdout(
@@ -539,7 +495,7 @@ def _search_from(
     )
     train_set = ImageDataset(index, train_positions, training_transform(prep), channels=size[0])
 
-    _seed_everything(options.seed + dist.rank)
+    seed_everything(options.seed + dist.rank)
     layers = [layer.name for layer in space.candidates]
     mixture = SupernetMixture(
         teacher, layers, candidates, supernets=options.supernets, seed=options.seed
