@@ -17,6 +17,7 @@ from surgeon.placements import Placement
 __all__ = [
     "CandidateScore",
     "SearchResult",
+    "pareto_front",
     "ranking_html",
     "ranking_markdown",
     "ranking_png",
@@ -121,6 +122,19 @@ _LEFT, _RIGHT, _TOP, _BOTTOM = 70, 20, 40, 50
 def _placement(c: CandidateScore, limit: int = 0) -> str:
     text = " ".join(c.placement.layers)
     return text if not limit or len(text) <= limit else text[: limit - 1] + "…"
+
+
+def pareto_front(points: Sequence[tuple[float, int]]) -> list[bool]:
+    """Which (score, MACs) points no other point beats: none scores at least as well with at
+    most as many MACs and is better in one of the two."""
+    return [
+        not any(
+            s2 >= s and m2 <= m and (s2 > s or m2 < m)
+            for j, (s2, m2) in enumerate(points)
+            if j != i
+        )
+        for i, (s, m) in enumerate(points)
+    ]
 
 
 def ranking_rows(result: SearchResult) -> list[list[str]]:

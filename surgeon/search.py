@@ -54,6 +54,7 @@ from surgeon.placements import Placement, PlacementSpace, placement_policy
 from surgeon.ranking import (
     CandidateScore,
     SearchResult,
+    pareto_front,
     ranking_html,
     ranking_markdown,
     ranking_png,
@@ -319,19 +320,6 @@ def _scoring(
     if not held:
         raise UsageError("no held-out image could be decoded; check --data")
     return _Scoring(held, calibration, options.labels)
-
-
-def _pareto(points: Sequence[tuple[float, int]]) -> list[bool]:
-    """Which (score, MACs) points no other point beats: as high a score with fewer MACs, or a
-    higher score with as few."""
-    return [
-        not any(
-            (s2 >= s and m2 <= m) and (s2 > s or m2 < m)
-            for j, (s2, m2) in enumerate(points)
-            if j != i
-        )
-        for i, (s, m) in enumerate(points)
-    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,7 +634,7 @@ def _rank_candidates(
         net.load_state_dict(saved)
         score = accuracy if accuracy is not None else agreement
         rows.append((placement, k, float(probabilities[i, k]), score, agreement, accuracy, kl))
-    front = _pareto([(r[3], m) for r, m in zip(rows, macs, strict=True)])
+    front = pareto_front([(r[3], m) for r, m in zip(rows, macs, strict=True)])
     order = sorted(range(len(rows)), key=lambda i: (-rows[i][3], rows[i][6], macs[i], i))
     return [
         CandidateScore(

@@ -319,3 +319,10 @@ def test_a_model_without_class_scores_is_refused_before_training(
     with pytest.raises(AnalysisError, match="returns no class scores"):
         search(backbone, images, budget=6, out=tmp_path / "out", **QUICK)
     assert not any(tmp_path.iterdir()), "something was written"
+
+
+def test_the_pareto_front_keeps_the_points_nothing_beats() -> None:
+    from surgeon.ranking import pareto_front
+
+    points = [(0.9, 100), (0.8, 50), (0.85, 120), (0.9, 100), (0.7, 50), (0.95, 200)]
+    assert pareto_front(points) == [True, True, False, True, False, True]
