@@ -9,15 +9,15 @@ The candidates are the legal placements of the model's ×2 downsampling steps
 model's own placement. K supernets (copies of the model's weights whose strides move,
 `surgeon.supernet`) train together: each step takes the next placement of a seeded shuffle of
 the candidates (so a budget of at least one step per candidate visits every one), runs the K
-supernets at that placement, and trains each with the distillation loss of `surgeon heal`
-(cross-entropy too with `labels=True`) weighted by how much that supernet is the placement's
-(the learned assignment); the assignment then takes a gradient step on the same losses plus a
-balance penalty (`update_assignment`, docs/search.md says why). The run is the engine of
-`surgeon.training`: one process or many under torchrun, resumable state checkpoints, a
-progress bar and a JSONL log.
+supernets at that placement, and trains the one the placement is routed to (the learned
+assignment, read through a capacity constraint) with the distillation loss of `surgeon heal`
+(cross-entropy too with `labels=True`); the assignment then takes a gradient step on all K
+losses plus a balance penalty (`update_assignment`, docs/search.md says why). The run is the
+engine of `surgeon.training`: one process or many under torchrun, resumable state
+checkpoints, a progress bar and a JSONL log.
 
-At the end every candidate is scored on a held-out split with the weights of its most probable
-supernet, after its BatchNorm statistics are re-estimated at that placement: top-1 agreement
+At the end every candidate is scored on a held-out split with the weights of the supernet it
+is routed to, after its BatchNorm statistics are re-estimated at that placement: top-1 agreement
 with the original model (accuracy with labels). `write_search` writes the ranking (JSON,
 Markdown, a PNG of score against MACs with the Pareto front, an HTML page) and the top
 placements as `relocate` policies that `surgeon patch --policy FILE` applies as they are.
@@ -183,9 +183,10 @@ def placement_at(step: int, count: int, seed: int) -> int:
 
 
 class SearchObjective:
-    """Search's loss for the engine: the step's placement on every supernet, the original under
-    inference_mode, each supernet's distillation loss weighted by the placement's assignment
-    probabilities; then the assignment's own update."""
+    """Search's loss for the engine: the step's placement on every supernet and the original
+    (under inference_mode); the distillation loss of the supernet the placement is routed to
+    (`SupernetMixture.assigned`) is the one trained; then the assignment takes its own step on
+    every supernet's loss."""
 
     def __init__(
         self,
@@ -219,7 +220,9 @@ class SearchObjective:
         labels = batch.labels if self.labels else None
         terms = [self.loss(out, teacher_out, labels=labels) for out in outputs]
         losses = torch.stack([t.total for t in terms])
-        weights = self.mixture.probabilities()[index].to(losses.device)
+        route = self.mixture.assigned()[index]
+        weights = torch.zeros_like(losses)
+        weights[route] = 1.0  # the others stay in the graph at weight 0 (DDP needs every grad)
         total = (weights * losses).sum()
         shared = self.dist.all_reduce(losses.detach().float().clone()) / self.dist.world_size
         if bool(torch.isfinite(shared).all()):  # a NaN stops the engine before any update
@@ -239,8 +242,7 @@ class SearchObjective:
                 torch.zeros((), device=losses.device),
             )
         parts["balance"] = penalty.to(losses.device)
-        best = int(weights.argmax())
-        return StepOutput(total, parts, top1_agreement(outputs[best], teacher_out))
+        return StepOutput(total, parts, top1_agreement(outputs[route], teacher_out))
 
 
 # ---------------------------------------------------------------------------------------------

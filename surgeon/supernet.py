@@ -116,8 +116,8 @@ class SupernetMixture(nn.Module):
 
     `forward` returns the K supernets' outputs for the placement `select` set. The assignment
     logits start as seeded noise of standard deviation `init_scale`: the supernets start as
-    identical copies, and only a difference in how much each placement weighs on each of them
-    lets them specialise."""
+    identical copies, so the noise is what gives the first routes (`assigned`) a random
+    balanced partition of the placements to specialise on."""
 
     def __init__(
         self,
