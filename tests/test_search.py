@@ -326,3 +326,39 @@ def test_the_pareto_front_keeps_the_points_nothing_beats() -> None:
 
     points = [(0.9, 100), (0.8, 50), (0.85, 120), (0.9, 100), (0.7, 50), (0.95, 200)]
     assert pareto_front(points) == [True, True, False, True, False, True]
+
+
+def test_a_step_trains_only_the_supernet_its_placement_is_routed_to() -> None:
+    from surgeon.data import ImageBatch
+    from surgeon.distill import DistillLoss
+    from surgeon.search import SearchObjective
+    from surgeon.supernet import SupernetMixture
+    from surgeon.training import Distributed
+
+    teacher = plain_net().eval()
+    space = PlacementSpace.of(teacher, _example())
+    candidates = list(space.placements())
+    layers = [layer.name for layer in space.candidates]
+    mixture = SupernetMixture(teacher, layers, candidates, supernets=3, seed=0)
+    objective = SearchObjective(
+        mixture,
+        teacher,
+        DistillLoss(),
+        Distributed(1, 0, 0, torch.device("cpu"), None),
+        labels=False,
+        assignment_lr=1.0,
+        balance=1.0,
+        seed=0,
+    )
+    before = mixture.assignment.clone()
+    index = placement_at(0, len(candidates), 0)
+    route = mixture.assigned()[index]
+    images = torch.randn(4, 3, SIZE, SIZE)
+    batch = ImageBatch(images, torch.zeros(4, dtype=torch.long), torch.arange(4), ())
+    objective(mixture, batch).loss.backward()
+    for k, net in enumerate(mixture.supernets):
+        norm = sum(float(p.grad.abs().sum()) for p in net.parameters() if p.grad is not None)
+        assert (norm > 0) == (k == route), f"supernet {k} (route {route}): gradient {norm}"
+    moved = (mixture.assignment - before).abs().sum(-1)
+    assert moved[index] > 0, "the trained placement's assignment did not move"
+    assert mixture.selected == index
