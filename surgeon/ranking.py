@@ -169,6 +169,20 @@ def _summary(result: SearchResult) -> str:
         f"{result.train_images} images; {sample} scored on {result.holdout_images} held-out "
         f"images by {how}. "
         f"Candidates per supernet: {shares} (balance penalty {result.balance:.3f}, 0 = equal)."
+        + _verdict(result)
+    )
+
+
+def _verdict(result: SearchResult) -> str:
+    """Where the model's own placement ranks, against the best one."""
+    own, best = result.default, result.candidates[0] if result.candidates else None
+    if own is None or best is None:
+        return ""
+    if own.rank == 1:
+        return " The model's own placement ranks first."
+    return (
+        f" The model's own placement ranks {own.rank} of {len(result.candidates)} "
+        f"({100 * own.score:.1f}% against {100 * best.score:.1f}%)."
     )
 
 

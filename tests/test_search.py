@@ -196,6 +196,9 @@ def test_search_scores_every_candidate_and_writes_the_ranking(
     assert "data:image/png;base64," in (out / "report.html").read_text()
     md = (out / "ranking.md").read_text()
     assert "| rank | placement | score | MACs |" in md and md.count("\n| ") == 7
+    own = next(c for c in result.candidates if c.default)
+    verdict = "ranks first" if own.rank == 1 else f"ranks {own.rank} of 6"
+    assert f"The model's own placement {verdict}" in md, md
     log = [json.loads(line) for line in (out / "search-log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [10, 18] and all("balance" in r for r in log)
     assert not (tmp_path / "ranking.search-state").exists(), "state left behind"
