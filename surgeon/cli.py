@@ -829,6 +829,151 @@ def placements(
 
 
 @app.command()
+def search(
+    model: ModelArg,
+    data: Annotated[
+        Path, typer.Option("--data", help="Folder of images (any tree; ImageFolder with --labels).")
+    ],
+    budget: Annotated[
+        int, typer.Option("--budget", help="Training steps in all (at least one per candidate).")
+    ],
+    supernets: Annotated[
+        int, typer.Option("--supernets", help="Supernets in the mixture (1: a single supernet).")
+    ] = 4,
+    top: Annotated[int, typer.Option("--top", help="Best placements to write as policies.")] = 3,
+    max_placements: Annotated[
+        int,
+        typer.Option("--max-placements", help="Candidates at most (a seeded sample beyond)."),
+    ] = 32,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Directory for the ranking (default: out/MODEL-search)."),
+    ] = None,
+    labels: Annotated[
+        bool,
+        typer.Option("--labels", help="One folder per class: add cross-entropy, rank by accuracy."),
+    ] = False,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Images per step and process.")
+    ] = 64,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, cosine).")] = 1e-4,
+    balance: Annotated[
+        float, typer.Option("--balance", help="Weight of the assignment's balance penalty.")
+    ] = 1.0,
+    device: Annotated[
+        str | None, typer.Option("--device", help="cpu or cuda (default: cuda if available).")
+    ] = None,
+    precision: Annotated[
+        str, typer.Option("--precision", help="auto, bf16, fp16 or fp32.")
+    ] = "auto",
+    state_dir: Annotated[
+        Path | None,
+        typer.Option("--state-dir", help="State checkpoints and log (default: OUT.search-state)."),
+    ] = None,
+    state_every: Annotated[
+        int, typer.Option("--state-every", help="Steps between state checkpoints.")
+    ] = 200,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last state checkpoint.")
+    ] = False,
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader workers per process.")] = 4,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed for the sample, the split, the batches, the model.")
+    ] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier ranking.")] = False,
+    input_size: InputSizeOpt = None,
+    model_kwarg: KwargOpt = None,
+    weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = None,
+    trust_import: TrustImportOpt = None,
+    plugin: PluginOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Rank where MODEL should downsample on your images (Balanced Mixture of SuperNets) and
+    write the best placements as relocate policies."""
+    import json as jsonlib
+
+    from surgeon.checkpoint.atomic import check_writable
+    from surgeon.search import RANKING_FILE, default_state_dir
+    from surgeon.search import search as run_search
+    from surgeon.training import launch_rank
+
+    target = out_dir or _default_out(model, "search")
+    if launch_rank() == 0:  # before the model is built: a bad path fails in a second
+        check_writable(target, force=force, marker=RANKING_FILE)
+    resolved, _ = _resolve(
+        model, input_size, model_kwarg, weights, pretrained, seed, trust_import, plugin
+    )
+    loaded = resolved.loaded
+    size = tuple(int(s) for s in loaded.input_size)
+    if len(size) != 3:
+        from surgeon.errors import UsageError
+
+        raise UsageError(f"search needs a C x H x W input size; the model has {list(size)}")
+    try:
+        result = run_search(
+            loaded.model,
+            data,
+            budget=budget,
+            supernets=supernets,
+            top=top,
+            max_placements=max_placements,
+            out=target,
+            force=force,
+            batch_size=batch_size,
+            lr=lr,
+            labels=labels,
+            balance=balance,
+            device=device,
+            precision=precision,
+            state_dir=state_dir,
+            state_every=state_every,
+            resume=resume,
+            seed=seed,
+            input_size=size,
+            spec=loaded.spec.text,
+            workers=workers,
+            console=err,
+        )
+    except KeyboardInterrupt:
+        states = state_dir or default_state_dir(target)
+        err.print(
+            f"interrupted; {target} was not written, and the last state checkpoint in "
+            f"{states} (if any) is kept: run the same command with --resume to continue"
+        )
+        raise typer.Abort() from None  # exit code 130 (`main`)
+    if not result.is_main:
+        return
+    if json:
+        out.print_json(jsonlib.dumps(result.record()))
+    else:
+        _render_search(result)
+    err.print(f"wrote {target}")
+
+
+def _render_search(result: Any) -> None:
+    from rich.table import Table
+
+    from surgeon.ranking import ranking_rows
+
+    table = Table(
+        header_style="bold", title=f"{result.metric} on {result.holdout_images} held-out images"
+    )
+    for column in ("rank", "placement", "score", "MACs", "supernet", ""):
+        table.add_column(column)
+    for row in ranking_rows(result):
+        table.add_row(*row)
+    out.print(table)
+    shares = ", ".join(f"{100 * s:.0f}%" for s in result.shares)
+    out.print(
+        f"{result.steps} steps, {result.supernets} supernet(s) (candidates per supernet: "
+        f"{shares}), {result.images_per_s:.1f} images/s",
+        style="dim",
+        highlight=False,
+    )
+
+
+@app.command()
 def policies() -> None:
     """List the built-in policies."""
     from surgeon.policy_loader import list_builtin_policies

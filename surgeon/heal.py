@@ -23,14 +23,12 @@ weights), and the healed model is written as a checkpoint whose history gains a 
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from torch import Tensor, nn
@@ -43,7 +41,6 @@ from surgeon.data import (
     ImageIndex,
     Sample,
     collate_images,
-    index_images,
     model_preprocessing,
     split_holdout,
     steps_per_epoch,
@@ -58,15 +55,20 @@ from surgeon.distill import (
     normalised_mse,
     top1_agreement,
 )
-from surgeon.errors import CheckpointError, SurgeonError, UsageError
+from surgeon.errors import CheckpointError, UsageError
 from surgeon.evaluate import Preprocessing, default_max_shift, shift_consistency
 from surgeon.training import (
     Distributed,
     StepOutput,
     TrainConfig,
     Trainer,
+    channels_height_width,
     evaluating,
     init_distributed,
+    launch_rank,
+    model_input_size,
+    seed_everything,
+    shared_index,
 )
 
 __all__ = [
@@ -316,17 +318,11 @@ def heal(
         precision=precision,
         workers=workers,
         seed=seed,
-        input_size=_size3(input_size) if input_size is not None else None,
+        input_size=channels_height_width(input_size) if input_size is not None else None,
         spec=spec,
         **more,
     )
     return run_heal(student, teacher, data, options, progress=progress, console=console)
-
-
-def _size3(size: Sequence[int]) -> tuple[int, int, int]:
-    if len(size) != 3 or any(int(s) < 1 for s in size):
-        raise UsageError(f"input size {tuple(size)} must be channels x height x width")
-    return (int(size[0]), int(size[1]), int(size[2]))
 
 
 def run_heal(
@@ -346,40 +342,6 @@ def run_heal(
         dist.close()
 
 
-def _index_on_rank0(data: str | Path | ImageIndex, labels: bool, dist: Distributed) -> ImageIndex:
-    """Rank 0 reads and hashes the folder once; the others get its index (or its error)."""
-    if isinstance(data, ImageIndex):
-        if labels and data.labels is None:
-            raise UsageError("labels=True needs an index made with index_images(..., labels=True)")
-        return data
-    outcome: ImageIndex | SurgeonError | None = None
-    if dist.is_main:
-        try:
-            outcome = index_images(data, labels=labels)
-        except SurgeonError as exc:
-            outcome = exc
-    outcome = dist.broadcast(outcome)
-    if isinstance(outcome, SurgeonError):
-        raise outcome
-    assert outcome is not None
-    return outcome
-
-
-def _input_size(teacher: nn.Module, options: HealOptions) -> tuple[int, int, int]:
-    if options.input_size is not None:
-        return options.input_size
-    cfg = getattr(teacher, "pretrained_cfg", None)
-    if isinstance(cfg, Mapping) and cfg.get("input_size"):
-        return _size3(cfg["input_size"])
-    return (3, 224, 224)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _heal(
     student: nn.Module,
     teacher: nn.Module,
@@ -389,9 +351,9 @@ def _heal(
     progress: bool,
     console: Console | None,
 ) -> HealResult:
-    index = _index_on_rank0(data, options.labels, dist)
+    index = shared_index(data, options.labels, dist)
     prep = options.preprocessing
-    size = prep.input_size if prep is not None else _input_size(teacher, options)
+    size = prep.input_size if prep is not None else model_input_size(teacher, options.input_size)
     if size[0] not in (1, 3):
         raise UsageError(f"image folders give 1 or 3 channels; the model takes {size[0]}")
     prep = prep or model_preprocessing(teacher, options.spec, size)
@@ -400,7 +362,7 @@ def _heal(
     per_epoch = steps_per_epoch(len(train_set), options.batch_size, dist.world_size)
     steps = options.steps or math.ceil((options.epochs or 0.0) * max(1, per_epoch))
 
-    _seed_everything(options.seed + dist.rank)
+    seed_everything(options.seed + dist.rank)
     teacher_modes = [(m, m.training) for m in teacher.modules()]
     teacher_grads = [(p, p.requires_grad) for p in teacher.parameters()]
     teacher = teacher.to(dist.device).eval().requires_grad_(False)
@@ -589,7 +551,7 @@ def heal_checkpoint(
     size = tuple(int(s) for s in info["input_size"])
     if len(size) != 3:
         raise UsageError(f"heal needs a C x H x W input size; the checkpoint has {list(size)}")
-    if _rank() == 0:
+    if launch_rank() == 0:
         check_writable(target, force=force)
     state_dir = options.state_dir or default_state_dir(target)
     options = replace(
@@ -641,13 +603,6 @@ def default_state_dir(out: str | Path) -> Path:
     """Where `surgeon heal --out OUT` keeps its state checkpoints: `OUT.heal-state` beside it."""
     out = Path(out)
     return out.with_name(f"{out.name}.heal-state")
-
-
-def _rank() -> int:
-    """This process's rank under torchrun (0 alone), before any process group exists."""
-    import os
-
-    return int(os.environ.get("RANK", "0") or 0)
 
 
 def _pct(value: float | None) -> str:

@@ -37,7 +37,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -59,8 +59,16 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from surgeon.data import FailureCount, ImageBatch, ImageDataset, SampleKey, collate_images
-from surgeon.errors import TrainingError, UsageError
+from surgeon.data import (
+    FailureCount,
+    ImageBatch,
+    ImageDataset,
+    ImageIndex,
+    SampleKey,
+    collate_images,
+    index_images,
+)
+from surgeon.errors import SurgeonError, TrainingError, UsageError
 
 __all__ = [
     "STATE_FILE",
@@ -72,10 +80,15 @@ __all__ = [
     "TrainConfig",
     "TrainSummary",
     "Trainer",
+    "channels_height_width",
     "evaluating",
     "init_distributed",
+    "launch_rank",
+    "model_input_size",
     "resolve_precision",
+    "seed_everything",
     "set_train_mode",
+    "shared_index",
 ]
 
 STATE_FILE = "state.pt"
@@ -173,6 +186,56 @@ def init_distributed(device: str | None = None) -> Distributed:
     return Distributed(
         torch_dist.get_world_size(), torch_dist.get_rank(), local, dev, backend, owns
     )
+
+
+def launch_rank() -> int:
+    """This process's rank under torchrun (0 alone), before any process group exists (to
+    check an output path once, on the process that will write it)."""
+    return _env_int("RANK", 0)
+
+
+def shared_index(data: str | Path | ImageIndex, labels: bool, dist: Distributed) -> ImageIndex:
+    """The index of an image folder: rank 0 reads and hashes it once, the others get its
+    index (or its error). An `ImageIndex` is used as it is."""
+    if isinstance(data, ImageIndex):
+        if labels and data.labels is None:
+            raise UsageError("labels=True needs an index made with index_images(..., labels=True)")
+        return data
+    outcome: ImageIndex | SurgeonError | None = None
+    if dist.is_main:
+        try:
+            outcome = index_images(data, labels=labels)
+        except SurgeonError as exc:
+            outcome = exc
+    outcome = dist.broadcast(outcome)
+    if isinstance(outcome, SurgeonError):
+        raise outcome
+    assert outcome is not None
+    return outcome
+
+
+def channels_height_width(size: Sequence[int]) -> tuple[int, int, int]:
+    """`size` as a (C, H, W) tuple, or a UsageError."""
+    if len(size) != 3 or any(int(s) < 1 for s in size):
+        raise UsageError(f"input size {tuple(size)} must be channels x height x width")
+    return (int(size[0]), int(size[1]), int(size[2]))
+
+
+def model_input_size(model: nn.Module, given: tuple[int, int, int] | None) -> tuple[int, int, int]:
+    """The input size to train at: `given`, else the model's timm config, else 3×224×224."""
+    if given is not None:
+        return given
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, Mapping) and cfg.get("input_size"):
+        return channels_height_width(cfg["input_size"])
+    return (3, 224, 224)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def resolve_precision(requested: str, device: torch.device) -> Precision:
@@ -344,8 +407,10 @@ class Trainer:
         evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
         console: Console | None = None,
         progress: bool = True,
+        name: str = "heal",
     ) -> None:
         self.config = config
+        self.name = name  # the progress bar's label
         self.dist = dist
         self.objective = objective
         self.state_dir = state_dir
@@ -629,7 +694,9 @@ class Trainer:
         started = time.perf_counter()
         images_seen = 0
         show = self.show_progress and self.dist.is_main
-        with _ProgressBar(self.console, config.steps, self.step, enabled=show) as bar:
+        with _ProgressBar(
+            self.console, config.steps, self.step, enabled=show, name=self.name
+        ) as bar:
             while self.step < config.steps:
                 for batch in self.loader(dataset, self.epoch, self.batch_in_epoch):
                     stats = self.train_step(batch)
@@ -813,12 +880,14 @@ class _JsonLog:
 class _ProgressBar:
     """The rich progress bar of rank 0: step of steps, loss, agreement, images/s, ETA."""
 
-    def __init__(self, console: Console | None, total: int, start: int, *, enabled: bool) -> None:
+    def __init__(
+        self, console: Console | None, total: int, start: int, *, enabled: bool, name: str
+    ) -> None:
         self.progress: Progress | None = None
         if not enabled:
             return
         self.progress = Progress(
-            TextColumn("[bold]heal[/bold]"),
+            TextColumn(f"[bold]{name}[/bold]"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[metrics]}"),
@@ -827,7 +896,7 @@ class _ProgressBar:
             TimeRemainingColumn(),
             console=console or Console(stderr=True),
         )
-        self.task = self.progress.add_task("heal", total=total, completed=start, metrics="")
+        self.task = self.progress.add_task(name, total=total, completed=start, metrics="")
 
     def __enter__(self) -> _ProgressBar:
         if self.progress is not None:

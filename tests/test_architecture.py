@@ -65,7 +65,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "training: the distillation loss, image data, the engine",
         ("surgeon.distill", "surgeon.data", "surgeon.training"),
     ),
-    ("tools that train", ("surgeon.heal",)),
+    ("tools that train", ("surgeon.heal", "surgeon.supernet", "surgeon.ranking", "surgeon.search")),
     ("the Python surface", ("surgeon.api", "surgeon")),
     ("the command line", ("surgeon.cli", "surgeon.__main__")),
 ]

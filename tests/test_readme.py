@@ -123,6 +123,12 @@ SUBSTITUTIONS = [
         "2 steps of 4 images (the stand-in folders hold a few dozen), on the CPU",
     ),
     Substitution(
+        r"^((?:torchrun .*-m )?surgeon search .*?) --budget \d+(.*)$",
+        r"\1 --budget 4\2 --max-placements 4 --batch-size 4 --workers 0 --device cpu"
+        " --input-size 3x32x32",
+        "4 steps over 4 sampled placements of 32 px images, on the CPU",
+    ),
+    Substitution(
         r" --epochs 1 ",
         " ",
         "2 steps (the row above) instead of a pass over the folder",
