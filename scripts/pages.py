@@ -7,7 +7,8 @@
 
 Pages hold only what their records say: docs/coverage.md (scripts/sweep.py's records in
 docs/sweep-results.jsonl), docs/benchmarks.md (the benchmark scripts' records in
-docs/records/bench/) and the README's coverage sentence. Each states the commit it judged
+docs/records/bench/), docs/search-results.md (scripts/search_digits.py's record) and the
+README's coverage sentence. Each states the commit it judged
 staleness against: by default the last commit that changed surgeon/ or configs/, so after
 such a change the pages are rendered again (marking the records that ran before it stale).
 A page from another script joins by adding a `Page` to `pages()`, e.g. docs/results.md once
@@ -28,6 +29,7 @@ import sweep
 from bench_page import render_benchmarks
 from provenance import ROOT, code_change
 from records import judged_against
+from search_page import SEARCH_PAGE, render_search_results
 
 __all__ = ["README_BEGIN", "README_END", "Page", "main", "pages", "render_readme"]
 
@@ -65,6 +67,7 @@ def pages() -> list[Page]:
     return [
         Page(sweep.COVERAGE, _coverage),
         Page(ROOT / "docs" / "benchmarks.md", render_benchmarks),
+        Page(SEARCH_PAGE, render_search_results),
         Page(ROOT / "README.md", render_readme),
     ]
 

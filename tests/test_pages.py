@@ -151,3 +151,59 @@ def test_cli_baselines_exit_as_the_surgeon_script_does() -> None:
     probe = bench.like_surgeon("import atexit\natexit.register(print, 'teardown')\nprint('ran')")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout == "ran\n", done.stdout
+
+
+def _search_record(taus: dict[str, list[float]], commit: str) -> dict[str, object]:
+    truth = {"a b": [0.80, 0.82], "c d": [0.60, 0.62], "e f": [0.90, 0.92]}
+    methods = {}
+    for name, values in taus.items():
+        runs = [
+            {"kendall_tau": t, "top_pick": "e f", "top_pick_accuracy": 0.91, "cost_ratio": 2.0}
+            for t in values
+        ]
+        methods[name] = {
+            "supernets": 4 if name == "mixture" else 1,
+            "runs": runs,
+            "kendall_tau": sum(values) / len(values),
+            "kendall_tau_range": [min(values), max(values)],
+            "top_pick_accuracy": 0.91,
+            "top_pick_accuracy_range": [0.91, 0.91],
+            "cost_ratio": 2.0,
+        }
+    return {
+        "task": {"images": 100, "size": 16},
+        "model": {"blocks": 1, "width": 8},
+        "space_size": 18,
+        "steps": 10,
+        "search_steps": 10,
+        "batch_size": 8,
+        "seeds": 2,
+        "ground_truth": truth,
+        "ground_truth_mean": {k: sum(v) / 2 for k, v in truth.items()},
+        "default": "a b",
+        "default_accuracy": 0.81,
+        "best_accuracy": 0.91,
+        "methods": methods,
+        "mixture_ranks_better": min(taus["mixture"]) > max(taus["single"]),
+        "mixture_pick_beats_default": True,
+        "quick": False,
+        "provenance": {"commit": commit, "dirty": False, "code_commit": commit, "command": "x"},
+    }
+
+
+def test_search_page_states_the_claims_beyond_the_spread_and_marks_old_records(
+    tmp_path: Path,
+) -> None:
+    page = load_script("search_page")
+    record = tmp_path / "digits.json"
+    assert "No record yet" in page.render_search_results(CURRENT, record)
+    overlapping = {"mixture": [0.2, 0.6], "single": [0.4, 0.5]}
+    record.write_text(json.dumps(_search_record(overlapping, CURRENT)))
+    text = page.render_search_results(CURRENT, record)
+    assert "*The mixture ranks placements better than one supernet*: does not hold" in text
+    assert "| `e f` | 0.910 | 0.900, 0.920 |" in text and "**Stale**" not in text
+    apart = {"mixture": [0.7, 0.8], "single": [0.1, 0.3]}
+    record.write_text(json.dumps(_search_record(apart, "d" * 40)))
+    text = page.render_search_results(CURRENT, record)
+    assert "*The mixture ranks placements better than one supernet*: holds" in text
+    assert "**Stale**" in text
