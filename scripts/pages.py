@@ -7,12 +7,12 @@
 
 Pages hold only what their records say: docs/coverage.md (scripts/sweep.py's records in
 docs/sweep-results.jsonl), docs/benchmarks.md (the benchmark scripts' records in
-docs/records/bench/), docs/search-results.md (scripts/search_digits.py's record) and the
-README's coverage sentence. Each states the commit it judged
-staleness against: by default the last commit that changed surgeon/ or configs/, so after
-such a change the pages are rendered again (marking the records that ran before it stale).
-A page from another script joins by adding a `Page` to `pages()`, e.g. docs/results.md once
-scripts/reproduce.py renders it from one command's records.
+docs/records/bench/), docs/search-results.md (scripts/search_digits.py's record),
+docs/results.md (scripts/reproduce.py's records in docs/reproduce/) and the README's coverage
+sentence. Each states the commit it judged staleness against: by default the last commit that
+changed surgeon/ or configs/, so after such a change the pages are rendered again (marking the
+records that ran before it stale).
+A page from another script joins by adding a `Page` to `pages()`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import reproduce
 import sweep
 from bench_page import render_benchmarks
 from provenance import ROOT, code_change
@@ -68,6 +69,7 @@ def pages() -> list[Page]:
         Page(sweep.COVERAGE, _coverage),
         Page(ROOT / "docs" / "benchmarks.md", render_benchmarks),
         Page(SEARCH_PAGE, render_search_results),
+        Page(ROOT / "docs" / "results.md", reproduce.render_page),
         Page(ROOT / "README.md", render_readme),
     ]
 

@@ -54,8 +54,21 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from surgeon.evaluate import Preprocessing, count_macs, default_max_shift, shift_consistency
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from provenance import ROOT, provenance
+from records import stale_reason
+
+from surgeon.evaluate import (
+    Preprocessing,
+    count_macs,
+    default_max_shift,
+    shift_consistency,
+)
 from surgeon.submodules import count_params
+
+RECORD_DIR = ROOT / "docs" / "reproduce"  # results.json, one file per extra run, pretrained.json
+PLOTS = ("results_accuracy_by_size.png", "results_consistency.png")
 
 VARIANTS = (
     "original",
@@ -975,6 +988,60 @@ def _extra_verdict(results: dict[str, Any], variant: str, mine: list[dict[str, A
     return ""
 
 
+def add_extras(results: dict[str, Any], extras: Sequence[dict[str, Any]]) -> None:
+    """Put the runs of extra variants (`--variants spd-all --json FILE` runs) beside the main
+    run's, each variant from one run only."""
+    main_variants = results["config"]["variants"]
+    results["extra_runs"] = [
+        run for extra in extras for run in extra["runs"] if run["variant"] not in main_variants
+    ]
+    results["extra_costs"] = {
+        variant: cost
+        for extra in extras
+        for variant, cost in extra["costs"].items()
+        if variant not in main_variants
+    }
+
+
+def render_page(current: str, directory: Path = RECORD_DIR) -> str:
+    """docs/results.md from the committed records in `directory` (`make docs`), marked stale
+    when a record ran on code older than `current` or records no provenance."""
+
+    def read(name: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((directory / name).read_text(encoding="utf-8"))
+        return data
+
+    order = {f"{variant}.json": i for i, variant in enumerate(EXTRA_VARIANTS)}
+    extra_names = sorted(
+        (p.name for p in directory.glob("*.json")),
+        key=lambda name: (order.get(name, len(order)), name),
+    )
+    extra_names = [n for n in extra_names if n not in ("results.json", "pretrained.json")]
+    records = {name: read(name) for name in ["results.json", *extra_names]}
+    results = records["results.json"]
+    add_extras(results, [records[name] for name in extra_names])
+    if (directory / "pretrained.json").exists():
+        results["pretrained"] = read("pretrained.json")
+    plots = [name for name in PLOTS if (directory.parent / name).exists()]
+    text = markdown(results, plots, results["command"])
+    reasons = {
+        name: reason
+        for name, record in records.items()
+        if (reason := stale_reason(record.get("provenance"), current)) is not None
+    }
+    if not reasons:
+        return text
+    which = "; ".join(f"`{name}`: {reason}" for name, reason in reasons.items())
+    title, _, rest = text.partition("\n")
+    banner = (
+        f"**Stale** ({which}): these numbers describe older code, and the `aps`, "
+        "`aps-circular`, `lps`, `haar`, `lip`, `softpool` and `sfm` variants have no rows "
+        "yet. Re-run `python scripts/reproduce.py --threads 1 --json docs/reproduce/results.json`"
+        ", then `make docs`."
+    )
+    return f"{title}\n\n{banner}\n{rest}"
+
+
 def markdown(results: dict[str, Any], plots: Sequence[str], command: str) -> str:
     """docs/results.md: the table, the protocol, timings and the honest comparison."""
     summary = summarise(results)
@@ -1242,25 +1309,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         quick = ["--quick"] if args.quick else []
         command = " ".join(["python scripts/reproduce.py", *quick, *overrides])
 
+        record = provenance(command.split())
+
         def save(partial: dict[str, Any]) -> None:
             partial["command"] = command
+            partial["provenance"] = record
             if args.json:
                 args.json.write_text(json.dumps(partial, indent=2), encoding="utf-8")
 
         results = run(config, save=save)
     if args.pretrained_results:
         results["pretrained"] = json.loads(args.pretrained_results.read_text(encoding="utf-8"))
-    extras = [json.loads(path.read_text(encoding="utf-8")) for path in args.extra]
-    main_variants = results["config"]["variants"]
-    results["extra_runs"] = [
-        run for extra in extras for run in extra["runs"] if run["variant"] not in main_variants
-    ]
-    results["extra_costs"] = {
-        variant: cost
-        for extra in extras
-        for variant, cost in extra["costs"].items()
-        if variant not in main_variants
-    }
+    add_extras(results, [json.loads(path.read_text(encoding="utf-8")) for path in args.extra])
     args.out.mkdir(parents=True, exist_ok=True)
     plots = [] if args.no_plots else plot(results, args.out)
     (args.out / "results.md").write_text(

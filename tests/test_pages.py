@@ -207,3 +207,21 @@ def test_search_page_states_the_claims_beyond_the_spread_and_marks_old_records(
     text = page.render_search_results(CURRENT, record)
     assert "*The mixture ranks placements better than one supernet*: holds" in text
     assert "**Stale**" in text
+
+
+def test_results_page_is_stale_until_every_record_ran_on_the_current_code(
+    tmp_path: Path,
+) -> None:
+    reproduce = load_script("reproduce")
+    directory = tmp_path / "reproduce"
+    directory.mkdir()
+    for path in reproduce.RECORD_DIR.glob("*.json"):
+        (directory / path.name).write_text(path.read_text(encoding="utf-8"))
+    text = reproduce.render_page(CURRENT, directory)
+    assert "**Stale** (`results.json`: no provenance recorded" in text.splitlines()[2]
+    current = {"commit": CURRENT, "code_commit": CURRENT, "dirty": False}
+    for path in directory.glob("*.json"):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        path.write_text(json.dumps({**record, "provenance": current}), encoding="utf-8")
+    text = reproduce.render_page(CURRENT, directory)
+    assert "**Stale**" not in text and text.startswith("# Results: does the surgery help?")
