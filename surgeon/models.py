@@ -281,9 +281,9 @@ def parse_spec(text: str, kwargs: Mapping[str, Any] | None = None) -> ModelSpec:
         return ModelSpec("import", text, kwargs)
     architecture, dot, tag = text.partition(".")
     in_torchvision = architecture in _torchvision_names()
-    in_timm = architecture in _timm_names()
     if in_torchvision and (not dot or tag in _torchvision_tags(architecture)):
         return ModelSpec("torchvision", text, kwargs)
+    in_timm = architecture in _timm_names()  # imports timm: only once torchvision said no
     if in_timm and (not dot or tag in _timm_tags(architecture)):
         return ModelSpec("timm", text, kwargs)
     if dot and (in_torchvision or in_timm):

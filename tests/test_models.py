@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -185,3 +187,14 @@ def test_weights_file_is_recorded_with_its_path_and_sha256(tmp_path: Path) -> No
         "path": str(path.resolve()),
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
     }
+
+
+def test_a_torchvision_name_resolves_without_importing_timm() -> None:
+    """timm costs most of a second to import: a torchvision model's CLI run must not pay it."""
+    code = (
+        "import sys; from surgeon.models import parse_spec; "
+        "assert parse_spec('resnet18').source == 'torchvision'; "
+        "assert 'timm' not in sys.modules, 'timm imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
