@@ -36,7 +36,9 @@ def _body(record: Mapping[str, Any]) -> list[str]:
         f"({record['model']['blocks']} blocks per stage, width {record['model']['width']}); "
         f"{len(truth)} of the {record['space_size']} legal placements, each trained stand-alone "
         f"for {record['steps']} steps with {record['seeds']} seeds (the ground truth); each "
-        f"search ran {record['search_steps']} steps, batch {record['batch_size']}.",
+        f"search ran {record['search_steps']} steps, batch {record['batch_size']}, over "
+        f"{methods['mixture']['runs'][0].get('searched', len(truth))} placements; its pick is "
+        "its best-scored placement among those with a ground truth.",
         "",
         "## Ground truth",
         "",
