@@ -1309,7 +1309,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         quick = ["--quick"] if args.quick else []
         command = " ".join(["python scripts/reproduce.py", *quick, *overrides])
 
-        record = provenance(command.split())
+        record = provenance(command.split(), policies=_policy_files(config.variants))
 
         def save(partial: dict[str, Any]) -> None:
             partial["command"] = command
@@ -1328,6 +1328,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     print(f"wrote {args.out / 'results.md'}")
     return results
+
+
+def _policy_files(names: Sequence[str]) -> list[Path]:
+    """The built-in policy files the named variants patch with, for the record's hashes."""
+    return [path for name in names if (path := ROOT / "configs" / f"{name}.yaml").exists()]
 
 
 def main_pretrained(args: argparse.Namespace) -> dict[str, Any]:
@@ -1358,9 +1363,11 @@ def main_pretrained(args: argparse.Namespace) -> dict[str, Any]:
     ]
     quick = ["--quick"] if args.quick else []
     command = " ".join(["python scripts/reproduce.py --protocol pretrained", *quick, *overrides])
+    record = provenance(command.split(), policies=_policy_files(config.policies))
 
     def save(partial: dict[str, Any]) -> None:
         partial["command"] = command
+        partial["provenance"] = record
         if args.json:
             args.json.write_text(json.dumps(partial, indent=2), encoding="utf-8")
 
