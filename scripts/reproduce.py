@@ -723,11 +723,25 @@ def _stats(values: Sequence[float]) -> tuple[float, float]:
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _variant_seeds(results: dict[str, Any], variant: str) -> list[int]:
+    """The seeds `variant` finished: all of a complete run's, or those of one variant's own
+    record when records are combined."""
+    if "sources" not in results:
+        return _seeds(results)
+    return [
+        seed
+        for seed in results["config"]["seeds"]
+        if any(r["seed"] == seed and r["variant"] == variant for r in results["runs"])
+    ]
+
+
 def summarise(results: dict[str, Any]) -> dict[str, dict[str, tuple[float, float]]]:
     """variant -> metric -> (mean, std over seeds)."""
     summary: dict[str, dict[str, tuple[float, float]]] = {}
-    seeds = _seeds(results)
     for variant in results["config"]["variants"]:
+        seeds = _variant_seeds(results, variant)
+        if not seeds:
+            continue
         runs = [r for r in results["runs"] if r["variant"] == variant and r["seed"] in seeds]
         metrics = {
             key: _stats([r[key] for r in runs])
@@ -848,13 +862,13 @@ def findings(results: dict[str, Any]) -> list[str]:
     summary = summarise(results)
     if "original" not in summary:
         return ["- (the original was not trained in this run: nothing to compare with)"]
-    seeds = len(_seeds(results))
     lines = []
     smallest = (
         f"height {results['protocol']['buckets'][0][0]}-{results['protocol']['buckets'][0][1]}"
     )
-    seed_list = _seeds(results)
     for variant in [v for v in summary if v != "original"]:
+        seed_list = _variant_seeds(results, variant)
+        seeds = len(seed_list)
         runs = [r for r in results["runs"] if r["variant"] == variant and r["seed"] in seed_list]
         if not any(_learned(r) for r in runs):
             continue  # reported below as "did not learn"
@@ -891,8 +905,9 @@ def findings(results: dict[str, Any]) -> list[str]:
             f"(ln {CLASSES} = {chance:.2f}). The consistency of a model that has barely "
             "learned says little about shift invariance, and its accuracy is a failure of this "
             "training recipe (chosen on the original only) for that variant, not a measurement "
-            "of the method; see the extra runs below for where it comes from."
+            "of the method."
         )
+    lines += [verdict for v in EXTRA_VARIANTS if (verdict := _extra_verdict(results, v))]
     return lines
 
 
@@ -917,50 +932,9 @@ def _learned(run: dict[str, Any]) -> bool:
     return bool(run["losses"][-1] <= 0.9 * math.log(CLASSES))
 
 
-def _extra_findings(results: dict[str, Any]) -> list[str]:
-    """What the extra runs (other policies, same recipe and seeds) add, computed."""
-    extra = results.get("extra_runs", [])
-    lines = []
-    smallest = "-".join(map(str, results["protocol"]["buckets"][0]))
-    for variant in dict.fromkeys(r["variant"] for r in extra):
-        mine = [r for r in extra if r["variant"] == variant]
-        seeds = [r["seed"] for r in mine]
-        parts = []
-        for what, get in (
-            ("test accuracy", lambda r: r["accuracy"]),
-            (f"accuracy on {smallest} px digits", lambda r: r["accuracy_by_height"][smallest]),
-            ("crop consistency", lambda r: r["consistency_crop"]),
-            ("circular consistency", lambda r: r["consistency_circular"]),
-        ):
-            others = [
-                f"`{v}` {_pct(_stats([get(r) for r in runs]))}"
-                for v in results["config"]["variants"]
-                if len(
-                    runs := [r for r in results["runs"] if r["variant"] == v and r["seed"] in seeds]
-                )
-                == len(seeds)
-            ]
-            parts.append(f"{what} {_pct(_stats([get(r) for r in mine]))} ({', '.join(others)})")
-        cost = results.get("extra_costs", {}).get(variant)
-        costs = (
-            f"; parameters {cost['params'] / 1e6:.2f}M, MACs {cost['macs'] / 1e6:.1f}M"
-            if cost
-            else ""
-        )
-        line = (
-            f"- `{variant}`, seed{'s' if len(seeds) > 1 else ''} "
-            f"{', '.join(map(str, seeds))} (mean ± std, same seeds for the others): "
-            + "; ".join(parts)
-            + costs
-            + "."
-        )
-        line += _extra_verdict(results, variant, mine)
-        lines.append(line)
-    return lines
-
-
-def _extra_verdict(results: dict[str, Any], variant: str, mine: list[dict[str, Any]]) -> str:
-    """What an extra run shows, stated only when every seed agrees by more than 10 points."""
+def _extra_verdict(results: dict[str, Any], variant: str) -> str:
+    """What a control variant shows, stated only when every seed agrees by more than 10 points."""
+    mine = [r for r in results["runs"] if r["variant"] == variant]
     by_seed = {
         v: {r["seed"]: r["accuracy"] for r in results["runs"] if r["variant"] == v}
         for v in ("original", "spd")
@@ -974,13 +948,13 @@ def _extra_verdict(results: dict[str, Any], variant: str, mine: list[dict[str, A
 
     if variant == "spd-all" and below("spd"):
         return (
-            " `spd-all` is `spd` plus the max-pool rewrite (the stem max pool becomes "
+            "- `spd-all` is `spd` plus the max-pool rewrite (the stem max pool becomes "
             "space-to-depth + a depthwise convolution started as the average over its window), "
             "and it lost more than 10 points to `spd` with every seed."
         )
     if variant == "avgpool" and below("original"):
         return (
-            " `avgpool` is a control with no surgeon involved: the original with its stem max "
+            "- `avgpool` is a control with no surgeon involved: the original with its stem max "
             "pool swapped by hand for `AvgPool2d` of the same window. It stalls as `spd-all` "
             "does, so what fails under this recipe is linear pooling at the stem, not the "
             "SPD rewrite; this is why the `spd` policy keeps max pools."
@@ -988,93 +962,297 @@ def _extra_verdict(results: dict[str, Any], variant: str, mine: list[dict[str, A
     return ""
 
 
-def add_extras(results: dict[str, Any], extras: Sequence[dict[str, Any]]) -> None:
-    """Put the runs of extra variants (`--variants spd-all --json FILE` runs) beside the main
-    run's, each variant from one run only."""
-    main_variants = results["config"]["variants"]
-    results["extra_runs"] = [
-        run for extra in extras for run in extra["runs"] if run["variant"] not in main_variants
-    ]
-    results["extra_costs"] = {
-        variant: cost
-        for extra in extras
-        for variant, cost in extra["costs"].items()
-        if variant not in main_variants
+_RECIPE_KEYS = ("train", "test", "epochs", "batch", "lr")
+
+
+def combine(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One results dict from the scratch records (file name -> record), each variant taken from
+    the one record that trained it; `sources` maps each variant to its file. Records of another
+    recipe, or two records training the same variant, are refused."""
+    names = list(records)
+    first = records[names[0]]
+    recipe = {key: first["config"][key] for key in _RECIPE_KEYS}
+    sources: dict[str, str] = {}
+    for name, record in records.items():
+        other = {key: record["config"][key] for key in _RECIPE_KEYS}
+        if other != recipe:
+            raise SystemExit(f"{name}: another recipe ({other}) than {names[0]}'s ({recipe})")
+        for variant in dict.fromkeys(run["variant"] for run in record["runs"]):
+            if variant in sources:
+                raise SystemExit(
+                    f"{name} and {sources[variant]} both train `{variant}`: delete the older one"
+                )
+            sources[variant] = name
+    known = [*VARIANTS, *EXTRA_VARIANTS]
+    variants = sorted(sources, key=lambda v: (known.index(v) if v in known else len(known), v))
+    return {
+        **first,
+        "config": {**first["config"], "variants": variants},
+        "runs": [run for record in records.values() for run in record["runs"]],
+        "costs": {
+            v: c
+            for name, record in records.items()
+            for v, c in record["costs"].items()
+            if sources.get(v) == name
+        },
+        "total_seconds": sum(record["total_seconds"] for record in records.values()),
+        "complete": all(record.get("complete", True) for record in records.values()),
+        "sources": sources,
+        "records": {
+            name: {
+                "command": record["command"],
+                "minutes": record["total_seconds"] / 60,
+                "complete": record.get("complete", True),
+                "provenance": record.get("provenance"),
+                "load": record["versions"].get("load_average_at_start"),
+            }
+            for name, record in records.items()
+        },
     }
+
+
+def read_records(directory: Path) -> dict[str, dict[str, Any]]:
+    """The scratch-protocol records in `directory`: results.json first, then the others by
+    name (pretrained.json, the other protocol, is left out)."""
+    names = sorted(p.name for p in directory.glob("*.json"))
+    names = ["results.json", *(n for n in names if n not in ("results.json", "pretrained.json"))]
+    return {name: json.loads((directory / name).read_text(encoding="utf-8")) for name in names}
 
 
 def render_page(current: str, directory: Path = RECORD_DIR) -> str:
-    """docs/results.md from the committed records in `directory` (`make docs`), marked stale
-    when a record ran on code older than `current` or records no provenance."""
+    """docs/results.md from the committed records in `directory` (`make docs`); each record
+    that ran on code older than `current`, or records no provenance, is marked stale with the
+    command that brings it up to date."""
 
-    def read(name: str) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((directory / name).read_text(encoding="utf-8"))
-        return data
-
-    order = {f"{variant}.json": i for i, variant in enumerate(EXTRA_VARIANTS)}
-    extra_names = sorted(
-        (p.name for p in directory.glob("*.json")),
-        key=lambda name: (order.get(name, len(order)), name),
-    )
-    extra_names = [n for n in extra_names if n not in ("results.json", "pretrained.json")]
-    records = {name: read(name) for name in ["results.json", *extra_names]}
-    results = records["results.json"]
-    add_extras(results, [records[name] for name in extra_names])
+    records = read_records(directory)
+    results = combine(records)
+    all_records = dict(records)
     if (directory / "pretrained.json").exists():
-        results["pretrained"] = read("pretrained.json")
+        pretrained = json.loads((directory / "pretrained.json").read_text(encoding="utf-8"))
+        results["pretrained"] = all_records["pretrained.json"] = pretrained
     plots = [name for name in PLOTS if (directory.parent / name).exists()]
-    text = markdown(results, plots, results["command"])
-    reasons = {
+    text = markdown(results, plots, current=current)
+    stale = {
         name: reason
-        for name, record in records.items()
+        for name, record in all_records.items()
         if (reason := stale_reason(record.get("provenance"), current)) is not None
     }
-    if not reasons:
+    if not stale:
         return text
-    which = "; ".join(f"`{name}`: {reason}" for name, reason in reasons.items())
-    title, _, rest = text.partition("\n")
-    banner = (
-        f"**Stale** ({which}): these numbers describe older code, and the `aps`, "
-        "`aps-circular`, `lps`, `haar`, `lip`, `softpool` and `sfm` variants have no rows "
-        "yet. Re-run `python scripts/reproduce.py --threads 1 --json docs/reproduce/results.json`"
-        ", then `make docs`."
+    which = "; ".join(
+        f"`{name}` ({_record_contents(name, all_records[name])}): {reason}"
+        for name, reason in stale.items()
     )
+    commands = "; ".join(f"`{_rerun(name, all_records[name])}`" for name in stale)
+    banner = (
+        f"**Stale** records: {which}. Their numbers describe older code. To bring them up to "
+        f"date: {commands}, then `make docs`."
+    )
+    title, _, rest = text.partition("\n")
     return f"{title}\n\n{banner}\n{rest}"
 
 
-def markdown(results: dict[str, Any], plots: Sequence[str], command: str) -> str:
-    """docs/results.md: the table, the protocol, timings and the honest comparison."""
+def _rerun(name: str, record: dict[str, Any]) -> str:
+    """The command that trains again what the record `name` holds, writing the same file."""
+    if record.get("protocol") == "pretrained":
+        policies = " ".join(record["config"]["policies"])
+        command = f"python scripts/reproduce.py --protocol pretrained --heal-policies {policies}"
+    else:
+        variants = " ".join(dict.fromkeys(run["variant"] for run in record["runs"]))
+        command = f"python scripts/reproduce.py --variants {variants}"
+    return f"{command} --threads 1 --json docs/reproduce/{name}"
+
+
+def _record_contents(name: str, record: dict[str, Any]) -> str:
+    if record.get("protocol") == "pretrained":
+        return "the pretrained protocol"
+    return ", ".join(dict.fromkeys(run["variant"] for run in record["runs"]))
+
+
+def _records_table(results: dict[str, Any], current: str | None) -> list[str]:
+    """Which command produced which rows, on which code, and whether that code is current."""
+    lines = [
+        "| record | variants | command | code commit | uncommitted changes | minutes | "
+        "load at start | status |",
+        "|---|---|---|---|---|---:|---:|---|",
+    ]
+    for name, record in results["records"].items():
+        prov = record["provenance"] or {}
+        variants = [v for v, source in results["sources"].items() if source == name]
+        status = "—" if current is None else (stale_reason(prov or None, current) or "current")
+        if not record["complete"]:
+            status += "; partial run"
+        lines.append(
+            f"| `{name}` | {', '.join(variants)} | `{record['command']}` | "
+            f"{str(prov.get('code_commit') or '—')[:12]} | "
+            f"{'yes' if prov.get('dirty') else ('no' if prov else '—')} | "
+            f"{record['minutes']:.0f} | "
+            f"{'—' if record['load'] is None else format(record['load'], '.1f')} | {status} |"
+        )
+    return lines
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A paper's claim in the terms this task measures: `metric` should move `direction`
+    (+1 up) against the original, or reach `exact` on every seed."""
+
+    paper: str
+    says: str
+    metric: str
+    direction: int = 1
+    exact: float | None = None
+
+
+CLAIMS: dict[str, Claim] = {
+    "spd": Claim("SPD-Conv (Sunkara & Luo 2022)", "higher accuracy on small objects", "small"),
+    "antialias": Claim(
+        "Zhang 2019", "higher shift consistency, accuracy the same or better", "consistency_crop"
+    ),
+    "aps": Claim(
+        "APS (Chaman & Dokmanić 2021)",
+        "higher consistency under circular shifts",
+        "consistency_circular",
+    ),
+    "aps-circular": Claim(
+        "APS (Chaman & Dokmanić 2021)",
+        "100 % consistency under circular shifts with circular padding, at an input size the "
+        "model's total stride divides (32 here)",
+        "consistency_circular",
+        exact=1.0,
+    ),
+    "lps": Claim(
+        "LPS (Rojas-Gomez et al. 2022)",
+        "higher consistency under circular shifts",
+        "consistency_circular",
+    ),
+    "haar": Claim("HWD (Xu et al. 2023)", "keeping every pixel helps small objects", "small"),
+    "lip": Claim("LIP (Gao et al. 2019)", "higher accuracy than max pooling", "accuracy"),
+    "softpool": Claim(
+        "SoftPool (Stergiou et al. 2021)", "higher accuracy than max pooling", "accuracy"
+    ),
+}
+
+
+def papers_direction(results: dict[str, Any]) -> list[str]:
+    """One computed line per variant with a claim: does the run here go the paper's way,
+    beyond the seed-to-seed spread (the larger of the two standard deviations)?"""
+    summary = summarise(results)
+    if "original" not in summary:
+        return []
+    low, high = results["protocol"]["buckets"][0]
+    keys = {"small": f"height {low}-{high}"}
+    names = {
+        "small": f"accuracy on {low}-{high} px digits",
+        "accuracy": "test accuracy",
+        "consistency_crop": "crop-shift consistency",
+        "consistency_circular": "circular-shift consistency",
+    }
+    lines = []
+    for variant, claim in CLAIMS.items():
+        if variant not in summary:
+            lines.append(f"- `{variant}` ({claim.paper}: {claim.says}): not run.")
+            continue
+        seeds = _variant_seeds(results, variant)
+        runs = [r for r in results["runs"] if r["variant"] == variant and r["seed"] in seeds]
+        key = keys.get(claim.metric, claim.metric)
+        mean, std = summary[variant][key]
+        head = f"- `{variant}` ({claim.paper}: {claim.says}): {names[claim.metric]} "
+        if not any(_learned(r) for r in runs):
+            lines.append(head + f"{100 * mean:.1f} %, but it barely learned: not testable here.")
+            continue
+        if claim.exact is not None:
+            values = [
+                r["accuracy_by_height"][key[7:]] if key.startswith("height ") else r[key]
+                for r in runs
+            ]
+            holds = all(v >= claim.exact for v in values)
+            lines.append(
+                head
+                + ", ".join(f"{100 * v:.1f} %" for v in values)
+                + f" on seed{'s' if len(values) > 1 else ''} {', '.join(map(str, seeds))}: "
+                + ("**holds**." if holds else "**does not hold**.")
+            )
+            continue
+        diff, clear = _difference(summary, variant, key)
+        (m0, s0) = summary["original"][key]
+        agrees = diff * claim.direction > 0
+        if len(seeds) < 2:
+            verdict = "one seed, no spread: not evidence either way"
+        elif not clear:
+            verdict = "within the seed-to-seed spread: **not shown** here"
+        elif agrees:
+            verdict = "beyond the seed-to-seed spread: **agrees**"
+        else:
+            verdict = "beyond the seed-to-seed spread, the other way: **disagrees**"
+        lines.append(
+            head
+            + f"{_pct((mean, std))} against the original's {_pct((m0, s0))} "
+            + f"({diff:+.1f} points; {verdict})."
+        )
+    return lines
+
+
+def markdown(results: dict[str, Any], plots: Sequence[str], current: str | None = None) -> str:
+    """docs/results.md: the table, the protocol, timings and the honest comparison; rows of
+    combined records (`combine`) name their record, judged against `current`."""
     summary = summarise(results)
     config, costs = results["config"], results["costs"]
     buckets = list(results["test_heights"])
-    seeds = len(_seeds(results))
+    combined = "sources" in results
+    command = (
+        "python scripts/reproduce.py --threads 1 --variants VARIANT ... --json FILE"
+        if combined
+        else results["command"]
+    )
+    if combined:
+        origin = [
+            "Each row comes from one command, listed with its code in the records table; one "
+            f"recipe throughout, {config['threads']} CPU "
+            f"thread{'s' if config['threads'] > 1 else ''} ({results['versions']['cpu']}, torch "
+            f"{results['versions']['torch']}, torchvision "
+            f"{results['versions']['torchvision']}). Rerunning a command on the same machine "
+            "and thread count gives the same numbers.",
+            "",
+            *_records_table(results, current),
+            "",
+            f"Mean ± standard deviation over the seeds in the `seeds` column (of "
+            f"{', '.join(map(str, config['seeds']))}); accuracies and consistencies in %."
+            + ("" if results.get("complete", True) else " **Partial runs** are marked above."),
+        ]
+    else:
+        seeds = _seeds(results)
+        origin = [
+            f"Generated by `{command}` in {results['total_seconds'] / 60:.1f} min on "
+            f"{config['threads']} CPU thread{'s' if config['threads'] > 1 else ''} "
+            f"({results['versions']['cpu']}, torch "
+            f"{results['versions']['torch']}, torchvision {results['versions']['torchvision']}"
+            "). Every number below comes from that command; rerunning it on the same machine "
+            "and thread count gives the same numbers.",
+            "",
+            f"Mean ± standard deviation over {len(seeds)} seed{'s' if len(seeds) > 1 else ''} "
+            f"({', '.join(map(str, seeds))}); accuracies and consistencies in %."
+            + (
+                ""
+                if results.get("complete", True)
+                else f" **Partial run**: only these of seeds {config['seeds']} finished."
+            ),
+        ]
     lines = [
         "# Results: does the surgery help? A reproduction in miniature",
         "",
-        f"Generated by `{command}` in {results['total_seconds'] / 60:.1f} min on "
-        f"{config['threads']} CPU thread{'s' if config['threads'] > 1 else ''} "
-        f"({results['versions']['cpu']}, torch "
-        f"{results['versions']['torch']}, torchvision {results['versions']['torchvision']}). "
-        "Every number below comes from that command; rerunning it on the same machine and "
-        "thread count gives the same numbers.",
+        *origin,
         "",
-        f"Mean ± standard deviation over {seeds} seed{'s' if seeds > 1 else ''} "
-        f"({', '.join(map(str, _seeds(results)))}); accuracies and consistencies in %."
-        + (
-            ""
-            if results.get("complete", True)
-            else f" **Partial run**: only these of seeds {config['seeds']} finished."
-        ),
-        "",
-        "| variant | params | MACs | train time | test accuracy | "
+        "| variant | seeds | params | MACs | train time | test accuracy | "
         + " | ".join(f"acc. {b} px" for b in buckets)
         + " | consistency (crop) | consistency (circular) | softmax change |",
-        "|---|---:|---:|---:|---:|" + "---:|" * len(buckets) + "---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|" + "---:|" * len(buckets) + "---:|---:|---:|",
     ]
     for variant in summary:
         s = summary[variant]
         lines.append(
-            f"| {variant} | {costs[variant]['params'] / 1e6:.2f}M | "
+            f"| {variant} | {', '.join(map(str, _variant_seeds(results, variant)))} | "
+            f"{costs[variant]['params'] / 1e6:.2f}M | "
             f"{costs[variant]['macs'] / 1e6:.1f}M | {s['train_seconds'][0]:.0f} s | "
             f"{_pct(s['accuracy'])} | "
             + " | ".join(_pct(s[f"height {b}"]) for b in buckets)
@@ -1156,32 +1334,43 @@ def markdown(results: dict[str, Any], plots: Sequence[str], command: str) -> str
         "stride² × the channels. `antialias`: parameters "
         f"{_ratio(costs, 'antialias', 'params')}, MACs {_ratio(costs, 'antialias', 'macs')} "
         "(Zhang's ResNet-50: unchanged parameters, ×1.26 FLOPs at 224 px).",
-        "- HWD's claim (Xu et al. 2023) is that keeping every pixel at downsampling helps "
-        "segmentation; compare the smallest-height column with `spd`. The Haar transform is an "
-        "orthogonal mix of SPD's phases, so `haar` and `spd` start from the same function and "
-        "span the same convolutions; here they differ in the inner kernel (the exact size, "
-        "2×2 for a 3×3 conv, against `spd`'s 3×3) and in AdamW's per-weight steps.",
-        "- LIP's claim (Gao et al. 2019; ResNet-50 76.40 → 78.19 % top-1 at +29 % FLOPs) and "
-        "SoftPool's (Stergiou et al. 2021) are higher accuracy than max or average pooling. "
-        "LIP's ResNets also pool in place of the strided convolutions; surgeon rewrites "
-        "pooling layers only, which in ResNet-18 is the one stem max pool, so this is a small "
-        "test of either claim.",
+        "- HWD (Xu et al. 2023) keeps every pixel at downsampling, for segmentation. The Haar "
+        "transform is an orthogonal mix of SPD's phases, so `haar` and `spd` start from the "
+        "same function and span the same convolutions; here they differ in the inner kernel "
+        "(the exact size, 2×2 for a 3×3 conv, against `spd`'s 3×3) and in AdamW's per-weight "
+        "steps.",
+        "- LIP (Gao et al. 2019; ResNet-50 76.40 → 78.19 % top-1 at +29 % FLOPs) and SoftPool "
+        "(Stergiou et al. 2021) claim higher accuracy than max or average pooling. LIP's "
+        "ResNets also pool in place of the strided convolutions; surgeon rewrites pooling "
+        "layers only, which in ResNet-18 is the one stem max pool, so this is a small test of "
+        "either claim.",
         "- SFM's claim (Chen et al. 2025: ADE20K +1.5 mIoU, Cityscapes +0.8) is about "
         "segmentation, with MSAU demodulating in the decoder. A digit classifier has no "
         "decoder and no upsampling, so this task cannot show it; it shows only what adaptive "
         "resampling before the strided layers does to a classifier's accuracy and consistency.",
-        "- Neither method makes a zero-padded network exactly shift invariant; circular "
-        "consistency below 100 % is expected for every variant.",
-        f"- {seeds} seed{'s' if seeds > 1 else ''} and {config['test']} test images: "
-        "differences within the seed-to-seed spread are not evidence either way.",
+        "- No zero-padded network is exactly shift invariant, so circular consistency below "
+        "100 % is expected for every variant except `aps-circular` (circular padding, and "
+        "32 px inputs that the total stride 32 divides).",
+        f"- {len(config['seeds'])} seeds and {config['test']} test images: differences within "
+        "the seed-to-seed spread are not evidence either way.",
+        "",
+        "Each paper's direction, checked against the original on the same seeds (computed from "
+        "the records):",
+        "",
+        *papers_direction(results),
+        "- `sfm` (Chen et al. 2025): its claim is about segmentation, which this task cannot show.",
         "",
         "## Timings",
         "",
-        f"Data generation {results['data_seconds']:.0f} s; total {results['total_seconds']:.0f} s. "
-        "Wall-clock times on the machine as it was"
+        f"Data generation {results['data_seconds']:.0f} s; total {results['total_seconds']:.0f} s"
+        + (" over the records. " if combined else ". ")
+        + "Wall-clock times on the machine as it was"
         + (
             f" (1-minute load average {load:.1f} at the start on {os.cpu_count()} cores)"
             if (load := results["versions"].get("load_average_at_start")) is not None
+            and not combined
+            else " (each record's load average at its start is in the records table)"
+            if combined
             else ""
         )
         + ": on a shared machine they measure the contention as much as the variants.",
@@ -1190,9 +1379,8 @@ def markdown(results: dict[str, Any], plots: Sequence[str], command: str) -> str
         "|---|---:|---:|---:|",
     ]
     for variant in summary:
-        runs = [
-            r for r in results["runs"] if r["variant"] == variant and r["seed"] in _seeds(results)
-        ]
+        mine = _variant_seeds(results, variant)
+        runs = [r for r in results["runs"] if r["variant"] == variant and r["seed"] in mine]
         lines.append(
             f"| {variant} | {statistics.fmean(r['train_seconds'] for r in runs):.0f} s | "
             f"{statistics.fmean(r['eval_seconds'] for r in runs):.0f} s | "
@@ -1201,33 +1389,26 @@ def markdown(results: dict[str, Any], plots: Sequence[str], command: str) -> str
     if results.get("pretrained"):
         lines += ["", *pretrained_section(results["pretrained"])]
     lines += ["", "## Per-seed numbers", "", *_run_table(results["runs"], buckets)]
-    extra = results.get("extra_runs", [])
-    if extra:
-        lines += [
-            "",
-            "## Extra runs (not in the averages above)",
-            "",
-            *_extra_findings(results),
-            "",
-            *_run_table(
-                [r for r in results["runs"] if r["seed"] in {e["seed"] for e in extra}] + extra,
-                buckets,
-            ),
-        ]
     lines += [
         "",
         "## Reproduce",
         "",
         "```",
         "pip install -e '.[repro]'   # matplotlib, for the plots",
-        f"nice -n 10 {command}",
+        *(
+            [
+                f"nice -n 10 {record['command']} --json docs/reproduce/{name}"
+                for name, record in results["records"].items()
+            ]
+            if combined
+            else [f"nice -n 10 {command}"]
+        ),
         "```",
         "",
-        "The raw results behind this page are in `docs/reproduce/` (`results.json` and one file "
-        "per extra run); `python scripts/reproduce.py --render docs/reproduce/results.json "
-        "--extra docs/reproduce/spd-all.json docs/reproduce/avgpool.json` rewrites the page and "
-        "the plots from them without training. The extra runs: `python scripts/reproduce.py "
-        "--threads 1 --variants spd-all --json FILE` (and `avgpool`).",
+        "The raw results behind this page are in `docs/reproduce/`, one file per command. "
+        "`make docs` renders this page from them and `python scripts/reproduce.py --replot` "
+        "redraws the plots, both without training. Independent commands can run side by side, "
+        "one thread each.",
         "",
     ]
     return "\n".join(lines)
@@ -1254,7 +1435,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         nargs="+",
         metavar="JSON",
         default=[],
-        help="--json output of other runs to list in an extra-runs section",
+        help="--json output of other runs: their variants join the table",
     )
     parser.add_argument(
         "--render",
@@ -1281,6 +1462,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         metavar="JSON",
         help="with --render: a pretrained-protocol --json output to add as a section",
     )
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="no training: redraw docs/'s two plots from the records in docs/reproduce/",
+    )
     args = parser.parse_args(argv)
     if args.protocol == "pretrained":
         return main_pretrained(args)
@@ -1293,6 +1479,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         config = replace(config, threads=args.threads)
     if args.variants:
         config = replace(config, variants=tuple(args.variants))
+    if args.replot:
+        results = combine(read_records(RECORD_DIR))
+        print("wrote", ", ".join(str(ROOT / "docs" / n) for n in plot(results, ROOT / "docs")))
+        return results
     if args.render:
         results = json.loads(args.render.read_text(encoding="utf-8"))
     else:
@@ -1320,12 +1510,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results = run(config, save=save)
     if args.pretrained_results:
         results["pretrained"] = json.loads(args.pretrained_results.read_text(encoding="utf-8"))
-    add_extras(results, [json.loads(path.read_text(encoding="utf-8")) for path in args.extra])
+    if args.extra:
+        extras = {path.name: json.loads(path.read_text(encoding="utf-8")) for path in args.extra}
+        results = combine({"main run": results, **extras})
     args.out.mkdir(parents=True, exist_ok=True)
     plots = [] if args.no_plots else plot(results, args.out)
-    (args.out / "results.md").write_text(
-        markdown(results, plots, results["command"]), encoding="utf-8"
-    )
+    (args.out / "results.md").write_text(markdown(results, plots), encoding="utf-8")
     print(f"wrote {args.out / 'results.md'}")
     return results
 

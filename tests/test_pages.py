@@ -218,7 +218,10 @@ def test_results_page_is_stale_until_every_record_ran_on_the_current_code(
     for path in reproduce.RECORD_DIR.glob("*.json"):
         (directory / path.name).write_text(path.read_text(encoding="utf-8"))
     text = reproduce.render_page(CURRENT, directory)
-    assert "**Stale** (`results.json`: no provenance recorded" in text.splitlines()[2]
+    banner = text.splitlines()[2]
+    assert banner.startswith("**Stale** records: `results.json` (original, spd, antialias): no "), (
+        banner
+    )
     current = {"commit": CURRENT, "code_commit": CURRENT, "dirty": False}
     for path in directory.glob("*.json"):
         record = json.loads(path.read_text(encoding="utf-8"))

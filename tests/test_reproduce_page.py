@@ -1,0 +1,107 @@
+"""docs/results.md from several records: each variant comes from the one command that trained
+it, records of another recipe are refused, and each paper's direction is computed."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from tests.conftest import load_script
+
+CURRENT = "c" * 40
+
+
+@pytest.fixture(scope="module")
+def reproduce() -> ModuleType:
+    return load_script("reproduce")
+
+
+@pytest.fixture()
+def base(reproduce: ModuleType) -> dict[str, Any]:
+    record: dict[str, Any] = json.loads((reproduce.RECORD_DIR / "results.json").read_text())
+    record["provenance"] = {"commit": CURRENT, "code_commit": CURRENT, "dirty": False}
+    return record
+
+
+def _as(record: dict[str, Any], variant: str, **metrics: float) -> dict[str, Any]:
+    """A record of `variant` whose runs are the original's runs with `metrics` set."""
+    out = copy.deepcopy(record)
+    out["runs"] = [
+        {**run, "variant": variant, **metrics}
+        for run in out["runs"]
+        if run["variant"] == "original"
+    ]
+    out["costs"] = {variant: out["costs"]["original"]}
+    out["command"] = f"python scripts/reproduce.py --threads 1 --variants {variant}"
+    return out
+
+
+def _write(directory: Path, records: dict[str, dict[str, Any]]) -> None:
+    directory.mkdir()
+    for name, record in records.items():
+        (directory / name).write_text(json.dumps(record), encoding="utf-8")
+
+
+def test_rows_of_several_records_name_their_command_and_code(
+    reproduce: ModuleType, base: dict[str, Any], tmp_path: Path
+) -> None:
+    old = _as(base, "haar")
+    old["provenance"] = {"commit": "d" * 40, "code_commit": "d" * 40, "dirty": False}
+    directory = tmp_path / "reproduce"
+    _write(directory, {"results.json": base, "polyphase.json": _as(base, "aps"), "h.json": old})
+    text = reproduce.render_page(CURRENT, directory)
+    lines = text.splitlines()
+    assert lines[2].startswith("**Stale** records: `h.json` (haar):"), lines[2]
+    assert (
+        "`python scripts/reproduce.py --variants haar --threads 1 --json docs/reproduce/h.json`"
+        in (lines[2])
+    )
+    assert (
+        "| `polyphase.json` | aps | `python scripts/reproduce.py --threads 1 --variants aps` |"
+        in (text)
+    )
+    for variant in ("original", "spd", "antialias", "aps", "haar"):
+        assert f"| {variant} | 0, 1, 2 |" in text, variant
+
+
+def test_another_recipe_or_a_variant_trained_twice_is_refused(
+    reproduce: ModuleType, base: dict[str, Any]
+) -> None:
+    other = _as(base, "aps")
+    other["config"] = {**other["config"], "epochs": 1}
+    with pytest.raises(SystemExit, match="another recipe"):
+        reproduce.combine({"results.json": base, "aps.json": other})
+    with pytest.raises(SystemExit, match="both train `original`"):
+        reproduce.combine({"results.json": base, "again.json": _as(base, "original")})
+
+
+def test_papers_direction_is_computed_from_the_runs(
+    reproduce: ModuleType, base: dict[str, Any]
+) -> None:
+    accuracies = {r["seed"]: r["accuracy"] for r in base["runs"] if r["variant"] == "original"}
+    better = _as(base, "lip")
+    for run in better["runs"]:
+        run["accuracy"] = accuracies[run["seed"]] + 0.2
+    same = _as(base, "softpool")
+    exact = _as(base, "aps-circular", consistency_circular=1.0)
+    short = _as(base, "lps", consistency_circular=1.0)
+    short["runs"][1]["consistency_circular"] = 0.999
+    results = reproduce.combine(
+        {"results.json": base, "a": better, "b": same, "c": exact, "d": short}
+    )
+    lines = {line.split("`")[1]: line for line in reproduce.papers_direction(results)}
+    assert "**agrees**" in lines["lip"] and "+20.0 points" in lines["lip"]
+    assert "**not shown**" in lines["softpool"] and "+0.0 points" in lines["softpool"]
+    assert "100.0 %, 100.0 %, 100.0 %" in lines["aps-circular"]
+    assert lines["aps-circular"].endswith("**holds**.")
+    assert "**agrees**" in lines["lps"]  # lps claims higher consistency, not exactly 100 %
+    assert lines["haar"].endswith("not run.")
+    exact["runs"][0]["consistency_circular"] = 0.9995
+    results = reproduce.combine({"results.json": base, "c": exact})
+    line = next(x for x in reproduce.papers_direction(results) if "`aps-circular`" in x)
+    assert line.endswith("**does not hold**.")
