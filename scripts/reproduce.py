@@ -857,10 +857,23 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     return ["results_accuracy_by_size.png", "results_consistency.png"]
 
 
-def _difference(summary: dict[str, Any], variant: str, key: str) -> tuple[float, bool]:
-    """(variant − original in points, whether it exceeds the larger of the two stds)."""
-    (m1, s1), (m0, s0) = summary[variant][key], summary["original"][key]
-    return 100 * (m1 - m0), abs(m1 - m0) > max(s0, s1)
+def _values(results: dict[str, Any], variant: str, key: str, seeds: Sequence[int]) -> list[float]:
+    """`key` (a metric, or "height LO-HI") of the runs of `variant` with these seeds."""
+    runs = [r for r in results["runs"] if r["variant"] == variant and r["seed"] in seeds]
+    if key.startswith("height "):
+        return [r["accuracy_by_height"][key[len("height ") :]] for r in runs]
+    return [r[key] for r in runs]
+
+
+def _difference(
+    results: dict[str, Any], variant: str, key: str
+) -> tuple[float, bool, tuple[float, float]]:
+    """(variant − original in points, whether it exceeds the larger of the two stds, the
+    original's mean and std), the original taken on the seeds `variant` ran."""
+    seeds = _variant_seeds(results, variant)
+    m1, s1 = _stats(_values(results, variant, key, seeds))
+    m0, s0 = _stats(_values(results, "original", key, seeds))
+    return 100 * (m1 - m0), abs(m1 - m0) > max(s0, s1), (m0, s0)
 
 
 def findings(results: dict[str, Any]) -> list[str]:
@@ -884,7 +897,7 @@ def findings(results: dict[str, Any]) -> list[str]:
             ("consistency_crop", "crop-shift consistency"),
             ("consistency_circular", "circular-shift consistency"),
         ):
-            diff, clear = _difference(summary, variant, key)
+            diff, clear, _ = _difference(results, variant, key)
             if diff > 0:
                 size = f"{diff:.1f} points higher than"
             elif diff < 0:
@@ -1168,10 +1181,7 @@ def papers_direction(results: dict[str, Any]) -> list[str]:
             lines.append(head + f"{100 * mean:.1f} %, but it barely learned: not testable here.")
             continue
         if claim.exact is not None:
-            values = [
-                r["accuracy_by_height"][key[7:]] if key.startswith("height ") else r[key]
-                for r in runs
-            ]
+            values = _values(results, variant, key, seeds)
             holds = all(v >= claim.exact for v in values)
             lines.append(
                 head
@@ -1180,8 +1190,7 @@ def papers_direction(results: dict[str, Any]) -> list[str]:
                 + ("**holds**." if holds else "**does not hold**.")
             )
             continue
-        diff, clear = _difference(summary, variant, key)
-        (m0, s0) = summary["original"][key]
+        diff, clear, (m0, s0) = _difference(results, variant, key)
         agrees = diff * claim.direction > 0
         if len(seeds) < 2:
             verdict = "one seed, no spread: not evidence either way"
@@ -1266,7 +1275,8 @@ def markdown(results: dict[str, Any], plots: Sequence[str], current: str | None 
             f"{s['softmax_change'][0]:.3f} ± {s['softmax_change'][1]:.3f} |"
         )
     if results.get("note"):
-        lines += ["", results["note"]]
+        recorded = "`results.json`'s" if combined else "The run's"
+        lines += ["", f"{recorded} note, as recorded: {results['note']}"]
     lines += ["", "## What the numbers say", "", *findings(results), ""]
     for name in plots:
         title = "Accuracy by object size" if "size" in name else "Shift consistency"
