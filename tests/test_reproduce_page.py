@@ -105,3 +105,21 @@ def test_papers_direction_is_computed_from_the_runs(
     results = reproduce.combine({"results.json": base, "c": exact})
     line = next(x for x in reproduce.papers_direction(results) if "`aps-circular`" in x)
     assert line.endswith("**does not hold**.")
+
+
+def test_the_two_protocols_originals_are_cross_checked_seed_by_seed(
+    reproduce: ModuleType, base: dict[str, Any]
+) -> None:
+    originals = [r for r in base["runs"] if r["variant"] == "original"]
+    trained = [{**r, "policy": "original", "stage": "trained"} for r in originals]
+    results = reproduce.combine({"results.json": base})
+    results["pretrained"] = {
+        "runs": copy.deepcopy(trained),
+        "provenance": {"code_commit": "e" * 40},
+    }
+    (line,) = [x for x in reproduce._same_original(results) if x]
+    assert "(code eeeeeeeeeeee) scores exactly as the `original` rows of `results.json`" in line
+    results["pretrained"]["runs"][1]["consistency_crop"] += 0.001
+    (line,) = [x for x in reproduce._same_original(results) if x]
+    seeds = [r["seed"] for r in originals]
+    assert f"matches on seeds {seeds[0]}, {seeds[2]} of" in line
