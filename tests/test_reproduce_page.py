@@ -123,3 +123,29 @@ def test_the_two_protocols_originals_are_cross_checked_seed_by_seed(
     (line,) = [x for x in reproduce._same_original(results) if x]
     seeds = [r["seed"] for r in originals]
     assert f"matches on seeds {seeds[0]}, {seeds[2]} of" in line
+
+
+def test_pretrained_records_of_other_policies_join_one_section(
+    reproduce: ModuleType, tmp_path: Path
+) -> None:
+    first = json.loads((reproduce.RECORD_DIR / "pretrained.json").read_text())
+    other = copy.deepcopy(first)
+    other["config"]["policies"] = ["haar"]
+    other["command"] = "python scripts/reproduce.py --protocol pretrained --heal-policies haar"
+    other["runs"] = [r for r in other["runs"] if r["stage"] == "trained"] + [
+        {**r, "policy": "haar"} for r in other["runs"] if r["policy"] == "spd"
+    ]
+    records = {"pretrained.json": first, "pretrained-haar.json": other}
+    combined = reproduce.combine_pretrained(records)
+    assert combined["config"]["policies"] == [*first["config"]["policies"], "haar"]
+    assert sum(r["stage"] == "trained" for r in combined["runs"]) == len(
+        first["config"]["original"]["seeds"]
+    )
+    section = "\n".join(reproduce.pretrained_section(combined))
+    assert "| haar | healed |" in section and "--heal-policies haar` in" in section
+    assert "- `haar`: largest logit difference from the original at step 0" in section
+    other["runs"][0] = {**other["runs"][0], "accuracy": 0.5}
+    with pytest.raises(SystemExit, match="scores otherwise"):
+        reproduce.combine_pretrained(records)
+    with pytest.raises(SystemExit, match="both patch `spd`"):
+        reproduce.combine_pretrained({"pretrained.json": first, "again.json": first})
