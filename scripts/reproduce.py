@@ -746,13 +746,25 @@ def _pretrained_findings(results: dict[str, Any]) -> list[str]:
         )
         if not healed or not gaps:
             continue
-        h_mean, h_std = _stats(healed)
-        diff, spread = h_mean - o_mean, max(o_std, h_std)
+        seeds = {r["seed"] for r in runs if r["policy"] == policy and r["stage"] == "healed"}
+        mine = [
+            r["accuracy"]
+            for r in runs
+            if r["policy"] == "original" and r["stage"] == "trained" and r["seed"] in seeds
+        ]
+        (h_mean, h_std), (m_mean, m_std) = _stats(healed), _stats(mine)
+        diff, spread = h_mean - m_mean, max(m_std, h_std)
         lines.append(
             f"- `{policy}`: largest logit difference from the original at step 0 {max(gaps):.2e}; "
-            f"healed {100 * h_mean:.1f}% against {100 * o_mean:.1f}% ({100 * diff:+.1f} points, "
-            f"{'within' if abs(diff) <= spread else 'beyond'} the seed spread "
-            f"±{100 * spread:.1f})."
+            f"healed {100 * h_mean:.1f}% against {100 * m_mean:.1f}% on seed"
+            f"{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))} "
+            f"({100 * diff:+.1f} points, "
+            + (
+                "one seed: no spread measured)."
+                if len(seeds) < 2
+                else f"{'within' if abs(diff) <= spread else 'beyond'} the seed spread "
+                f"±{100 * spread:.1f})."
+            )
         )
     control = values("original", "fine-tuned", "accuracy")
     if control:
