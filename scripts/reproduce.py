@@ -1173,7 +1173,7 @@ def render_page(current: str, directory: Path = RECORD_DIR) -> str:
     if not stale:
         return text
     which = "; ".join(
-        f"`{name}` ({_record_contents(name, all_records[name])}): {reason}"
+        f"`{name}` ({_record_contents(all_records[name])}): {reason}"
         for name, reason in stale.items()
     )
     commands = "; ".join(f"`{_rerun(name, all_records[name])}`" for name in stale)
@@ -1196,7 +1196,7 @@ def _rerun(name: str, record: dict[str, Any]) -> str:
     return f"{command} --threads 1 --json docs/reproduce/{name}"
 
 
-def _record_contents(name: str, record: dict[str, Any]) -> str:
+def _record_contents(record: dict[str, Any]) -> str:
     if record.get("protocol") == "pretrained":
         return f"the pretrained protocol: {', '.join(record['config']['policies'])}"
     return ", ".join(dict.fromkeys(run["variant"] for run in record["runs"]))
