@@ -68,6 +68,23 @@ class ParallelPool(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
+class HeadFolded(nn.Module):
+    """MViT's shape: the main path pools with the samples folded with two heads (batch x 2), the
+    skip path pools the batch; the two meet at an add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool_q = nn.Conv2d(2, 2, 3, 2, 1)
+        self.pool_skip = nn.MaxPool2d(3, 2, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        q = self.pool_q(x.reshape(n * 2, c // 2, h, w))
+        y = q.reshape(n, c, q.shape[2], q.shape[3]) + self.pool_skip(x)
+        return self.fc(y.mean((2, 3)))
+
+
 def _policy(action: str, padding: str = "keep", **params: object) -> Policy:
     data = {
         "name": f"test-{action}",
@@ -142,6 +159,18 @@ def test_a_join_with_a_layer_left_strided_is_reported() -> None:
     row = next(r for r in report.rows if r.site == "layer1.conv1")
     assert "also takes layer1.downsample.0, which does not share this component" in row.note
     assert model.layer1.conv2[0].role == "alone"
+
+
+@pytest.mark.parametrize("action", ["aps", "lps"])
+def test_samplers_whose_batches_differ_select_alone_and_the_join_is_reported(action: str) -> None:
+    x = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    model, report = surgeon.patch(HeadFolded(), _policy(action), x)
+    assert report.patched == 2
+    assert {m.role for m in _samplers(model).values()} == {"alone"}
+    assert not any(isinstance(op, Link) for op in report.ops)
+    row = next(r for r in report.rows if r.site == "pool_q")
+    assert "also takes pool_skip, whose input batch is 3 against 6 here" in row.note
+    model.eval()(torch.randn(5, 4, 12, 12))  # any batch: no selection is shared
 
 
 def test_a_group_norm_keeps_the_sampler_before_it_so_lps_stays_exact() -> None:

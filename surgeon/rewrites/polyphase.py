@@ -28,6 +28,8 @@ whose sampler runs first in the forward (graph order) leads, the others follow i
 (`share_phase`); the checkpoint records the link as a `Link` edit. A join that a target site
 shares with a strided layer this action does not sample (a keep rule, a skipped site, another
 action's site) is reported: the two need not take the same component, so it is not invariant.
+So is a join of two samplers whose batches differ in the analysis (one folds the samples with
+attention heads): a selection is per row, so they select alone.
 """
 
 from __future__ import annotations
@@ -495,12 +497,33 @@ class _Graphs:
                                 f"the join at {graph.where(join)} also takes {kept}, which "
                                 "does not share this component: that join is not shift-invariant"
                             )
+                        elif not _same_rows(targets[b].site, site):
+                            other = targets[b].site
+                            notes[site.name] = (
+                                f"the join at {graph.where(join)} also takes {other.name}, whose "
+                                f"input batch is {_batch(other)} against {_batch(site)} here (its "
+                                "samples folded with another dimension, such as attention heads): "
+                                "they cannot share a component, so that join is not "
+                                "shift-invariant"
+                            )
                         elif targets[b].site.stride == site.stride:
                             parent[find(site.name)] = find(targets[b].site.name)
         members: dict[str, list[Placement]] = {}
         for p in placements:
             members.setdefault(find(p.site.name), []).append(p)
         return [g for g in members.values() if len(g) > 1], notes
+
+
+def _batch(site: Site) -> int | None:
+    """The batch the site saw in the analysis (None: unknown)."""
+    return site.in_shape[0] if site.in_shape else None
+
+
+def _same_rows(a: Site, b: Site) -> bool:
+    """Whether two samplers may share a selection: it is made per row of the batch, so their
+    rows must be the same samples (MViT's attention pools see batch x heads, its skip pool the
+    batch); where a batch is unknown, as before."""
+    return _batch(a) is None or _batch(b) is None or _batch(a) == _batch(b)
 
 
 def _key(graph: StrideGraph, node: fx.Node) -> tuple[Fraction | None, Fraction]:
