@@ -447,6 +447,14 @@ def bench_model(
 # --------------------------------------------------------------------------- main
 
 
+def _part(text: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_]*", text):
+        raise argparse.ArgumentTypeError(
+            f"--part {text!r}: use lower-case letters, digits and underscores (e.g. mobilenet)"
+        )
+    return text
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
@@ -467,6 +475,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--records",
         type=Path,
         help="where the record goes (default docs/records/bench; --quick: nowhere)",
+    )
+    parser.add_argument(
+        "--part",
+        type=_part,
+        help="write the record as deploy-PART.json, one part of the page's section (e.g. one "
+        "model per core or per session); without it, deploy.json",
     )
     parser.add_argument(
         "--quick",
@@ -530,7 +544,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"[done] {body['settings']['seconds']:.0f} s", file=sys.stderr)
     records = args.records if args.records or args.quick else BENCH_RECORDS
     command = script_command(__file__, argv)
-    print(save_section("deploy", body, command=command, directory=records, quick=args.quick))
+    name = f"deploy-{args.part}" if args.part else "deploy"
+    print(save_section(name, body, command=command, directory=records, quick=args.quick))
     return body
 
 

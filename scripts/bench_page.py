@@ -56,10 +56,19 @@ class Section:
     title: str
     command: str  # what writes the record
     render: Callable[[Mapping[str, Any]], list[str]]
+    # records f"{name}-<part>.json" join f"{name}.json": each is one command's run (one model,
+    # one path...), and `combine` makes one record of them for `render`
+    combine: Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]] | None = None
 
 
 def record_path(name: str, directory: Path = BENCH_RECORDS) -> Path:
     return directory / f"{name}.json"
+
+
+def part_paths(name: str, directory: Path = BENCH_RECORDS) -> list[Path]:
+    """The records of a section made of parts: `name.json`, then `name-*.json` by name."""
+    whole = record_path(name, directory)
+    return [*([whole] if whole.exists() else []), *sorted(directory.glob(f"{name}-*.json"))]
 
 
 def save_section(
@@ -76,7 +85,11 @@ def save_section(
     if directory is not None:
         write_json(record_path(name, directory), record)
         print(f"wrote {record_path(name, directory)}", file=sys.stderr)
-    section = next(s for s in SECTIONS if s.name == name)
+    section = next(
+        s
+        for s in SECTIONS
+        if s.name == name or (s.combine is not None and name.startswith(f"{s.name}-"))
+    )
     return "\n".join(render_section(section, record, current=None))
 
 
@@ -99,9 +112,6 @@ def _provenance_lines(
     section: Section, record: Mapping[str, Any], current: str | None
 ) -> list[str]:
     prov = record.get("provenance") or {}
-    versions = prov.get("versions") or {}
-    machine = prov.get("machine") or {}
-    libraries = ", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if k != "surgeon")
     lines = []
     if record.get("quick"):
         lines += ["**Smoke run** (`--quick`): tiny sizes and rounds; its numbers mean nothing.", ""]
@@ -114,15 +124,49 @@ def _provenance_lines(
                 "",
             ]
     path = f"records/bench/{section.name}.json"
-    lines += [
-        f"Record [`{path}`]({path}): `{prov.get('command', '—')}` on commit "
+    lines += [f"Record {_record_line(path, prov)}", ""]
+    return lines
+
+
+def _record_line(path: str, prov: Mapping[str, Any]) -> str:
+    """`[path](path)`: the command, commit, time, machine and library versions of a record."""
+    versions = prov.get("versions") or {}
+    machine = prov.get("machine") or {}
+    libraries = ", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if k != "surgeon")
+    return (
+        f"[`{path}`]({path}): `{prov.get('command', '—')}` on commit "
         f"`{short(prov.get('commit'))}`"
         + (" with uncommitted code changes" if prov.get("dirty") else "")
         + f", {str(prov.get('recorded') or '—')[:16].replace('T', ' ')} UTC; "
-        f"{machine.get('cpu', 'unknown CPU')}, {machine.get('cores', '?')} cores; {libraries}.",
-        "",
-    ]
-    return lines
+        f"{machine.get('cpu', 'unknown CPU')}, {machine.get('cores', '?')} cores; {libraries}."
+    )
+
+
+def render_parts(
+    section: Section, parts: Sequence[tuple[str, Mapping[str, Any]]], current: str | None
+) -> list[str]:
+    """A section made of several records (`(file name, record)`): a line per record (marked
+    stale where it is, with its own command to re-run), then the body of their combination."""
+    assert section.combine is not None
+    count = f"{len(parts)} records" if len(parts) > 1 else "1 record"
+    lines = [section.title, "", f"Made of {count}, each one command's run:", ""]
+    for name, record in parts:
+        prov = record.get("provenance") or {}
+        line = f"- {_record_line(f'records/bench/{name}', prov)}"
+        if record.get("quick"):
+            line += " **Smoke run** (`--quick`): its numbers mean nothing."
+        reason = stale_reason(prov, current) if current is not None else None
+        if reason is not None:
+            line += (
+                f" **Stale** ({reason}): its numbers describe older code; re-run "
+                f"`python {prov.get('command', section.command)}`, then `make docs`."
+            )
+        load = _load(record)
+        if load:
+            line += f" {load}"
+        lines.append(line)
+    lines.append("")
+    return [*lines, *section.render(section.combine([r for _, r in parts]))]
 
 
 def render_section(
@@ -742,6 +786,46 @@ def _deploy_folds(folds: Sequence[Row]) -> list[str]:
     ]
 
 
+def combine_deploy(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One deploy record of several runs (`bench_deploy.py --part`). A row's ratios compare it
+    with the original timed in the same rounds, so a model, batch and path must come from one
+    run: two records timing the same are refused."""
+    seen: dict[tuple[Any, ...], int] = {}
+    for i, record in enumerate(records):
+        for key in dict.fromkeys((r["model"], r["batch"], r["path"]) for r in record["rows"]):
+            if key in seen:
+                model, batch, path = key
+                raise ValueError(
+                    f"two deploy records time {model} at batch {batch} on {path} (records "
+                    f"{seen[key] + 1} and {i + 1}): delete the older one, or re-run without it"
+                )
+            seen[key] = i
+    settings = [r.get("settings") or {} for r in records]
+    threads = {s.get("threads", 1) for s in settings}
+    if len(threads) > 1:
+        raise ValueError(
+            f"deploy records ran on {sorted(threads)} threads: the page states one clock; "
+            "re-run the parts with the same --threads"
+        )
+    return {
+        "rows": [row for r in records for row in r["rows"]],
+        **{
+            key: [item for r in records for item in r.get(key, [])]
+            for key in ("profiles", "folds", "spd_rearrangements")
+        },
+        # a path no part could run is said once
+        "skipped": list(
+            {(s["path"], s["reason"]): s for r in records for s in r.get("skipped", [])}.values()
+        ),
+        "settings": {
+            "size": "/".join(dict.fromkeys(str(s.get("size")) for s in settings)),
+            "batches": sorted({b for s in settings for b in s.get("batches", [])}),
+            "rounds": "/".join(dict.fromkeys(str(s.get("rounds")) for s in settings)),
+            "threads": threads.pop(),
+        },
+    }
+
+
 def render_deploy(record: Mapping[str, Any]) -> list[str]:
     settings = record.get("settings") or {}
     rows = record["rows"]
@@ -795,7 +879,13 @@ SECTIONS: list[Section] = [
         render_polyphase,
     ),
     Section("heal", "## Heal", "python scripts/bench_heal.py", render_heal),
-    Section("deploy", "## Deployment paths", "python scripts/bench_deploy.py", render_deploy),
+    Section(
+        "deploy",
+        "## Deployment paths",
+        "python scripts/bench_deploy.py",
+        render_deploy,
+        combine_deploy,
+    ),
     Section("cuda", "## CUDA", "python scripts/bench_cuda.py", render_cuda),
 ]
 
@@ -817,5 +907,11 @@ def render_benchmarks(current: str, directory: Path = BENCH_RECORDS) -> str:
         "",
     ]
     for section in SECTIONS:
-        lines += render_section(section, read_record(record_path(section.name, directory)), current)
+        paths = part_paths(section.name, directory) if section.combine else []
+        if len(paths) > 1 or (paths and paths[0] != record_path(section.name, directory)):
+            parts = [(p.name, read_record(p) or {}) for p in paths]
+            lines += render_parts(section, parts, current)
+            continue
+        path = paths[0] if paths else record_path(section.name, directory)
+        lines += render_section(section, read_record(path), current)
     return "\n".join(lines).rstrip("\n") + "\n"

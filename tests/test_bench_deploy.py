@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import load_script
 
 bench_deploy = load_script("bench_deploy")
@@ -143,3 +145,50 @@ def test_operations_are_sorted_into_kinds() -> None:
     assert category("SpaceToDepth", []) == "copies, padding, rearrangement"
     assert category("## Call CompiledFxGraph abc ##", []) == "Inductor's generated kernels"
     assert category("aten::relu_", []) == "normalisation, activation, elementwise"
+
+
+def _part(model: str, commit: str, *, threads: int = 1) -> dict[str, Any]:
+    record = _record(commit)
+    record["rows"] = [{**row, "model": model} for row in record["rows"]]
+    record["profiles"] = [{**p, "model": model} for p in record["profiles"]]
+    record["settings"] = {**record["settings"], "threads": threads}
+    record["provenance"] = {**record["provenance"], "command": f"scripts/bench_deploy.py {model}"}
+    return record
+
+
+def test_parts_run_as_separate_commands_combine_into_one_section(tmp_path: Path) -> None:
+    (tmp_path / "deploy.json").write_text(json.dumps(_part("resnet50", CURRENT)))
+    (tmp_path / "deploy-mobilenet.json").write_text(json.dumps(_part("mobilenet", "d" * 40)))
+    page = bench_page.render_benchmarks(CURRENT, tmp_path)
+    text = page.split("## Deployment paths")[1].split("\n## ")[0]
+    assert "Made of 2 records, each one command's run:" in text
+    assert "- [`records/bench/deploy.json`](records/bench/deploy.json)" in text
+    mobilenet = next(line for line in text.splitlines() if "deploy-mobilenet.json" in line)
+    assert "**Stale**" in mobilenet and "`python scripts/bench_deploy.py mobilenet`" in mobilenet
+    resnet = next(line for line in text.splitlines() if "records/bench/deploy.json" in line)
+    assert "**Stale**" not in resnet
+    assert "| resnet50 | 8 | spd | 7 |" in text and "| mobilenet | 8 | spd | 7 |" in text
+    assert "(folded where a fold applies): resnet50 antialias, mobilenet antialias." in text
+    assert text.count("cuda-graphs: not run (no CUDA device).") == 1
+
+
+def test_a_single_part_links_its_own_record(tmp_path: Path) -> None:
+    (tmp_path / "deploy-mobilenet.json").write_text(json.dumps(_part("mobilenet", CURRENT)))
+    page = bench_page.render_benchmarks(CURRENT, tmp_path)
+    assert "Made of 1 record, each one command's run:" in page
+    assert "[`records/bench/deploy-mobilenet.json`]" in page
+
+
+def test_parts_timing_the_same_rows_or_on_other_threads_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "deploy.json").write_text(json.dumps(_part("resnet50", CURRENT)))
+    (tmp_path / "deploy-again.json").write_text(json.dumps(_part("resnet50", CURRENT)))
+    with pytest.raises(ValueError, match="two deploy records time resnet50 at batch 8 on eager"):
+        bench_page.render_benchmarks(CURRENT, tmp_path)
+    (tmp_path / "deploy-again.json").write_text(json.dumps(_part("vit", CURRENT, threads=2)))
+    with pytest.raises(ValueError, match=r"ran on \[1, 2\] threads"):
+        bench_page.render_benchmarks(CURRENT, tmp_path)
+
+
+def test_a_part_name_is_checked() -> None:
+    with pytest.raises(SystemExit):
+        bench_deploy.main(["--part", "Mobile Net", "--quick"])
