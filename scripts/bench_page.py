@@ -120,12 +120,17 @@ def _provenance_lines(
         if reason is not None:
             lines += [
                 f"**Stale** ({reason}): these numbers describe older code. Re-run "
-                f"`{section.command}`, then `make docs`.",
+                f"`{_rerun(section, prov)}`, then `make docs`.",
                 "",
             ]
     path = f"records/bench/{section.name}.json"
     lines += [f"Record {_record_line(path, prov)}", ""]
     return lines
+
+
+def _rerun(section: Section, prov: Mapping[str, Any]) -> str:
+    """The command that brings a record up to date: its own, else the section's."""
+    return f"python {prov['command']}" if prov.get("command") else section.command
 
 
 def _record_line(path: str, prov: Mapping[str, Any]) -> str:
@@ -159,7 +164,7 @@ def render_parts(
         if reason is not None:
             line += (
                 f" **Stale** ({reason}): its numbers describe older code; re-run "
-                f"`python {prov.get('command', section.command)}`, then `make docs`."
+                f"`{_rerun(section, prov)}`, then `make docs`."
             )
         load = _load(record)
         if load:
