@@ -61,6 +61,7 @@ from bench_page import BENCH_RECORDS, DEPLOY_BATCH, LATENCY_TARGET, save_section
 from records import script_command  # noqa: E402
 
 from surgeon.backends import compiled, onnx_export, onnx_session, race, runner  # noqa: E402
+from surgeon.errors import SurgeonError  # noqa: E402
 from surgeon.export import export  # noqa: E402
 from surgeon.fold import FoldRecord, fold  # noqa: E402
 from surgeon.layers import BlurPool, SpaceToDepthConv  # noqa: E402
@@ -326,6 +327,7 @@ def bench_model(
     fold_seconds: float,
 ) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
     profiles: list[dict[str, Any]] = []
     folds: list[dict[str, Any]] = []
     spd_layers: list[tuple[str, SpaceToDepthConv, tuple[int, ...]]] = []
@@ -372,15 +374,31 @@ def bench_model(
                             if layer.kind == "spd"
                         ]
             calls: dict[str, Callable[[], Any]] = {}
-            for label, model in models.items():
+            for label, model in list(models.items()):
                 print(f"[{name} x{batch} {path}] build {label}", file=sys.stderr, flush=True)
-                if path in CPU_PATHS:
-                    calls[label], info = cpu_runner(
-                        path, model, x, workdir, f"{name}-{batch}-{label}"
+                try:
+                    if path in CPU_PATHS:
+                        calls[label], info = cpu_runner(
+                            path, model, x, workdir, f"{name}-{batch}-{label}"
+                        )
+                        meta[label].update(info)
+                    else:
+                        calls[label] = gpu_runner(
+                            path, model, x, workdir, f"{name}-{batch}-{label}"
+                        )
+                except SurgeonError as exc:  # surgeon refused it (an export check failed)
+                    if label == "original":
+                        raise
+                    del models[label]
+                    failures.append(
+                        {
+                            "model": name,
+                            "batch": batch,
+                            "path": path,
+                            "variant": label,
+                            "error": str(exc),
+                        }
                     )
-                    meta[label].update(info)
-                else:
-                    calls[label] = gpu_runner(path, model, x, workdir, f"{name}-{batch}-{label}")
             print(f"[{name} x{batch} {path}] timing {len(calls)} variants", file=sys.stderr)
             if path in CPU_PATHS:
                 with torch.no_grad():
@@ -411,6 +429,8 @@ def bench_model(
                 continue
             for policy in patched:
                 label = f"{policy}+fold" if f"{policy}+fold" in models else policy
+                if label not in models:
+                    continue
                 deployed = next(
                     r
                     for r in rows[::-1]
@@ -441,7 +461,13 @@ def bench_model(
                         **comparison,
                     }
                 )
-    return {"rows": rows, "profiles": profiles, "folds": folds, "spd_layers": spd_layers}
+    return {
+        "rows": rows,
+        "failures": failures,
+        "profiles": profiles,
+        "folds": folds,
+        "spd_layers": spd_layers,
+    }
 
 
 # --------------------------------------------------------------------------- main
@@ -502,7 +528,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     before = list(os.getloadavg())
     started = time.perf_counter()
-    results: dict[str, list[Any]] = {"rows": [], "profiles": [], "folds": [], "spd_layers": []}
+    results: dict[str, list[Any]] = {
+        "rows": [],
+        "failures": [],
+        "profiles": [],
+        "folds": [],
+        "spd_layers": [],
+    }
     skipped = [
         {"path": path, "reason": reason}
         for path in args.paths

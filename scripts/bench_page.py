@@ -816,7 +816,7 @@ def combine_deploy(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "rows": [row for r in records for row in r["rows"]],
         **{
             key: [item for r in records for item in r.get(key, [])]
-            for key in ("profiles", "folds", "spd_rearrangements")
+            for key in ("failures", "profiles", "folds", "spd_rearrangements")
         },
         # a path no part could run is said once
         "skipped": list(
@@ -855,6 +855,19 @@ def render_deploy(record: Mapping[str, Any]) -> list[str]:
         lines += _deploy_path_table(rows, path)
     for skipped in record.get("skipped", []):
         lines += [f"{skipped['path']}: not run ({skipped['reason']}).", ""]
+    failures = record.get("failures", [])
+    if failures:
+        lines += [
+            "Variants surgeon refused to build for their path (a bug to fix: the rest of the "
+            "model, batch and path ran without them):",
+            "",
+            *(
+                f"- {f['model']} at batch {f['batch']}, {f['path']}, {f['variant']}: "
+                f"{f['error'].splitlines()[0]}"
+                for f in failures
+            ),
+            "",
+        ]
     lines += _deploy_profiles(record.get("profiles", []))
     lines += _deploy_rearrangements(record.get("spd_rearrangements", []))
     lines += _deploy_folds(record.get("folds", []))

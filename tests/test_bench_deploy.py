@@ -192,3 +192,22 @@ def test_parts_timing_the_same_rows_or_on_other_threads_are_refused(tmp_path: Pa
 def test_a_part_name_is_checked() -> None:
     with pytest.raises(SystemExit):
         bench_deploy.main(["--part", "Mobile Net", "--quick"])
+
+
+def test_a_variant_surgeon_refused_to_export_is_listed_with_its_error(tmp_path: Path) -> None:
+    record = _record(CURRENT)
+    record["failures"] = [
+        {
+            "model": "resnet50d",
+            "batch": 1,
+            "path": "onnxruntime",
+            "variant": "allconv",
+            "error": "the onnx export of ResNet fails at input 2x3x169x169: Add\nmore",
+        }
+    ]
+    text = _section(record, tmp_path)
+    assert "Variants surgeon refused to build for their path" in text
+    assert (
+        "- resnet50d at batch 1, onnxruntime, allconv: the onnx export of ResNet fails at "
+        "input 2x3x169x169: Add\n" in text
+    )
