@@ -528,13 +528,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     before = list(os.getloadavg())
     started = time.perf_counter()
-    results: dict[str, list[Any]] = {
-        "rows": [],
-        "failures": [],
-        "profiles": [],
-        "folds": [],
-        "spd_layers": [],
-    }
+    results: dict[str, list[Any]] = collections.defaultdict(list)  # bench_model's keys
     skipped = [
         {"path": path, "reason": reason}
         for path in args.paths
